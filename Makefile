@@ -1,0 +1,37 @@
+# camserve: the two quick-start targets are `make serve` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+HOST ?= 0.0.0.0
+PORT ?= 8000
+
+.PHONY: install install-test serve test lint openapi bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch/torchvision are pinned here so pip takes the exact builds instead of resolving the newest.
+install: $(PY)
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q -e .
+
+install-test: $(PY)
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q -e '.[dev]'
+
+serve: install
+	$(VENV)/bin/camserve serve --host $(HOST) --port $(PORT)
+
+test: install-test
+	$(VENV)/bin/ruff check service tests bench
+	$(VENV)/bin/python -m pytest -q
+
+lint:
+	$(VENV)/bin/ruff check service tests bench
+
+openapi:
+	$(PY) -m service.openapi_export openapi/openapi.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache
