@@ -1,0 +1,165 @@
+"""Loaded models: built once at start-up, moved to their device, frozen, warmed up."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from service.cam import CamEngine
+from service.errors import InvalidParameterError, UnknownModelError
+from service.models.errors import ModelConfigError
+from service.models.loader import build_module, read_labels
+from service.models.spec import ModelsFile, ModelSpec, default_models, read_models_file
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto = CUDA when available, else CPU; asking for CUDA without one fails at start-up."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ModelConfigError("CAMSERVE_DEVICE=cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+@dataclass
+class ServedModel:
+    """One model as the service uses it."""
+
+    spec: ModelSpec
+    module: nn.Module
+    engine: CamEngine
+    labels: list[str]
+    device: torch.device
+    default_layer: str
+    load_seconds: float
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.spec.resolved_input_size
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        return self.spec.resolved_mean
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        return self.spec.resolved_std
+
+    @property
+    def architecture(self) -> str:
+        return self.spec.architecture or self.spec.entrypoint or self.spec.kind
+
+    def class_index(self, target: int | str) -> int:
+        """A class index from an index (int or digit string) or an exact label."""
+        if isinstance(target, int) and not isinstance(target, bool):
+            index = target
+        elif isinstance(target, str) and target.strip().lstrip("-").isdigit():
+            index = int(target.strip())
+        else:
+            label = str(target)
+            if label not in self._label_index:
+                raise InvalidParameterError(
+                    f"unknown label {label!r} for model {self.name!r}; give a class index 0..{self.num_classes - 1} "
+                    "or an exact label (see /models)"
+                )
+            return self._label_index[label]
+        if not 0 <= index < self.num_classes:
+            raise InvalidParameterError(
+                f"class index {index} is out of range for model {self.name!r} ({self.num_classes} classes)"
+            )
+        return index
+
+    def __post_init__(self) -> None:
+        self._label_index: dict[str, int] = {}
+        for i, label in enumerate(self.labels):
+            self._label_index.setdefault(label, i)
+
+
+def load_model(spec: ModelSpec, device: torch.device, warmup: bool = True) -> ServedModel:
+    """Build, move, freeze and (optionally) warm up one model."""
+    started = time.perf_counter()
+    module = build_module(spec).to(device).eval()
+    autocast = _DTYPES.get(spec.dtype)
+    if autocast is torch.float16 and device.type != "cuda":
+        raise ModelConfigError(f"model {spec.name!r}: dtype float16 needs a CUDA device (got {device})")
+    engine = CamEngine(module, autocast_dtype=autocast, default_layer=spec.default_layer)
+    height, width = spec.resolved_input_size
+    example = torch.zeros(1, 3, height, width, device=device)
+    try:
+        trace = engine.trace(example)
+        default_layer = spec.default_layer or trace.default_layer
+        if spec.default_layer:
+            engine.resolve_layers([spec.default_layer], example)
+        logits = engine.predict(example)
+    except ModelConfigError:
+        raise
+    except Exception as exc:
+        raise ModelConfigError(f"model {spec.name!r}: a forward pass on a {height}x{width} input failed: {exc}") from exc
+    if logits.dim() != 2:
+        raise ModelConfigError(f"model {spec.name!r}: output shape {tuple(logits.shape)} is not [batch, classes]")
+    num_classes = logits.shape[1]
+    labels = read_labels(spec) or [str(i) for i in range(num_classes)]
+    if len(labels) != num_classes:
+        raise ModelConfigError(f"model {spec.name!r}: {len(labels)} labels for a model with {num_classes} outputs")
+    if warmup:
+        engine.explain(example, method="gradcampp")
+    return ServedModel(
+        spec=spec,
+        module=module,
+        engine=engine,
+        labels=labels,
+        device=device,
+        default_layer=default_layer,
+        load_seconds=time.perf_counter() - started,
+    )
+
+
+class ModelRegistry:
+    """The models a process serves, by name; exactly one is the default."""
+
+    def __init__(self, models: Sequence[ServedModel], default: str) -> None:
+        self._models = {m.name: m for m in models}
+        self.default_name = default
+
+    @classmethod
+    def load(cls, models_file: Path | None, device: str = "auto", warmup: bool = True) -> ModelRegistry:
+        config: ModelsFile = read_models_file(models_file) if models_file else default_models()
+        target = resolve_device(device)
+        loaded = []
+        for spec in config.models:
+            served = load_model(spec, target, warmup=warmup)
+            log.info("loaded model %s on %s in %.2fs", spec.name, target, served.load_seconds)
+            loaded.append(served)
+        return cls(loaded, config.default_name)
+
+    def get(self, name: str | None = None) -> ServedModel:
+        """The named model (default when None) or UnknownModelError listing what is served."""
+        key = name or self.default_name
+        try:
+            return self._models[key]
+        except KeyError:
+            raise UnknownModelError(f"unknown model {key!r}; served models: {', '.join(self._models)}") from None
+
+    def __iter__(self) -> Iterator[ServedModel]:
+        return iter(self._models.values())
+
+    def __len__(self) -> int:
+        return len(self._models)

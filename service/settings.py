@@ -1,0 +1,38 @@
+"""Service configuration from `CAMSERVE_*` environment variables (pydantic-settings)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every field can be set as CAMSERVE_<FIELD NAME IN CAPITALS>."""
+
+    model_config = SettingsConfigDict(env_prefix="CAMSERVE_", extra="ignore")
+
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available, else CPU")
+    models_file: Path | None = Field(None, description="TOML file listing the models; unset = embedded default")
+    max_batch_size: int = Field(16, ge=1, le=1024, description="most images one engine batch holds")
+    max_wait_ms: float = Field(0.0, ge=0, le=10_000, description="hold a non-full batch this long for more items")
+    max_queue: int = Field(256, ge=1, description="items waiting per model beyond which requests get 503")
+    request_timeout_s: float = Field(60.0, gt=0, description="per-request limit; past it 504")
+    api_key: SecretStr | None = Field(None, description="when set, required as Bearer token or X-API-Key")
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1, description="largest accepted image file")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="largest accepted width x height")
+    max_images_per_request: int = Field(32, ge=1, description="most images in one request")
+    max_body_bytes: int = Field(100 * 1024 * 1024, ge=1, description="largest accepted request body")
+    cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins; none by default")
+    warmup: bool = Field(True, description="run a forward and an explain pass per model at start-up")
+    png_compress_level: int = Field(1, ge=0, le=9, description="zlib level for heatmap/overlay PNGs")
+    log_level: str = Field("info", description="uvicorn/camserve log level")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (a FastAPI dependency)."""
+    return Settings()
