@@ -63,3 +63,27 @@ def coffee() -> np.ndarray:
 def resnet18() -> torch.nn.Module:
     torch.manual_seed(0)
     return torchvision.models.resnet18().eval()
+
+
+def jpeg_bytes(photo: np.ndarray, quality: int = 90) -> bytes:
+    """Encode an HWC uint8 photo as JPEG."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(photo).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def registry():
+    """The embedded default model, loaded once for all service tests."""
+    from service.models import ModelRegistry
+
+    return ModelRegistry.load(None, "cpu")
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"

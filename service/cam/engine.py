@@ -91,7 +91,7 @@ class CamEngine:
         """The configured default layer, or the automatic one (requires a prior trace)."""
         return self._default_layer or self.trace().default_layer
 
-    def resolve_layers(self, layers: Sequence[str] | str | None, example: Tensor) -> tuple[str, ...]:
+    def resolve_layers(self, layers: Sequence[str] | str | None, example: Tensor | None = None) -> tuple[str, ...]:
         """Validate layer paths (default when none) and return them without duplicates."""
         trace = self.trace(example)
         if layers is None or (isinstance(layers, str) and not layers):

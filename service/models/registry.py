@@ -112,7 +112,9 @@ def load_model(spec: ModelSpec, device: torch.device, warmup: bool = True) -> Se
     except ModelConfigError:
         raise
     except Exception as exc:
-        raise ModelConfigError(f"model {spec.name!r}: a forward pass on a {height}x{width} input failed: {exc}") from exc
+        raise ModelConfigError(
+            f"model {spec.name!r}: a forward pass on a {height}x{width} input failed: {exc}"
+        ) from exc
     if logits.dim() != 2:
         raise ModelConfigError(f"model {spec.name!r}: output shape {tuple(logits.shape)} is not [batch, classes]")
     num_classes = logits.shape[1]

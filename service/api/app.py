@@ -1,0 +1,111 @@
+"""The FastAPI application: models load once in the background; routes serve through the workers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import Response
+
+from service import __version__
+from service.api.errors import install_error_handlers
+from service.api.metrics import Metrics
+from service.api.middleware import BodyLimitMiddleware, MetricsMiddleware
+from service.api.routers import health, inference, metrics, models
+from service.inference import ClientDisconnectedError, InferenceService
+from service.models import ModelRegistry
+from service.settings import Settings, get_settings
+
+log = logging.getLogger("camserve")
+
+DESCRIPTION = """Classifies images and explains each decision with class activation maps
+(Grad-CAM, Grad-CAM++, XGrad-CAM, LayerCAM, HiResCAM, Guided Grad-CAM).
+
+Images can be sent as `multipart/form-data` (one or more `image` fields), as JSON
+`{"images": ["<base64>", ...]}` or as the raw bytes of one image with an `image/*` content type.
+Errors are JSON `{"detail": "..."}`."""
+
+
+def create_app(
+    settings: Settings | None = None,
+    registry: ModelRegistry | None = None,
+    *,
+    load_registry: Callable[[Settings], ModelRegistry] | None = None,
+    on_load_error: Callable[[BaseException], None] | None = None,
+) -> FastAPI:
+    """Build the app. Models load in the background after start-up unless `registry` is given."""
+    settings = settings or get_settings()
+    metrics_ = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.loaded = asyncio.Event()
+        loader = asyncio.create_task(_load(app))
+        try:
+            yield
+        finally:
+            app.state.draining = True
+            metrics_.ready.set(0)
+            if not loader.done():
+                loader.cancel()
+            if app.state.service is not None:
+                await app.state.service.close()
+
+    async def _load(app: FastAPI) -> None:
+        try:
+            loaded = registry
+            if loaded is None:
+                load = load_registry or (lambda s: ModelRegistry.load(s.models_file, s.device, s.warmup))
+                loaded = await asyncio.to_thread(load, settings)
+            for model in loaded:
+                metrics_.model_load_seconds.labels(model.name).set(model.load_seconds)
+            service = InferenceService(loaded, settings, on_batch=metrics_.observe_batch)
+            service.start()
+            app.state.service = service
+            metrics_.ready.set(1)
+            log.info("ready: serving %s", ", ".join(m.name for m in loaded))
+        except Exception as exc:
+            app.state.load_error = exc
+            log.error("model loading failed: %s", exc)
+            if on_load_error is not None:
+                on_load_error(exc)
+        finally:
+            app.state.loaded.set()
+
+    app = FastAPI(
+        title="camserve",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics_
+    app.state.service = None
+    app.state.load_error = None
+    app.state.draining = False
+
+    install_error_handlers(app)
+
+    @app.exception_handler(ClientDisconnectedError)
+    async def _gone(_request: Request, _exc: Exception) -> Response:
+        return Response(status_code=499)
+
+    app.include_router(health.router)
+    app.include_router(models.router)
+    app.include_router(inference.router)
+    app.include_router(metrics.router)
+
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type"],
+        )
+    app.add_middleware(MetricsMiddleware, metrics=metrics_)
+    return app

@@ -1,0 +1,71 @@
+"""Reading images from the three input forms: multipart, JSON with base64, raw image bytes."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+
+from fastapi import Request
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+
+from service.api.schemas import JsonImagesRequest
+from service.errors import InvalidInputError, InvalidParameterError, UnsupportedMediaError
+from service.inference import ImagePayload
+
+ACCEPTED = "multipart/form-data (field 'image'), application/json ({\"images\": [base64, ...]}) or image/*"
+
+
+async def read_images(request: Request, max_images: int) -> tuple[list[ImagePayload], JsonImagesRequest | None]:
+    """The request's images and, for the JSON form, its parameters."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media == "multipart/form-data":
+        return await _multipart(request, max_images), None
+    if media == "application/json":
+        return _json(await request.body())
+    if media.startswith("image/") or media == "application/octet-stream":
+        body = await request.body()
+        if not body:
+            raise InvalidInputError("the request body is empty: send the image bytes")
+        return [ImagePayload(body, media)], None
+    if not media:
+        raise UnsupportedMediaError(f"missing Content-Type; send {ACCEPTED}")
+    raise UnsupportedMediaError(f"unsupported Content-Type {media!r}; send {ACCEPTED}")
+
+
+async def _multipart(request: Request, max_images: int) -> list[ImagePayload]:
+    form = await request.form(max_files=max_images + 1, max_fields=64)
+    images: list[ImagePayload] = []
+    for value in form.getlist("image"):
+        if not isinstance(value, UploadFile):
+            raise InvalidInputError("the multipart field 'image' must be a file upload, not a text value")
+        images.append(ImagePayload(await value.read(), value.content_type))
+    if not images:
+        raise InvalidInputError(f"the multipart body has no 'image' file field (fields present: {list(form.keys())})")
+    return images
+
+
+def _json(body: bytes) -> tuple[list[ImagePayload], JsonImagesRequest]:
+    try:
+        raw = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidInputError(f"the JSON body is malformed: {exc}") from None
+    try:
+        parsed = JsonImagesRequest.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
+        raise InvalidParameterError(f"invalid JSON body: {problems}") from None
+    return [ImagePayload(_b64decode(text, i)) for i, text in enumerate(parsed.images)], parsed
+
+
+def _b64decode(text: str, index: int) -> bytes:
+    if text.startswith("data:"):
+        _, _, text = text.partition(",")
+    try:
+        data = base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidInputError(f"images[{index}] is not valid base64") from None
+    if not data:
+        raise InvalidInputError(f"images[{index}] is empty")
+    return data

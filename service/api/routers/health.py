@@ -1,0 +1,32 @@
+"""Liveness and readiness probes (never behind the API key)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from service.api.schemas import ErrorResponse, HealthResponse
+
+router = APIRouter(prefix="/health", tags=["health"])
+
+
+@router.get("/live", response_model=HealthResponse, summary="Liveness: 200 while the process runs")
+async def live() -> HealthResponse:
+    return HealthResponse(status="ok")
+
+
+@router.get(
+    "/ready",
+    response_model=HealthResponse,
+    summary="Readiness: 200 once every model is loaded and warmed up, 503 before and while draining",
+    responses={503: {"model": ErrorResponse, "description": "loading, failed or shutting down"}},
+)
+async def ready(request: Request) -> HealthResponse | JSONResponse:
+    state = request.app.state
+    if state.draining:
+        return JSONResponse({"detail": "shutting down"}, status_code=503)
+    if state.load_error is not None:
+        return JSONResponse({"detail": f"model loading failed: {state.load_error}"}, status_code=503)
+    if state.service is None:
+        return JSONResponse({"detail": "models are loading"}, status_code=503)
+    return HealthResponse(status="ready")

@@ -1,0 +1,151 @@
+"""POST /predict and POST /explain."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+
+from service.api.deps import get_service
+from service.api.inputs import read_images
+from service.api.schemas import ErrorResponse, ExplainResponse, JsonImagesRequest, PredictResponse
+from service.api.security import check_api_key
+from service.cam.methods import METHOD_NAMES
+from service.cam.render import COLORMAPS
+from service.inference import InferenceService, RenderOptions
+
+router = APIRouter(tags=["inference"], dependencies=[Depends(check_api_key)])
+
+_IMAGE_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "One or more images in one of three forms.",
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"image": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                    "required": ["image"],
+                },
+            },
+            "application/json": {
+                "schema": {"$ref": "#/components/schemas/JsonImagesRequest"},
+                "example": {"images": ["<base64 of a JPEG>"], "top_k": 3},
+            },
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "undecodable image or bad base64"},
+    401: {"model": ErrorResponse, "description": "missing or wrong API key (when one is configured)"},
+    404: {"model": ErrorResponse, "description": "unknown model"},
+    413: {"model": ErrorResponse, "description": "image, pixel count, image count or body too large"},
+    415: {"model": ErrorResponse, "description": "unsupported media type"},
+    422: {"model": ErrorResponse, "description": "invalid parameter"},
+    503: {"model": ErrorResponse, "description": "overloaded (Retry-After) or not ready"},
+    504: {"model": ErrorResponse, "description": "timed out"},
+}
+
+ModelParam = Annotated[
+    str | None, Query(description="served model name; default: the default model", examples=["efficientnet-lite0"])
+]
+TopKParam = Annotated[int, Query(ge=1, description="number of top predictions per image", examples=[5])]
+
+
+def _pick(json_value: Any, query_value: Any) -> Any:
+    return query_value if json_value is None else json_value
+
+
+def _as_list(value: Any) -> list | None:
+    if value is None:
+        return None
+    return value if isinstance(value, list) else [value]
+
+
+@router.post(
+    "/predict",
+    response_model=PredictResponse,
+    summary="Classify images: top-k softmax probabilities per image",
+    openapi_extra=_IMAGE_BODY,
+    responses=_ERRORS,
+)
+async def predict(
+    request: Request,
+    service: Annotated[InferenceService, Depends(get_service)],
+    model: ModelParam = None,
+    top_k: TopKParam = 5,
+) -> dict:
+    images, body = await read_images(request, service.settings.max_images_per_request)
+    if body is not None:
+        model, top_k = _pick(body.model, model), _pick(body.top_k, top_k)
+    return await service.predict(images, model=model, top_k=top_k, is_disconnected=request.is_disconnected)
+
+
+@router.post(
+    "/explain",
+    response_model=ExplainResponse,
+    response_model_exclude_none=True,
+    summary="Classify images and explain classes with class activation maps (heatmaps and overlays as base64 PNG)",
+    openapi_extra=_IMAGE_BODY,
+    responses=_ERRORS,
+)
+async def explain(
+    request: Request,
+    service: Annotated[InferenceService, Depends(get_service)],
+    model: ModelParam = None,
+    method: Annotated[
+        str, Query(description=f"CAM method: {', '.join(METHOD_NAMES)} (gradcam++ accepted)", examples=["gradcampp"])
+    ] = "gradcampp",
+    target: Annotated[
+        list[str] | None,
+        Query(description="class to explain: index or exact label; repeatable; default the top-1 prediction"),
+    ] = None,
+    top_k: TopKParam = 5,
+    layer: Annotated[
+        list[str] | None,
+        Query(description="target layer by dotted module path; repeatable (several = fusion); default per model"),
+    ] = None,
+    counterfactual: Annotated[bool, Query(description="explain what lowers the class score (-gradient)")] = False,
+    overlay: Annotated[bool, Query(description="also return the colormap blended over the image")] = False,
+    colormap: Annotated[str, Query(description=f"overlay colormap: {', '.join(COLORMAPS)}")] = "jet",
+    alpha: Annotated[float, Query(ge=0.0, le=1.0, description="overlay opacity of the heatmap")] = 0.5,
+    raw: Annotated[bool, Query(description="also return the raw map at feature resolution")] = False,
+) -> dict:
+    images, body = await read_images(request, service.settings.max_images_per_request)
+    targets: list | None = target
+    layers: list | None = layer
+    if body is not None:
+        body_fields = _JsonParams(body)
+        model, top_k, method = (
+            body_fields.pick("model", model),
+            body_fields.pick("top_k", top_k),
+            body_fields.pick("method", method),
+        )
+        targets = _as_list(body.target) if body.target is not None else targets
+        layers = _as_list(body.layer) if body.layer is not None else layers
+        counterfactual = body_fields.pick("counterfactual", counterfactual)
+        overlay, colormap = body_fields.pick("overlay", overlay), body_fields.pick("colormap", colormap)
+        alpha, raw = body_fields.pick("alpha", alpha), body_fields.pick("raw", raw)
+    return await service.explain(
+        images,
+        model=model,
+        method=method,
+        targets=targets,
+        layers=layers,
+        counterfactual=counterfactual,
+        top_k=top_k,
+        options=RenderOptions(overlay=overlay, colormap=colormap, alpha=alpha, raw=raw),
+        is_disconnected=request.is_disconnected,
+    )
+
+
+class _JsonParams:
+    """JSON body fields override query parameters of the same name."""
+
+    def __init__(self, body: JsonImagesRequest) -> None:
+        self.body = body
+
+    def pick(self, name: str, query_value: Any) -> Any:
+        return _pick(getattr(self.body, name), query_value)

@@ -1,0 +1,89 @@
+"""Pydantic models of the HTTP API (they also generate the OpenAPI document)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.cam.methods import METHOD_NAMES
+
+
+class ErrorResponse(BaseModel):
+    detail: str = Field(examples=["unknown CAM method 'scorecam'; use one of: gradcam, gradcampp, ..."])
+
+
+class Prediction(BaseModel):
+    index: int = Field(description="class index", examples=[285])
+    label: str = Field(description="class label", examples=["Egyptian cat"])
+    score: float = Field(description="softmax probability", examples=[0.79])
+
+
+class PredictResult(BaseModel):
+    width: int = Field(description="original image width in pixels (after EXIF orientation)")
+    height: int = Field(description="original image height in pixels")
+    predictions: list[Prediction]
+
+
+class PredictResponse(BaseModel):
+    model: str = Field(examples=["efficientnet-lite0"])
+    results: list[PredictResult] = Field(description="one result per image, in request order")
+
+
+class Explanation(BaseModel):
+    index: int = Field(description="explained class index", examples=[285])
+    label: str = Field(examples=["Egyptian cat"])
+    score: float = Field(description="softmax probability of the explained class")
+    heatmap: str = Field(description="base64 PNG, 8-bit grayscale, width x height of the original image")
+    overlay: str | None = Field(None, description="base64 PNG, RGB: colormap blended over the image (overlay=true)")
+    cam: list[list[float]] | None = Field(
+        None, description="raw map at feature resolution after ReLU, before normalization (raw=true)"
+    )
+
+
+class ExplainResult(PredictResult):
+    explanations: list[Explanation]
+
+
+class ExplainResponse(BaseModel):
+    model: str
+    method: str = Field(examples=["gradcampp"])
+    layers: list[str] = Field(description="target layers the maps come from", examples=[["_swish"]])
+    counterfactual: bool
+    results: list[ExplainResult]
+
+
+class ModelInfo(BaseModel):
+    name: str
+    architecture: str
+    device: str
+    input_size: tuple[int, int] = Field(description="[height, width] the image is resized to")
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    num_classes: int
+    default_layer: str
+    default: bool
+
+
+class ModelsResponse(BaseModel):
+    models: list[ModelInfo]
+
+
+class HealthResponse(BaseModel):
+    status: str = Field(examples=["ok"])
+
+
+class JsonImagesRequest(BaseModel):
+    """The JSON input form: base64 images plus, optionally, the same parameters as the query string."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    images: list[str] = Field(min_length=1, description="base64-encoded image files (data: URLs accepted)")
+    model: str | None = None
+    top_k: int | None = None
+    method: str | None = Field(None, description=f"one of {', '.join(METHOD_NAMES)} (or gradcam++)")
+    target: list[int | str] | int | str | None = None
+    layer: list[str] | str | None = None
+    counterfactual: bool | None = None
+    overlay: bool | None = None
+    colormap: str | None = None
+    alpha: float | None = None
+    raw: bool | None = None

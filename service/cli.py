@@ -1,0 +1,164 @@
+"""`camserve` command line: `serve`, and `predict` / `explain` clients against a running server."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import logging
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_URL = os.environ.get("CAMSERVE_URL", "http://127.0.0.1:8000")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.api import create_app
+    from service.models import ModelConfigError, read_models_file
+    from service.settings import Settings
+
+    settings = Settings()
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.models_file is not None:
+        try:
+            read_models_file(settings.models_file)  # fail fast on a broken file, before listening
+        except ModelConfigError as exc:
+            print(f"camserve: {exc}", file=sys.stderr)
+            return 2
+    failures: list[BaseException] = []
+
+    class DrainingServer(uvicorn.Server):
+        """Turns readiness to 503 and refuses new work as soon as SIGTERM/SIGINT arrives."""
+
+        def handle_exit(self, sig: int, frame: object) -> None:
+            app.state.draining = True
+            super().handle_exit(sig, frame)
+
+    def stop_on_load_error(exc: BaseException) -> None:
+        failures.append(exc)
+        server.should_exit = True
+
+    app = create_app(settings, on_load_error=stop_on_load_error)
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
+    )
+    server = DrainingServer(config)
+    server.run()
+    if failures:
+        print(f"camserve: {failures[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _client(args: argparse.Namespace):
+    import httpx
+
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    return httpx.Client(base_url=args.url, headers=headers, timeout=args.timeout)
+
+
+def _post(args: argparse.Namespace, path: str, params: list[tuple[str, str]]) -> dict | None:
+    import httpx
+
+    files = []
+    for name in args.images:
+        path_ = Path(name)
+        if not path_.is_file():
+            print(f"camserve: {name}: no such file", file=sys.stderr)
+            return None
+        files.append(("image", (path_.name, path_.read_bytes(), "application/octet-stream")))
+    try:
+        with _client(args) as client:
+            response = client.post(path, params=params, files=files)
+    except httpx.HTTPError as exc:
+        print(f"camserve: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return None
+    if response.status_code != 200:
+        try:
+            detail = response.json().get("detail", response.text)
+        except ValueError:
+            detail = response.text
+        print(f"camserve: server answered {response.status_code}: {detail}", file=sys.stderr)
+        return None
+    return response.json()
+
+
+def _predict(args: argparse.Namespace) -> int:
+    params = [("top_k", str(args.top_k))] + ([("model", args.model)] if args.model else [])
+    body = _post(args, "/predict", params)
+    if body is None:
+        return 1
+    for name, result in zip(args.images, body["results"], strict=True):
+        print(f"{name} ({result['width']}x{result['height']}, model {body['model']})")
+        for p in result["predictions"]:
+            print(f"  {p['score']:7.4f}  {p['index']:5d}  {p['label']}")
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    params = [("method", args.method), ("top_k", str(args.top_k)), ("overlay", "true"), ("colormap", args.colormap)]
+    params += [("target", t) for t in args.target or []] + [("layer", layer) for layer in args.layer or []]
+    if args.model:
+        params.append(("model", args.model))
+    if args.counterfactual:
+        params.append(("counterfactual", "true"))
+    body = _post(args, "/explain", params)
+    if body is None:
+        return 1
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, result in zip(args.images, body["results"], strict=True):
+        stem = Path(name).stem
+        for e in result["explanations"]:
+            base = out / f"{stem}_{body['method']}_{e['index']}"
+            Path(f"{base}_heatmap.png").write_bytes(base64.b64decode(e["heatmap"]))
+            Path(f"{base}_overlay.png").write_bytes(base64.b64decode(e["overlay"]))
+            print(f"{name}: {e['label']} ({e['score']:.4f}) -> {base}_heatmap.png, {base}_overlay.png")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="camserve", description="Image classification explained with CAMs.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the HTTP service (configured by CAMSERVE_* variables)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.set_defaults(func=_serve)
+
+    def client(name: str, help_: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_)
+        sub.add_argument("images", nargs="+", metavar="IMAGE")
+        sub.add_argument("--url", default=DEFAULT_URL, help="server URL (env CAMSERVE_URL)")
+        sub.add_argument("--api-key", default=os.environ.get("CAMSERVE_API_KEY"), help="env CAMSERVE_API_KEY")
+        sub.add_argument("--model", default=None)
+        sub.add_argument("--top-k", type=int, default=5)
+        sub.add_argument("--timeout", type=float, default=120.0)
+        return sub
+
+    predict = client("predict", "classify images with a running server and print a table")
+    predict.set_defaults(func=_predict)
+    explain = client("explain", "explain images with a running server and write heatmap/overlay PNGs")
+    explain.add_argument("--method", default="gradcampp")
+    explain.add_argument("--target", action="append", help="class index or exact label (repeatable)")
+    explain.add_argument("--layer", action="append", help="dotted module path (repeatable)")
+    explain.add_argument("--counterfactual", action="store_true")
+    explain.add_argument("--colormap", default="jet")
+    explain.add_argument("--out", default="camserve-out", help="output folder")
+    explain.set_defaults(func=_explain)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""The domain service behind the HTTP routes: decode -> queue -> render.
+
+Validates parameters, decodes images off the event loop, sends one work item per image to the model's
+worker, waits (bounded by the request timeout, abandoning work when the client goes away), and turns
+outputs into plain response dicts with base64 PNGs. Knows nothing of HTTP; nothing of gradients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from service.cam import render
+from service.cam.methods import get_method
+from service.errors import InvalidParameterError, NotReadyError, PayloadTooLargeError, RequestTimeoutError
+from service.images import DecodedImage, ImageLimits, check_media_type, decode_image
+from service.models import ModelRegistry, ServedModel
+from service.settings import Settings
+from service.worker import BatchObserver, BatchWorker, ExplainOptions, ItemOutput, WorkItem
+
+DisconnectCheck = Callable[[], Awaitable[bool]]
+
+
+class ClientDisconnectedError(Exception):
+    """The client went away before its answer was ready; its queued work was dropped."""
+
+
+@dataclass(frozen=True)
+class ImagePayload:
+    """Raw bytes of one image as received, with the media type the client declared (if any)."""
+
+    data: bytes
+    content_type: str | None = None
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    overlay: bool = False
+    colormap: str = "jet"
+    alpha: float = 0.5
+    raw: bool = False
+
+
+class InferenceService:
+    """Owns one BatchWorker per served model."""
+
+    def __init__(self, registry: ModelRegistry, settings: Settings, on_batch: BatchObserver | None = None) -> None:
+        self.registry = registry
+        self.settings = settings
+        self.limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
+        self.workers = {
+            m.name: BatchWorker(
+                m,
+                max_batch_size=settings.max_batch_size,
+                max_queue=settings.max_queue,
+                max_wait_ms=settings.max_wait_ms,
+                on_batch=on_batch,
+            )
+            for m in registry
+        }
+
+    def start(self) -> None:
+        for worker in self.workers.values():
+            worker.start()
+
+    async def close(self) -> None:
+        await asyncio.gather(*(w.close() for w in self.workers.values()))
+
+    def queue_depths(self) -> dict[str, int]:
+        return {name: w.depth for name, w in self.workers.items()}
+
+    # -- endpoints ------------------------------------------------------------------------
+    async def predict(
+        self,
+        images: Sequence[ImagePayload],
+        *,
+        model: str | None = None,
+        top_k: int = 5,
+        is_disconnected: DisconnectCheck | None = None,
+    ) -> dict:
+        served = self.registry.get(model)
+        top_k = self._check_top_k(top_k, served)
+        decoded = await self._decode(images)
+        outputs = await self._run(served, decoded, None, None, is_disconnected)
+        results = [
+            {"width": d.width, "height": d.height, "predictions": self._top_k(served, o.probabilities, top_k)}
+            for d, o in zip(decoded, outputs, strict=True)
+        ]
+        return {"model": served.name, "results": results}
+
+    async def explain(
+        self,
+        images: Sequence[ImagePayload],
+        *,
+        model: str | None = None,
+        method: str = "gradcampp",
+        targets: Sequence[int | str] | None = None,
+        layers: Sequence[str] | None = None,
+        counterfactual: bool = False,
+        top_k: int = 5,
+        options: RenderOptions = RenderOptions(),
+        is_disconnected: DisconnectCheck | None = None,
+    ) -> dict:
+        served = self.registry.get(model)
+        top_k = self._check_top_k(top_k, served)
+        cam = get_method(method)
+        render.check_colormap(options.colormap)
+        if not 0.0 <= options.alpha <= 1.0:
+            raise InvalidParameterError(f"alpha must be between 0 and 1, got {options.alpha}")
+        resolved_layers = served.engine.resolve_layers(list(layers), None) if layers else None
+        classes = [served.class_index(t) for t in targets] if targets else None
+        explain_options = ExplainOptions(method=cam.name, layers=resolved_layers, counterfactual=counterfactual)
+        decoded = await self._decode(images)
+        outputs = await self._run(served, decoded, explain_options, classes, is_disconnected)
+        results = await asyncio.to_thread(self._render_all, served, decoded, outputs, top_k, options)
+        return {
+            "model": served.name,
+            "method": cam.name,
+            "layers": list(outputs[0].layers),
+            "counterfactual": counterfactual,
+            "results": results,
+        }
+
+    # -- steps ----------------------------------------------------------------------------
+    def _check_top_k(self, top_k: int, served: ServedModel) -> int:
+        if top_k < 1:
+            raise InvalidParameterError(f"top_k must be at least 1, got {top_k}")
+        return min(top_k, served.num_classes)
+
+    async def _decode(self, images: Sequence[ImagePayload]) -> list[DecodedImage]:
+        if not images:
+            raise InvalidParameterError("no image given: send at least one image")
+        if len(images) > self.settings.max_images_per_request:
+            raise PayloadTooLargeError(
+                f"{len(images)} images in one request; the limit is {self.settings.max_images_per_request}"
+            )
+        for payload in images:
+            check_media_type(payload.content_type)
+
+        def decode_all() -> list[DecodedImage]:
+            return [decode_image(p.data, self.limits) for p in images]
+
+        return await asyncio.to_thread(decode_all)
+
+    async def _run(
+        self,
+        served: ServedModel,
+        decoded: list[DecodedImage],
+        options: ExplainOptions | None,
+        classes: list[int] | None,
+        is_disconnected: DisconnectCheck | None,
+    ) -> list[ItemOutput]:
+        worker = self.workers.get(served.name)
+        if worker is None:
+            raise NotReadyError("the service is not ready")
+        loop = asyncio.get_running_loop()
+        items = [
+            WorkItem(pixels=d.pixels, options=options, targets=classes, future=loop.create_future()) for d in decoded
+        ]
+        worker.submit(items)
+        gathered = asyncio.gather(*(item.future for item in items))
+        deadline = time.monotonic() + self.settings.request_timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                gathered.cancel()
+                raise RequestTimeoutError(
+                    f"the request did not finish within {self.settings.request_timeout_s:g} s; "
+                    "try fewer or smaller images, or retry later"
+                )
+            done, _ = await asyncio.wait({gathered}, timeout=min(remaining, 0.25))
+            if done:
+                return list(gathered.result())
+            if is_disconnected is not None and await is_disconnected():
+                gathered.cancel()
+                raise ClientDisconnectedError("client disconnected")
+
+    def _top_k(self, served: ServedModel, probabilities: Tensor, k: int) -> list[dict]:
+        scores, indices = torch.topk(probabilities, k)
+        return [
+            {"index": int(i), "label": served.labels[int(i)], "score": float(s)}
+            for s, i in zip(scores.tolist(), indices.tolist(), strict=True)
+        ]
+
+    def _render_all(
+        self,
+        served: ServedModel,
+        decoded: list[DecodedImage],
+        outputs: list[ItemOutput],
+        top_k: int,
+        options: RenderOptions,
+    ) -> list[dict]:
+        return [
+            {
+                "width": image.width,
+                "height": image.height,
+                "predictions": self._top_k(served, output.probabilities, top_k),
+                "explanations": self._render(served, image, output, options),
+            }
+            for image, output in zip(decoded, outputs, strict=True)
+        ]
+
+    def _render(self, served: ServedModel, image: DecodedImage, output: ItemOutput, options: RenderOptions) -> list:
+        if output.maps is None or not output.classes:
+            return []
+        level = self.settings.png_compress_level
+        size = (image.height, image.width)
+        heat = render.heatmaps(output.maps, size)
+        gray = render.to_uint8(heat).cpu()
+        overlays = None
+        if options.overlay:
+            picture = image.pixels.to(heat.device, non_blocking=True).float().div_(255).unsqueeze(0)
+            blended = render.blend(picture, render.colorize(heat, options.colormap), options.alpha)
+            overlays = render.to_uint8(blended).cpu()
+        explanations = []
+        for row, index in enumerate(output.classes):
+            entry: dict = {
+                "index": index,
+                "label": served.labels[index],
+                "score": float(output.probabilities[index]),
+                "heatmap": _b64(render.encode_png(gray[row], level)),
+            }
+            if overlays is not None:
+                entry["overlay"] = _b64(render.encode_png(overlays[row], level))
+            if options.raw:
+                entry["cam"] = output.maps[row].float().cpu().tolist()
+            explanations.append(entry)
+        return explanations
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")

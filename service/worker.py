@@ -1,0 +1,229 @@
+"""The batching worker queue: one per served model.
+
+Each image of a request is one `WorkItem`. Items wait in a bounded queue; the worker takes everything
+waiting (up to `max_batch_size`) and runs it through the CAM engine on its own thread, so many
+clients share one forward pass. Predict items ride along in an explain batch's forward pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from service.errors import NotReadyError, OverloadedError
+from service.images import preprocess
+from service.models import ServedModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExplainOptions:
+    """What to explain; items with equal options share one engine call."""
+
+    method: str
+    layers: tuple[str, ...] | None
+    counterfactual: bool
+
+
+@dataclass
+class WorkItem:
+    """One image waiting for the worker. `options` None means predict only."""
+
+    pixels: Tensor
+    options: ExplainOptions | None
+    targets: list[int] | None
+    future: asyncio.Future[ItemOutput]
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class ItemOutput:
+    """Per image: class probabilities and, for explain items, raw maps (on the model's device)."""
+
+    probabilities: Tensor
+    layers: tuple[str, ...] = ()
+    method: str | None = None
+    classes: list[int] = field(default_factory=list)
+    maps: Tensor | None = None
+    guided: Tensor | None = None
+
+
+BatchObserver = Callable[[str, int, float], None]
+
+
+class BatchWorker:
+    """Bounded queue + one compute thread for one model."""
+
+    def __init__(
+        self,
+        model: ServedModel,
+        *,
+        max_batch_size: int,
+        max_queue: int,
+        max_wait_ms: float = 0.0,
+        on_batch: BatchObserver | None = None,
+    ) -> None:
+        self.model = model
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.max_wait_s = max_wait_ms / 1000.0
+        self._on_batch = on_batch
+        self._pending: deque[WorkItem] = deque()
+        self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"camserve-{model.name}")
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    @property
+    def depth(self) -> int:
+        """Items waiting (not yet computing)."""
+        return len(self._pending)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"worker-{self.model.name}")
+
+    def submit(self, items: list[WorkItem]) -> None:
+        """Enqueue all items of one request, or none of them when the queue is full."""
+        if self._closing:
+            raise NotReadyError("the service is shutting down; retry on another instance")
+        if len(self._pending) + len(items) > self.max_queue:
+            raise OverloadedError(
+                f"model {self.model.name!r} is overloaded: {len(self._pending)} images are queued "
+                f"(limit {self.max_queue}); retry shortly",
+                retry_after_s=1,
+            )
+        self._pending.extend(items)
+        self._idle.clear()
+        self._wakeup.set()
+
+    async def close(self, timeout_s: float = 30.0) -> None:
+        """Refuse new items, finish what is queued, stop the thread."""
+        self._closing = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout=timeout_s)
+        except TimeoutError:
+            log.warning("worker %s: %d items unfinished at shutdown", self.model.name, len(self._pending))
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._executor.shutdown(wait=True)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._pending:
+                self._idle.set()
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            if self.max_wait_s and len(self._pending) < self.max_batch_size:
+                await self._hold_for_more()
+            batch = self._take_batch()
+            if not batch:
+                continue
+            started = time.perf_counter()
+            try:
+                outputs = await loop.run_in_executor(self._executor, self.compute, batch)
+            except Exception as exc:  # a failure of the whole batch reaches every caller
+                log.exception("worker %s: batch of %d failed", self.model.name, len(batch))
+                outputs = [exc] * len(batch)
+            if self._on_batch is not None:
+                self._on_batch(self.model.name, len(batch), time.perf_counter() - started)
+            for item, output in zip(batch, outputs, strict=True):
+                if item.future.done():
+                    continue
+                if isinstance(output, BaseException):
+                    item.future.set_exception(output)
+                else:
+                    item.future.set_result(output)
+
+    async def _hold_for_more(self) -> None:
+        deadline = self._pending[0].enqueued + self.max_wait_s
+        while len(self._pending) < self.max_batch_size:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout=remaining)
+            except TimeoutError:
+                return
+
+    def _take_batch(self) -> list[WorkItem]:
+        """Up to max_batch_size live items; items whose caller gave up are dropped here."""
+        batch: list[WorkItem] = []
+        while self._pending and len(batch) < self.max_batch_size:
+            item = self._pending.popleft()
+            if not item.future.done():
+                batch.append(item)
+        return batch
+
+    # -- compute thread --------------------------------------------------------------------
+    def compute(self, batch: list[WorkItem]) -> list[ItemOutput | BaseException]:
+        """Run a batch: one engine call per distinct ExplainOptions; predict items join the first."""
+        groups: dict[ExplainOptions | None, list[int]] = {}
+        for index, item in enumerate(batch):
+            groups.setdefault(item.options, []).append(index)
+        predict_only = groups.pop(None, [])
+        outputs: list[ItemOutput | BaseException] = [RuntimeError("not computed")] * len(batch)
+        for n, (options, indices) in enumerate(groups.items()):
+            members = indices + (predict_only if n == 0 else [])
+            try:
+                self._explain_group(batch, members, options, outputs)
+            except Exception as exc:
+                for i in members:
+                    outputs[i] = exc
+        if predict_only and not groups:
+            try:
+                x = self._inputs(batch, predict_only)
+                probabilities = torch.softmax(self.model.engine.predict(x), dim=1).cpu()
+                for row, i in enumerate(predict_only):
+                    outputs[i] = ItemOutput(probabilities=probabilities[row])
+            except Exception as exc:
+                for i in predict_only:
+                    outputs[i] = exc
+        return outputs
+
+    def _inputs(self, batch: list[WorkItem], indices: list[int]) -> Tensor:
+        model = self.model
+        return preprocess([batch[i].pixels for i in indices], model.input_size, model.mean, model.std, model.device)
+
+    def _explain_group(
+        self,
+        batch: list[WorkItem],
+        members: list[int],
+        options: ExplainOptions,
+        outputs: list[ItemOutput | BaseException],
+    ) -> None:
+        x = self._inputs(batch, members)
+        targets = [batch[i].targets if batch[i].options is not None else [] for i in members]
+        result = self.model.engine.explain(
+            x, targets, method=options.method, layers=options.layers, counterfactual=options.counterfactual
+        )
+        probabilities = torch.softmax(result.logits, dim=1).cpu()
+        image_index = result.image_index.tolist()
+        classes = result.class_index.tolist()
+        for row, i in enumerate(members):
+            if batch[i].options is None:
+                outputs[i] = ItemOutput(probabilities=probabilities[row])
+                continue
+            rows = [p for p, image in enumerate(image_index) if image == row]
+            outputs[i] = ItemOutput(
+                probabilities=probabilities[row],
+                layers=result.layers,
+                method=result.method,
+                classes=[classes[p] for p in rows],
+                maps=result.maps[rows],
+                guided=None if result.guided is None else result.guided[rows],
+            )

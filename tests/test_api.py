@@ -1,0 +1,377 @@
+"""The HTTP service through the real app (httpx against the ASGI app, lifespan included)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import re
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.api import create_app
+from service.cam.render import heatmaps, to_uint8
+from service.images import decode_image, preprocess
+from service.settings import Settings
+from service.worker import BatchWorker
+from tests.apphelpers import running_app
+from tests.conftest import jpeg_bytes
+
+pytestmark = pytest.mark.anyio
+EGYPTIAN_CAT = 285
+
+
+@pytest.fixture(scope="module")
+def cat_jpeg(chelsea) -> bytes:
+    return jpeg_bytes(chelsea)
+
+
+@pytest.fixture(scope="module")
+def coffee_jpeg(coffee) -> bytes:
+    return jpeg_bytes(coffee)
+
+
+def png(data: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(data)))
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """Sum of a Prometheus sample's values over series matching the labels."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+# -- health, models ---------------------------------------------------------------------------
+async def test_health_and_models(registry):
+    async with running_app(registry) as (client, _app):
+        assert (await client.get("/health/live")).json() == {"status": "ok"}
+        assert (await client.get("/health/ready")).status_code == 200
+        body = (await client.get("/models")).json()
+    (model,) = body["models"]
+    assert model["name"] == "efficientnet-lite0" and model["default"] is True
+    assert model["input_size"] == [224, 224] and model["mean"] == [0.5, 0.5, 0.5]
+    assert model["num_classes"] == 1000 and model["default_layer"] == "_swish"
+    assert model["device"] == "cpu"
+
+
+async def test_ready_is_503_until_models_are_loaded(registry):
+    release = threading.Event()
+
+    def slow_load(_settings):
+        release.wait(10)
+        return registry
+
+    app = create_app(Settings(), load_registry=slow_load)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as client,
+    ):
+        assert (await client.get("/health/live")).status_code == 200
+        not_ready = await client.get("/health/ready")
+        assert not_ready.status_code == 503 and "loading" in not_ready.json()["detail"]
+        refused = await client.post("/predict", content=b"x", headers={"content-type": "image/jpeg"})
+        assert refused.status_code == 503 and "starting" in refused.json()["detail"]
+        release.set()
+        await app.state.loaded.wait()
+        assert (await client.get("/health/ready")).status_code == 200
+
+
+# -- predict ----------------------------------------------------------------------------------
+async def test_predict_in_all_three_input_forms(registry, cat_jpeg, coffee_jpeg, labels):
+    async with running_app(registry) as (client, _app):
+        raw = await client.post("/predict?top_k=3", content=cat_jpeg, headers={"content-type": "image/jpeg"})
+        multi = await client.post(
+            "/predict",
+            files=[("image", ("a.jpg", cat_jpeg, "image/jpeg")), ("image", ("b.jpg", coffee_jpeg, "image/jpeg"))],
+        )
+        as_json = await client.post(
+            "/predict",
+            json={"images": [base64.b64encode(coffee_jpeg).decode(), base64.b64encode(cat_jpeg).decode()], "top_k": 2},
+        )
+    assert raw.status_code == multi.status_code == as_json.status_code == 200, (raw.text, multi.text, as_json.text)
+    first = raw.json()["results"][0]
+    assert (first["width"], first["height"]) == (451, 300)
+    assert len(first["predictions"]) == 3
+    assert first["predictions"][0]["label"] == "Egyptian cat" and first["predictions"][0]["score"] > 0.6
+    scores = [p["score"] for p in first["predictions"]]
+    assert scores == sorted(scores, reverse=True)
+    cat, cup = multi.json()["results"]
+    assert cat["predictions"][0]["index"] == EGYPTIAN_CAT
+    assert cup["predictions"][0]["label"] in {"espresso", "cup", "coffee mug"}
+    assert (cup["width"], cup["height"]) == (600, 400)
+    json_results = as_json.json()["results"]
+    assert [r["predictions"][0]["index"] for r in json_results] == [
+        cup["predictions"][0]["index"],
+        EGYPTIAN_CAT,
+    ]
+    assert len(json_results[0]["predictions"]) == 2
+    assert abs(json_results[1]["predictions"][0]["score"] - first["predictions"][0]["score"]) < 1e-5
+
+
+# -- explain ----------------------------------------------------------------------------------
+async def test_explain_returns_heatmaps_overlays_and_raw_maps_from_the_engine(registry, cat_jpeg):
+    async with running_app(registry) as (client, _app):
+        response = await client.post(
+            "/explain",
+            params=[
+                ("method", "gradcam"),
+                ("target", "Egyptian cat"),
+                ("target", "281"),
+                ("overlay", "true"),
+                ("raw", "true"),
+                ("colormap", "viridis"),
+            ],
+            files=[("image", ("cat.jpg", cat_jpeg, "image/jpeg"))],
+        )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["method"] == "gradcam" and body["layers"] == ["_swish"] and body["model"] == "efficientnet-lite0"
+    (result,) = body["results"]
+    assert result["predictions"][0]["index"] == EGYPTIAN_CAT
+    cat_e, tabby_e = result["explanations"]
+    assert (cat_e["index"], cat_e["label"], tabby_e["index"]) == (EGYPTIAN_CAT, "Egyptian cat", 281)
+    assert abs(cat_e["score"] - result["predictions"][0]["score"]) < 1e-6
+    heat = png(cat_e["heatmap"])
+    assert heat.mode == "L" and heat.size == (451, 300)
+    overlay = png(cat_e["overlay"])
+    assert overlay.mode == "RGB" and overlay.size == (451, 300)
+    # the service's maps are the engine's maps for the same image and class
+    model = registry.get()
+    pixels = decode_image(cat_jpeg).pixels
+    x = preprocess([pixels], model.input_size, model.mean, model.std)
+    direct = model.engine.explain(x, [[EGYPTIAN_CAT, 281]], method="gradcam")
+    np.testing.assert_allclose(np.array(cat_e["cam"]), direct.maps[0].numpy(), rtol=1e-4, atol=1e-5)
+    expected = to_uint8(heatmaps(direct.maps[:1], (300, 451)))[0].numpy()
+    assert np.abs(np.asarray(heat).astype(int) - expected.astype(int)).max() <= 1
+    assert not np.array_equal(np.asarray(heat), np.asarray(png(tabby_e["heatmap"])))
+
+
+async def test_explain_defaults_json_form_fusion_and_counterfactual(registry, cat_jpeg):
+    b64 = base64.b64encode(cat_jpeg).decode()
+    async with running_app(registry) as (client, _app):
+        default = (await client.post("/explain", content=cat_jpeg, headers={"content-type": "image/jpeg"})).json()
+        fused = await client.post(
+            "/explain", json={"images": [b64], "layer": ["_blocks.10", "_swish"], "method": "gradcam++", "raw": True}
+        )
+        counter = (
+            await client.post(
+                "/explain?counterfactual=true&raw=true", content=cat_jpeg, headers={"content-type": "image/jpeg"}
+            )
+        ).json()
+        plain = (
+            await client.post("/explain?raw=true", content=cat_jpeg, headers={"content-type": "image/jpeg"})
+        ).json()
+    assert default["method"] == "gradcampp" and default["counterfactual"] is False
+    explanation = default["results"][0]["explanations"][0]
+    assert explanation["index"] == EGYPTIAN_CAT and "overlay" not in explanation and "cam" not in explanation
+    assert fused.status_code == 200, fused.text
+    assert fused.json()["layers"] == ["_blocks.10", "_swish"]
+    assert np.array(fused.json()["results"][0]["explanations"][0]["cam"]).shape == (14, 14)
+    assert counter["counterfactual"] is True
+    c = np.array(counter["results"][0]["explanations"][0]["cam"])
+    p = np.array(plain["results"][0]["explanations"][0]["cam"])
+    assert c.shape == p.shape == (7, 7) and not np.allclose(c, p)
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcampp", "xgradcam", "layercam", "hirescam", "guided-gradcam"])
+async def test_every_method_is_served(registry, cat_jpeg, method):
+    async with running_app(registry) as (client, _app):
+        response = await client.post(
+            f"/explain?method={method}", content=cat_jpeg, headers={"content-type": "image/jpeg"}
+        )
+    assert response.status_code == 200, response.text
+    heat = np.asarray(png(response.json()["results"][0]["explanations"][0]["heatmap"]))
+    assert heat.shape == (300, 451) and heat.max() == 255 and heat.min() == 0
+
+
+# -- errors -----------------------------------------------------------------------------------
+async def test_error_statuses_name_their_cause(registry, cat_jpeg):
+    async with running_app(registry, max_image_pixels=100_000, max_body_bytes=2_000_000) as (client, _app):
+        jpeg = {"content-type": "image/jpeg"}
+        cases = [
+            (await client.post("/predict", content=b"\x00garbage" * 50, headers=jpeg), 400, "not a recognized image"),
+            (await client.post("/predict", json={"images": ["%%%not-base64"]}), 400, "images[0] is not valid base64"),
+            (await client.post("/predict?model=nope", content=cat_jpeg, headers=jpeg), 404, "unknown model 'nope'"),
+            (await client.post("/predict", content=cat_jpeg, headers=jpeg), 413, "megapixels"),
+            (await client.post("/predict", content=b"x" * 2_000_001, headers=jpeg), 413, "exceeds"),
+            (
+                await client.post("/predict", content=b"hello", headers={"content-type": "text/plain"}),
+                415,
+                "text/plain",
+            ),
+            (await client.post("/predict", content=b"<svg/>", headers={"content-type": "image/svg+xml"}), 415, "svg"),
+            (await client.post("/explain?method=scorecam", content=cat_jpeg, headers=jpeg), 422, "unknown CAM method"),
+            (await client.post("/explain?layer=_blocks.99", content=cat_jpeg, headers=jpeg), 422, "candidates"),
+            (await client.post("/explain?target=1000", content=cat_jpeg, headers=jpeg), 422, "out of range"),
+            (
+                await client.post("/explain?target=unicorn", content=cat_jpeg, headers=jpeg),
+                422,
+                "unknown label 'unicorn'",
+            ),
+            (await client.post("/predict?top_k=0", content=cat_jpeg, headers=jpeg), 422, "top_k"),
+            (await client.post("/explain?alpha=2", content=cat_jpeg, headers=jpeg), 422, "alpha"),
+            (await client.post("/explain?colormap=rainbow", content=cat_jpeg, headers=jpeg), 422, "colormap"),
+            (await client.post("/predict", files=[("other", ("a.jpg", cat_jpeg, "image/jpeg"))]), 400, "'image'"),
+            (
+                await client.post("/predict", content=b"{not json", headers={"content-type": "application/json"}),
+                400,
+                "JSON",
+            ),
+        ]
+    for response, status, fragment in cases:
+        assert response.status_code == status, (status, response.text)
+        detail = response.json()["detail"]
+        assert isinstance(detail, str) and re.search(re.escape(fragment), detail, re.IGNORECASE), (status, detail)
+
+
+async def test_api_key_protects_everything_but_health(registry, cat_jpeg):
+    async with running_app(registry, api_key="s3cret") as (client, _app):
+        jpeg = {"content-type": "image/jpeg"}
+        assert (await client.get("/health/live")).status_code == 200
+        assert (await client.get("/health/ready")).status_code == 200
+        missing = await client.post("/predict", content=cat_jpeg, headers=jpeg)
+        wrong = await client.post("/predict", content=cat_jpeg, headers={**jpeg, "authorization": "Bearer nope"})
+        assert missing.status_code == wrong.status_code == 401
+        assert "API key" in missing.json()["detail"]
+        assert (await client.get("/models")).status_code == 401
+        bearer = await client.post("/predict", content=cat_jpeg, headers={**jpeg, "authorization": "Bearer s3cret"})
+        header = await client.get("/models", headers={"x-api-key": "s3cret"})
+        assert bearer.status_code == 200 and header.status_code == 200
+
+
+# -- the worker queue -------------------------------------------------------------------------
+async def test_32_concurrent_explains_batch_and_match_one_by_one(registry, cat_jpeg, coffee_jpeg):
+    photos = [cat_jpeg, coffee_jpeg]
+    async with running_app(registry, max_batch_size=16) as (client, _app):
+
+        async def explain(i: int):
+            return await client.post(
+                "/explain?raw=true&method=gradcampp", content=photos[i % 2], headers={"content-type": "image/jpeg"}
+            )
+
+        alone = [(await explain(i)).json() for i in range(2)]
+        together = await asyncio.gather(*(explain(i) for i in range(32)))
+        metrics_text = (await client.get("/metrics")).text
+    assert all(r.status_code == 200 for r in together)
+    for i, response in enumerate(together):
+        got = response.json()["results"][0]["explanations"][0]
+        want = alone[i % 2]["results"][0]["explanations"][0]
+        assert got["index"] == want["index"]
+        np.testing.assert_allclose(np.array(got["cam"]), np.array(want["cam"]), rtol=1e-4, atol=1e-5)
+    items = metric(metrics_text, "camserve_inference_items_total", model="efficientnet-lite0")
+    executions = metric(metrics_text, "camserve_inference_executions_total", model="efficientnet-lite0")
+    assert items == 34 and executions < 34  # at least one batch held more than one image
+    assert metric(metrics_text, "camserve_batch_size_bucket", model="efficientnet-lite0", le="1.0") < executions
+    assert metric(metrics_text, "camserve_requests_total", endpoint="/explain", status="200") == 34
+
+
+def slow_compute(seconds: float):
+    original = BatchWorker.compute
+
+    def compute(self, batch):
+        time.sleep(seconds)
+        return original(self, batch)
+
+    return compute
+
+
+async def test_flood_beyond_max_queue_gets_503_and_never_500(registry, cat_jpeg, monkeypatch):
+    monkeypatch.setattr(BatchWorker, "compute", slow_compute(0.3))
+    async with running_app(registry, max_queue=4, max_batch_size=2) as (client, _app):
+        responses = await asyncio.gather(
+            *(client.post("/predict", content=cat_jpeg, headers={"content-type": "image/jpeg"}) for _ in range(20))
+        )
+    statuses = [r.status_code for r in responses]
+    assert 500 not in statuses
+    assert statuses.count(200) >= 4 and statuses.count(503) >= 1
+    refused = next(r for r in responses if r.status_code == 503)
+    assert refused.headers["retry-after"] == "1" and "overloaded" in refused.json()["detail"]
+
+
+async def test_slow_batch_gives_504_and_health_stays_responsive(registry, cat_jpeg, monkeypatch):
+    monkeypatch.setattr(BatchWorker, "compute", slow_compute(1.5))
+    async with running_app(registry, request_timeout_s=0.5) as (client, _app):
+        task = asyncio.create_task(client.post("/predict", content=cat_jpeg, headers={"content-type": "image/jpeg"}))
+        await asyncio.sleep(0.1)
+        started = time.perf_counter()
+        live = await client.get("/health/live")
+        health_latency = time.perf_counter() - started
+        timed_out = await task
+        waiting = asyncio.create_task(client.post("/predict", content=cat_jpeg, headers={"content-type": "image/jpeg"}))
+        second = await waiting
+    assert live.status_code == 200 and health_latency < 0.2
+    assert timed_out.status_code == 504 and "did not finish within 0.5 s" in timed_out.json()["detail"]
+    assert second.status_code == 504
+
+
+async def test_timed_out_items_that_have_not_started_are_dropped(registry, cat_jpeg, monkeypatch):
+    seen: list[int] = []
+    original = BatchWorker.compute
+
+    def counting(self, batch):
+        seen.append(len(batch))
+        time.sleep(0.6)
+        return original(self, batch)
+
+    monkeypatch.setattr(BatchWorker, "compute", counting)
+    async with running_app(registry, request_timeout_s=0.3, max_batch_size=1) as (client, _app):
+        responses = await asyncio.gather(
+            *(client.post("/predict", content=cat_jpeg, headers={"content-type": "image/jpeg"}) for _ in range(4))
+        )
+        await asyncio.sleep(0.8)
+    assert [r.status_code for r in responses] == [504] * 4
+    assert len(seen) == 1  # the three that waited behind the first were dropped before compute
+
+
+async def test_draining_turns_readiness_and_new_work_to_503(registry, cat_jpeg):
+    async with running_app(registry) as (client, app):
+        app.state.draining = True
+        ready = await client.get("/health/ready")
+        refused = await client.post("/predict", content=cat_jpeg, headers={"content-type": "image/jpeg"})
+        live = await client.get("/health/live")
+    assert ready.status_code == 503 and refused.status_code == 503 and live.status_code == 200
+    assert "shutting down" in refused.json()["detail"]
+
+
+# -- OpenAPI ----------------------------------------------------------------------------------
+def test_committed_openapi_matches_the_app():
+    from pathlib import Path
+
+    from service.openapi_export import openapi_text
+
+    committed = Path(__file__).resolve().parent.parent / "openapi" / "openapi.json"
+    assert committed.read_text(encoding="utf-8") == openapi_text(), "run `make openapi` and commit the result"
+    document = json.loads(committed.read_text())
+    for path in ("/predict", "/explain", "/models", "/health/live", "/health/ready", "/metrics"):
+        for operation in document["paths"][path].values():
+            assert operation.get("summary"), path
+    explain_params = {p["name"]: p for p in document["paths"]["/explain"]["post"]["parameters"]}
+    assert set(explain_params) >= {
+        "model",
+        "method",
+        "target",
+        "top_k",
+        "layer",
+        "counterfactual",
+        "overlay",
+        "colormap",
+        "alpha",
+        "raw",
+    }
+    assert all(p.get("description") for p in explain_params.values())
+    assert set(document["paths"]["/explain"]["post"]["requestBody"]["content"]) == {
+        "multipart/form-data",
+        "application/json",
+        "image/*",
+    }

@@ -1,0 +1,76 @@
+"""A real `camserve serve` process on a free port: readiness, answers, graceful SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from tests.conftest import jpeg_bytes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server():
+    port = free_port()
+    env = {**os.environ, "CAMSERVE_DEVICE": "cpu", "CAMSERVE_MAX_BATCH_SIZE": "1", "CAMSERVE_LOG_LEVEL": "warning"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None:
+            pytest.fail(f"server exited early: {process.stdout.read().decode()}")
+        time.sleep(0.2)
+    else:
+        process.kill()
+        pytest.fail("server did not become ready in 120 s")
+    yield process, url
+    if process.poll() is None:
+        process.kill()
+    process.wait(10)
+
+
+def test_real_server_answers_and_sigterm_loses_no_accepted_request(server, chelsea):
+    process, url = server
+    photo = jpeg_bytes(chelsea)
+    first = httpx.post(f"{url}/predict", content=photo, headers={"content-type": "image/jpeg"}, timeout=60)
+    assert first.status_code == 200 and first.json()["results"][0]["predictions"][0]["label"] == "Egyptian cat"
+
+    def explain(_: int) -> int:
+        response = httpx.post(
+            f"{url}/explain?method=guided-gradcam", content=photo, headers={"content-type": "image/jpeg"}, timeout=120
+        )
+        return response.status_code
+
+    with ThreadPoolExecutor(12) as pool:
+        futures = [pool.submit(explain, i) for i in range(12)]
+        time.sleep(1.0)  # all 12 connections are accepted and queued (batch size 1: they run one by one)
+        process.send_signal(signal.SIGTERM)
+        statuses = [f.result() for f in futures]
+    assert statuses == [200] * 12
+    # uvicorn re-raises the signal after its graceful shutdown: exit status 143 / -SIGTERM, as is customary
+    assert process.wait(60) in (0, -signal.SIGTERM)
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{url}/health/live", timeout=2)
