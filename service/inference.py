@@ -108,6 +108,11 @@ class InferenceService:
         is_disconnected: DisconnectCheck | None = None,
     ) -> dict:
         served = self.registry.get(model)
+        if not served.explainable:
+            raise InvalidParameterError(
+                f"model {served.name!r} is a TorchScript model: it can predict but not explain (CAMs need module "
+                "hooks); serve it as a torchvision or entry-point model to explain it"
+            )
         top_k = self._check_top_k(top_k, served)
         cam = get_method(method)
         render.check_colormap(options.colormap)

@@ -59,7 +59,7 @@ class ModelInfo(BaseModel):
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     num_classes: int
-    default_layer: str
+    default_layer: str | None = Field(description="CAM layer used by default; null when the model cannot explain")
     default: bool
 
 

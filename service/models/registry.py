@@ -40,8 +40,13 @@ class ServedModel:
     engine: CamEngine
     labels: list[str]
     device: torch.device
-    default_layer: str
+    default_layer: str | None
     load_seconds: float
+
+    @property
+    def explainable(self) -> bool:
+        """False for TorchScript models: they accept no hooks, so they only predict."""
+        return self.default_layer is not None
 
     @property
     def name(self) -> str:
@@ -103,11 +108,14 @@ def load_model(spec: ModelSpec, device: torch.device, warmup: bool = True) -> Se
     engine = CamEngine(module, autocast_dtype=autocast, default_layer=spec.default_layer)
     height, width = spec.resolved_input_size
     example = torch.zeros(1, 3, height, width, device=device)
+    explainable = not isinstance(module, torch.jit.ScriptModule)  # TorchScript modules take no hooks
+    default_layer: str | None = None
     try:
-        trace = engine.trace(example)
-        default_layer = spec.default_layer or trace.default_layer
-        if spec.default_layer:
-            engine.resolve_layers([spec.default_layer], example)
+        if explainable:
+            trace = engine.trace(example)
+            default_layer = spec.default_layer or trace.default_layer
+            if spec.default_layer:
+                engine.resolve_layers([spec.default_layer], example)
         logits = engine.predict(example)
     except ModelConfigError:
         raise
@@ -121,7 +129,7 @@ def load_model(spec: ModelSpec, device: torch.device, warmup: bool = True) -> Se
     labels = read_labels(spec) or [str(i) for i in range(num_classes)]
     if len(labels) != num_classes:
         raise ModelConfigError(f"model {spec.name!r}: {len(labels)} labels for a model with {num_classes} outputs")
-    if warmup:
+    if warmup and explainable:
         engine.explain(example, method="gradcampp")
     return ServedModel(
         spec=spec,
