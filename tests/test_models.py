@@ -144,7 +144,10 @@ def test_torchscript_and_entrypoint_models(tmp_path):
             '[[models]]\nname = "x"\nkind = "builtin"\narchitecture = "efficientnet-b7"',
             "model 'x'.*builtin architecture",
         ),
-        ('[[models]]\nname = "efficientnet-lite0"\n[[models]]\nname = "efficientnet-lite0"', "repeated: efficientnet-lite0"),
+        (
+            '[[models]]\nname = "efficientnet-lite0"\n[[models]]\nname = "efficientnet-lite0"',
+            "repeated: efficientnet-lite0",
+        ),
         ('default = "zzz"\n[[models]]\nname = "efficientnet-lite0"', "default model 'zzz'"),
         ('[[models]]\nname = "x"\ncolour = "red"', "model 'x' field colour"),
     ],
