@@ -7,6 +7,7 @@ domain error with a message that names the problem.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -73,8 +74,12 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> DecodedIma
             image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise InvalidInputError("not a recognized image format (corrupt data or not an image)") from None
-    except Image.DecompressionBombError as exc:  # pragma: no cover - pixel check below usually comes first
-        raise PayloadTooLargeError(f"image refused as a decompression bomb: {exc}") from None
+    except Image.DecompressionBombError as exc:  # PIL refuses > 2 x MAX_IMAGE_PIXELS at open time
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(found.group(1)) / 1e6:.1f} megapixels" if found else "too many pixels"
+        raise PayloadTooLargeError(
+            f"image is {size}, above the limit of {limits.max_pixels / 1e6:.1f} megapixels"
+        ) from None
     except Exception as exc:
         raise InvalidInputError(f"the image cannot be read: {exc}") from None
     with image:
