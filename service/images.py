@@ -62,8 +62,14 @@ def check_media_type(content_type: str | None) -> None:
     raise UnsupportedMediaError(f"unsupported image type {media!r}; send JPEG, PNG, WebP, BMP, GIF or TIFF")
 
 
-def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> DecodedImage:
-    """Bytes -> RGB uint8 tensor, refusing oversized, unsupported or broken images."""
+def decode_image(
+    data: bytes, limits: ImageLimits = ImageLimits(), device: torch.device | str | None = None
+) -> DecodedImage:
+    """Bytes -> RGB uint8 tensor, refusing oversized, unsupported or broken images.
+
+    With a CUDA `device`, baseline JPEGs without EXIF rotation decode on the GPU (nvJPEG through
+    torchvision); anything else, or any GPU failure, takes the CPU path.
+    """
     if not data:
         raise InvalidInputError("empty image: the payload has no bytes")
     if len(data) > limits.max_bytes:
@@ -94,6 +100,10 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> DecodedIma
                 f"image is {width}x{height} = {width * height / 1e6:.1f} megapixels, above the limit of "
                 f"{limits.max_pixels / 1e6:.1f} megapixels"
             )
+        if device is not None and torch.device(device).type == "cuda" and fmt == "JPEG":
+            on_gpu = _decode_jpeg_cuda(data, image, torch.device(device))
+            if on_gpu is not None:
+                return DecodedImage(pixels=on_gpu, width=width, height=height, format=fmt)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -112,6 +122,22 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> DecodedIma
             raise InvalidInputError(f"the {fmt} image cannot be decoded: {exc}") from None
     pixels = torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
     return DecodedImage(pixels=pixels, width=array.shape[1], height=array.shape[0], format=fmt)
+
+
+def _decode_jpeg_cuda(data: bytes, header: Image.Image, device: torch.device) -> torch.Tensor | None:
+    """GPU decode of an RGB/grayscale JPEG with no EXIF rotation; None means: use the CPU path."""
+    if header.mode not in ("RGB", "L") or header.getexif().get(0x0112, 1) != 1:
+        return None
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        pixels = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+    except Exception:
+        return None
+    if tuple(pixels.shape) != (3, header.size[1], header.size[0]):
+        return None
+    return pixels
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

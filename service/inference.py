@@ -86,7 +86,7 @@ class InferenceService:
     ) -> dict:
         served = self.registry.get(model)
         top_k = self._check_top_k(top_k, served)
-        decoded = await self._decode(images)
+        decoded = await self._decode(images, served.device)
         outputs = await self._run(served, decoded, None, None, is_disconnected)
         results = [
             {"width": d.width, "height": d.height, "predictions": self._top_k(served, o.probabilities, top_k)}
@@ -121,7 +121,7 @@ class InferenceService:
         resolved_layers = served.engine.resolve_layers(list(layers), None) if layers else None
         classes = [served.class_index(t) for t in targets] if targets else None
         explain_options = ExplainOptions(method=cam.name, layers=resolved_layers, counterfactual=counterfactual)
-        decoded = await self._decode(images)
+        decoded = await self._decode(images, served.device)
         outputs = await self._run(served, decoded, explain_options, classes, is_disconnected)
         results = await asyncio.to_thread(self._render_all, served, decoded, outputs, top_k, options)
         return {
@@ -138,7 +138,7 @@ class InferenceService:
             raise InvalidParameterError(f"top_k must be at least 1, got {top_k}")
         return min(top_k, served.num_classes)
 
-    async def _decode(self, images: Sequence[ImagePayload]) -> list[DecodedImage]:
+    async def _decode(self, images: Sequence[ImagePayload], device: torch.device | None = None) -> list[DecodedImage]:
         if not images:
             raise InvalidParameterError("no image given: send at least one image")
         if len(images) > self.settings.max_images_per_request:
@@ -149,7 +149,7 @@ class InferenceService:
             check_media_type(payload.content_type)
 
         def decode_all() -> list[DecodedImage]:
-            return [decode_image(p.data, self.limits) for p in images]
+            return [decode_image(p.data, self.limits, device) for p in images]
 
         return await asyncio.to_thread(decode_all)
 

@@ -169,3 +169,22 @@ def test_preprocess_resizes_the_whole_image_and_normalizes():
     expected = torch.tensor([(0.2 - 0.5) / 0.5, (0.2 - 0.25) / 0.25, (0.2 - 0.5) / 0.5])
     torch.testing.assert_close(x[1, :, 5, 5], expected)
     assert preprocess([constant], (8, 8), (0, 0, 0), (1, 1, 1), device="cpu").device.type == "cpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_jpeg_decode_matches_cpu(chelsea):
+    data = encode(Image.fromarray(chelsea), "JPEG", quality=90)
+    cpu = decode_image(data)
+    gpu = decode_image(data, device="cuda")
+    assert gpu.pixels.device.type == "cuda" and (gpu.width, gpu.height) == (cpu.width, cpu.height)
+    difference = (gpu.pixels.cpu().int() - cpu.pixels.int()).abs().float()
+    assert difference.mean() < 1.0 and difference.max() <= 16  # IDCT implementations differ slightly
+
+
+def test_gpu_device_argument_falls_back_for_rotated_jpeg_without_cuda():
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode(solid(size=(40, 20)), "JPEG", exif=exif.tobytes())
+    decoded = decode_image(data, device="cuda")  # rotated: always the CPU path, even on CUDA hosts
+    assert decoded.pixels.device.type == "cpu" and (decoded.width, decoded.height) == (20, 40)
