@@ -128,8 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the HTTP service (configured by CAMSERVE_* variables)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default=os.environ.get("CAMSERVE_HOST", "127.0.0.1"), help="env CAMSERVE_HOST")
+    serve.add_argument(
+        "--port", type=int, default=int(os.environ.get("CAMSERVE_PORT", "8000")), help="env CAMSERVE_PORT"
+    )
     serve.set_defaults(func=_serve)
 
     def client(name: str, help_: str) -> argparse.ArgumentParser:

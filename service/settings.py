@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -30,6 +30,12 @@ class Settings(BaseSettings):
     warmup: bool = Field(True, description="run a forward and an explain pass per model at start-up")
     png_compress_level: int = Field(1, ge=0, le=9, description="zlib level for heatmap/overlay PNGs")
     log_level: str = Field("info", description="uvicorn/camserve log level")
+
+    @field_validator("models_file", "api_key", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """An empty variable (as compose files pass through) means unset."""
+        return None if isinstance(value, str) and not value.strip() else value
 
 
 @lru_cache(maxsize=1)

