@@ -1,6 +1,6 @@
 """Make docs/images/overlays.png: Grad-CAM and Grad-CAM++ overlays the service produced on real photos.
 
-    .venv/bin/python -m bench.readme_figure docs/images/overlays.png
+.venv/bin/python -m bench.readme_figure docs/images/overlays.png
 """
 
 from __future__ import annotations
