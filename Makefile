@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 HOST ?= 0.0.0.0
 PORT ?= 8000
 
-.PHONY: install install-test serve test lint openapi bench clean
+.PHONY: install install-test serve test lint openapi bench bench-load evaluate container-test container-lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,22 @@ lint:
 
 openapi:
 	$(PY) -m service.openapi_export openapi/openapi.json
+
+bench: install-test
+	$(PY) -m bench.bench_engine --batches 1 8 32 --json docs/bench_engine_cpu.json
+
+bench-load: install-test
+	$(PY) -m bench.bench_load --spawn --concurrency 1 4 16 64 --json docs/bench_load_cpu.json
+
+evaluate: install-test
+	$(PIP) install -q --no-deps imgaug  # only its quokka photo and box are read
+	$(PY) -m bench.evaluate --out docs/evaluation.json
+
+container-lint: install-test
+	bash scripts/lint-container.sh
+
+container-test: install-test
+	bash scripts/container-test.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache
