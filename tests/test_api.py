@@ -370,8 +370,20 @@ def test_committed_openapi_matches_the_app():
         "raw",
     }
     assert all(p.get("description") for p in explain_params.values())
+    json_body = document["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert json_body["$ref"].rsplit("/", 1)[1] in document["components"]["schemas"]
     assert set(document["paths"]["/explain"]["post"]["requestBody"]["content"]) == {
         "multipart/form-data",
         "application/json",
         "image/*",
     }
+
+
+async def test_cors_is_off_by_default_and_configurable(registry):
+    preflight = {"origin": "https://app.example", "access-control-request-method": "POST"}
+    async with running_app(registry) as (client, _app):
+        closed = await client.options("/predict", headers=preflight)
+    async with running_app(registry, cors_origins=["https://app.example"]) as (client, _app):
+        opened = await client.options("/predict", headers=preflight)
+    assert "access-control-allow-origin" not in closed.headers
+    assert opened.status_code == 200 and opened.headers["access-control-allow-origin"] == "https://app.example"

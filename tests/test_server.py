@@ -94,3 +94,58 @@ def test_cli_client_commands_against_a_real_server(server, chelsea, tmp_path, ca
     assert Image.open(out / written[1]).size == (451, 300)
     assert main(["explain", str(image), "--url", url, "--method", "scorecam", "--out", str(out)]) == 1
     assert "server answered 422: unknown CAM method 'scorecam'" in capsys.readouterr().err
+
+
+def test_client_that_disconnects_has_its_waiting_items_dropped(registry, chelsea, monkeypatch):
+    """A real uvicorn (in a thread, so compute can be slowed): abandoned items never reach compute."""
+    import threading
+
+    import uvicorn
+
+    from service.api import create_app
+    from service.settings import Settings
+    from service.worker import BatchWorker
+
+    seen: list[int] = []
+    original = BatchWorker.compute
+
+    def slow(self, batch):
+        seen.append(len(batch))
+        time.sleep(1.0)
+        return original(self, batch)
+
+    monkeypatch.setattr(BatchWorker, "compute", slow)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(Settings(max_batch_size=1), registry=registry), port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(100):
+            try:
+                if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        photo = jpeg_bytes(chelsea)
+
+        def post(timeout: float):
+            return httpx.post(f"{url}/predict", content=photo, headers={"content-type": "image/jpeg"}, timeout=timeout)
+
+        with ThreadPoolExecutor(4) as pool:
+            first = pool.submit(post, 30)
+            time.sleep(0.2)
+            quitters = [pool.submit(post, 0.3) for _ in range(3)]
+            for quitter in quitters:
+                with pytest.raises(httpx.ReadTimeout):
+                    quitter.result()
+            assert first.result().status_code == 200
+        time.sleep(1.5)
+        metrics_text = httpx.get(f"{url}/metrics").text
+        assert seen == [1]  # only the first request's image was computed
+        assert 'camserve_inference_items_total{model="efficientnet-lite0"} 1.0' in metrics_text
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 
 from service import __version__
@@ -16,6 +17,7 @@ from service.api.errors import install_error_handlers
 from service.api.metrics import Metrics
 from service.api.middleware import BodyLimitMiddleware, MetricsMiddleware
 from service.api.routers import health, inference, metrics, models
+from service.api.schemas import JsonImagesRequest
 from service.inference import ClientDisconnectedError, InferenceService
 from service.models import ModelRegistry
 from service.settings import Settings, get_settings
@@ -108,4 +110,17 @@ def create_app(
             allow_headers=["Authorization", "X-API-Key", "Content-Type"],
         )
     app.add_middleware(MetricsMiddleware, metrics=metrics_)
+
+    def openapi() -> dict:
+        """The generated document plus the JSON input form's schema (the body is read by hand)."""
+        if app.openapi_schema is None:
+            document = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            schemas = document.setdefault("components", {}).setdefault("schemas", {})
+            schemas["JsonImagesRequest"] = JsonImagesRequest.model_json_schema(
+                ref_template="#/components/schemas/{model}"
+            )
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Query, Request
 
 from service.api.deps import get_service
 from service.api.inputs import read_images
-from service.api.schemas import ErrorResponse, ExplainResponse, JsonImagesRequest, PredictResponse
+from service.api.schemas import ErrorResponse, ExplainResponse, PredictResponse
 from service.api.security import check_api_key
 from service.cam.methods import METHOD_NAMES
 from service.cam.render import COLORMAPS
@@ -114,20 +114,17 @@ async def explain(
     raw: Annotated[bool, Query(description="also return the raw map at feature resolution")] = False,
 ) -> dict:
     images, body = await read_images(request, service.settings.max_images_per_request)
-    targets: list | None = target
-    layers: list | None = layer
-    if body is not None:
-        body_fields = _JsonParams(body)
-        model, top_k, method = (
-            body_fields.pick("model", model),
-            body_fields.pick("top_k", top_k),
-            body_fields.pick("method", method),
+    targets, layers = target, layer
+    if body is not None:  # JSON fields override query parameters of the same name
+        model, method, top_k = _pick(body.model, model), _pick(body.method, method), _pick(body.top_k, top_k)
+        counterfactual, raw = _pick(body.counterfactual, counterfactual), _pick(body.raw, raw)
+        overlay, colormap, alpha = (
+            _pick(body.overlay, overlay),
+            _pick(body.colormap, colormap),
+            _pick(body.alpha, alpha),
         )
-        targets = _as_list(body.target) if body.target is not None else targets
-        layers = _as_list(body.layer) if body.layer is not None else layers
-        counterfactual = body_fields.pick("counterfactual", counterfactual)
-        overlay, colormap = body_fields.pick("overlay", overlay), body_fields.pick("colormap", colormap)
-        alpha, raw = body_fields.pick("alpha", alpha), body_fields.pick("raw", raw)
+        targets = _pick(_as_list(body.target), targets)
+        layers = _pick(_as_list(body.layer), layers)
     return await service.explain(
         images,
         model=model,
@@ -139,13 +136,3 @@ async def explain(
         options=RenderOptions(overlay=overlay, colormap=colormap, alpha=alpha, raw=raw),
         is_disconnected=request.is_disconnected,
     )
-
-
-class _JsonParams:
-    """JSON body fields override query parameters of the same name."""
-
-    def __init__(self, body: JsonImagesRequest) -> None:
-        self.body = body
-
-    def pick(self, name: str, query_value: Any) -> Any:
-        return _pick(getattr(self.body, name), query_value)
