@@ -31,25 +31,26 @@ CONF
 export CONTAINERS_CONF=$W/containers.conf CONTAINERS_STORAGE_CONF=$W/storage.conf
 
 if ! podman image exists localhost/debian:bookworm; then
-  mirror=$(grep -rhoE 'https?://[^ ]+' /etc/apt/sources.list.d/ /etc/apt/sources.list 2>/dev/null | head -1)
+  mirror=$(cat /etc/apt/sources.list.d/*.sources 2>/dev/null | awk '/^URIs:/ {print $2; exit}' || true)
   rm -rf "$W/rootfs"
   debootstrap --variant=minbase bookworm "$W/rootfs" "${mirror:-http://deb.debian.org/debian}" >/dev/null
   rm -rf "$W/rootfs/var/cache/apt/archives/"*.deb "$W/rootfs/var/lib/apt/lists/"*
   tar -C "$W/rootfs" -c . | podman import - localhost/debian:bookworm >/dev/null
 fi
 
-# Local wheel folders (see `pip config list`) are mounted read-only so the build needs no big downloads.
+# Local wheel folders (see `pip config list`) are mounted read-only so the build needs no big downloads;
+# the host's CA bundle is mounted too, for registries reached through this machine's TLS proxy.
 volumes=()
 pip_args=""
-for dir in /opt/wheels /opt/pypi /opt/pypi-more; do
-  [ -d "$dir" ] && volumes+=(-v "$dir:$dir:ro")
+for dir in /opt/wheels /opt/pypi/files /opt/pypi-more/files; do
+  if [ -d "$dir" ]; then volumes+=(-v "$dir:$dir:ro"); pip_args+=" --find-links $dir"; fi
 done
-[ -d /opt/wheels ] && pip_args+=" --find-links /opt/wheels"
-for dir in /opt/pypi /opt/pypi-more; do
-  [ -d "$dir/simple" ] && pip_args+=" --extra-index-url file://$dir/simple"
-done
+if [ -f /etc/ssl/certs/ca-certificates.crt ]; then
+  volumes+=(-v /etc/ssl/certs/ca-certificates.crt:/run/host-ca.crt:ro)
+  pip_args+=" --cert /run/host-ca.crt"
+fi
 started=$(date +%s)
-podman build -q -t "$IMAGE" "${volumes[@]}" \
+podman build -q --format docker -t "$IMAGE" "${volumes[@]}" \
   --build-arg BASE_IMAGE=localhost/debian:bookworm --build-arg PIP_EXTRA_ARGS="$pip_args" . >/dev/null
 echo "built $IMAGE in $(( $(date +%s) - started )) s; size: $(podman image inspect "$IMAGE" --format '{{.Size}}' | awk '{printf "%.2f GB", $1/1e9}')"
 
