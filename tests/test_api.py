@@ -387,3 +387,17 @@ async def test_cors_is_off_by_default_and_configurable(registry):
         opened = await client.options("/predict", headers=preflight)
     assert "access-control-allow-origin" not in closed.headers
     assert opened.status_code == 200 and opened.headers["access-control-allow-origin"] == "https://app.example"
+
+
+async def test_max_wait_ms_holds_a_batch_open_for_stragglers(registry, cat_jpeg):
+    async with running_app(registry, max_wait_ms=400, max_batch_size=4) as (client, _app):
+
+        async def late(delay: float):
+            await asyncio.sleep(delay)
+            return await client.post("/predict", content=cat_jpeg, headers={"content-type": "image/jpeg"})
+
+        responses = await asyncio.gather(late(0), late(0.05), late(0.1))
+        text = (await client.get("/metrics")).text
+    assert [r.status_code for r in responses] == [200, 200, 200]
+    assert metric(text, "camserve_inference_executions_total", model="efficientnet-lite0") == 1
+    assert metric(text, "camserve_inference_items_total", model="efficientnet-lite0") == 3
