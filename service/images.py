@@ -1,12 +1,15 @@
 """Decoding untrusted image bytes safely, and preprocessing them for a model.
 
-Limits are checked before full decoding (a decompression bomb costs nothing); every failure becomes a
-domain error with a message that names the problem.
+Every limit is checked before pixels are decoded (a decompression bomb costs a header parse), and every
+failure becomes one of the domain errors of `service.errors` with a message that names the problem:
+`InvalidInputError` for data that cannot be read, `PayloadTooLargeError` for byte or pixel limits,
+`UnsupportedMediaError` for formats the service does not read.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import re
 import warnings
 from collections.abc import Sequence
@@ -15,17 +18,22 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from service.errors import InvalidInputError, PayloadTooLargeError, UnsupportedMediaError
 
-SUPPORTED_FORMATS: frozenset[str] = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"})
+logger = logging.getLogger(__name__)
+
+SUPPORTED_FORMATS: frozenset[str] = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"})
+"""PIL format names that `decode_image` reads."""
+
 SUPPORTED_MEDIA_TYPES: frozenset[str] = frozenset(
     {
         "image/jpeg",
         "image/jpg",
         "image/pjpeg",
         "image/png",
+        "image/x-png",
         "image/webp",
         "image/bmp",
         "image/x-bmp",
@@ -33,20 +41,36 @@ SUPPORTED_MEDIA_TYPES: frozenset[str] = frozenset(
         "image/gif",
         "image/tiff",
         "image/tif",
+        "image/x-tiff",
     }
 )
-_NEUTRAL_MEDIA_TYPES = {"", "application/octet-stream", "image/*"}
+"""Declared media types `check_media_type` accepts (besides the neutral ones)."""
+
+# Declarations that say nothing about the format: the bytes decide.
+_NEUTRAL_MEDIA_TYPES = frozenset({"", "application/octet-stream", "binary/octet-stream", "image/*"})
+# PIL names for variants of a supported format; reported under the supported name.
+_FORMAT_ALIASES = {"MPO": "JPEG"}  # multi-picture JPEG written by many phone cameras; frame 0 is the photo
+_SUPPORTED_TEXT = "JPEG, PNG, WebP, BMP, GIF or TIFF"
+_EXIF_ORIENTATION = 0x0112
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I;16S")
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+_BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
 
 
 @dataclass(frozen=True)
 class ImageLimits:
+    """What one image may cost: encoded bytes, and decoded pixels (width x height)."""
+
     max_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 40_000_000
 
 
 @dataclass(frozen=True)
 class DecodedImage:
-    """RGB pixels as uint8 [3, H, W] on the CPU, after EXIF orientation."""
+    """RGB pixels as a contiguous uint8 tensor [3, H, W], after EXIF orientation.
+
+    On the CPU, except when `decode_image` was given a CUDA device and took the GPU JPEG path.
+    """
 
     pixels: torch.Tensor
     width: int
@@ -55,110 +79,95 @@ class DecodedImage:
 
 
 def check_media_type(content_type: str | None) -> None:
-    """Refuse a declared media type we do not read (no declaration, octet-stream and image/* pass)."""
-    media = (content_type or "").split(";")[0].strip().lower()
+    """Raise UnsupportedMediaError if a declared content type is not one we read.
+
+    No declaration, application/octet-stream and image/* pass (the bytes decide); parameters such as
+    `; charset=...` and letter case are ignored.
+    """
+    media = (content_type or "").split(";", 1)[0].strip().lower()
     if media in _NEUTRAL_MEDIA_TYPES or media in SUPPORTED_MEDIA_TYPES:
         return
-    raise UnsupportedMediaError(f"unsupported image type {media!r}; send JPEG, PNG, WebP, BMP, GIF or TIFF")
+    raise UnsupportedMediaError(
+        f"unsupported media type {media!r}; send {_SUPPORTED_TEXT} (image/jpeg, image/png, image/webp, "
+        "image/bmp, image/gif, image/tiff)"
+    )
 
 
 def decode_image(
     data: bytes, limits: ImageLimits = ImageLimits(), device: torch.device | str | None = None
 ) -> DecodedImage:
-    """Bytes -> RGB uint8 tensor, refusing oversized, unsupported or broken images.
+    """Bytes -> `DecodedImage` (RGB uint8 [3, H, W]), refusing oversized, unsupported or broken images.
 
-    With a CUDA `device`, baseline JPEGs without EXIF rotation decode on the GPU (nvJPEG through
-    torchvision); anything else, or any GPU failure, takes the CPU path.
+    Multi-frame images give their first frame; EXIF orientation is applied; transparency is composited
+    onto white; 16-bit images are scaled to 8 bits. With a CUDA `device`, JPEGs without EXIF rotation
+    are decoded on the GPU (`decode_jpeg_batch_cuda`); anything else, or any GPU failure, takes the
+    CPU path, whose pixels are on the CPU.
     """
     if not data:
         raise InvalidInputError("empty image: the payload has no bytes")
     if len(data) > limits.max_bytes:
         raise PayloadTooLargeError(f"image is {len(data)} bytes, above the limit of {limits.max_bytes} bytes")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise InvalidInputError("not a recognized image format (corrupt data or not an image)") from None
-    except Image.DecompressionBombError as exc:  # PIL refuses > 2 x MAX_IMAGE_PIXELS at open time
-        found = re.search(r"\((\d+) pixels\)", str(exc))
-        size = f"{int(found.group(1)) / 1e6:.1f} megapixels" if found else "too many pixels"
-        raise PayloadTooLargeError(
-            f"image is {size}, above the limit of {limits.max_pixels / 1e6:.1f} megapixels"
-        ) from None
-    except Exception as exc:
-        raise InvalidInputError(f"the image cannot be read: {exc}") from None
+    _refuse_truncated_images()
+    image = _open(data, limits)
     with image:
-        fmt = image.format or "unknown"
-        if fmt not in SUPPORTED_FORMATS:
-            raise UnsupportedMediaError(f"{fmt} images are not supported; send JPEG, PNG, WebP, BMP, GIF or TIFF")
-        width, height = image.size
-        if width < 1 or height < 1:
-            raise InvalidInputError(f"image has an invalid size {width}x{height}")
-        if width * height > limits.max_pixels:
-            raise PayloadTooLargeError(
-                f"image is {width}x{height} = {width * height / 1e6:.1f} megapixels, above the limit of "
-                f"{limits.max_pixels / 1e6:.1f} megapixels"
-            )
-        if device is not None and torch.device(device).type == "cuda" and fmt == "JPEG":
-            on_gpu = _decode_jpeg_cuda(data, image, torch.device(device))
+        fmt = _format_of(image)
+        width, height = _check_size(image, limits)
+        if device is not None and torch.device(device).type == "cuda" and _gpu_decodable(image):
+            on_gpu = decode_jpeg_batch_cuda([data], torch.device(device), limits)
             if on_gpu is not None:
-                return DecodedImage(pixels=on_gpu, width=width, height=height, format=fmt)
+                return DecodedImage(pixels=on_gpu[0], width=width, height=height, format=fmt)
+        hwc = _decode_rgb(image, fmt, limits)
+    chw = np.empty((3, hwc.shape[0], hwc.shape[1]), dtype=np.uint8)
+    chw[...] = hwc.transpose(2, 0, 1)  # one copy into a fresh, writable, contiguous array
+    return DecodedImage(pixels=torch.from_numpy(chw), width=int(hwc.shape[1]), height=int(hwc.shape[0]), format=fmt)
+
+
+def decode_jpeg_batch_cuda(
+    datas: Sequence[bytes], device: torch.device, limits: ImageLimits = ImageLimits()
+) -> list[torch.Tensor] | None:
+    """Decode JPEG bytes on a CUDA device with nvJPEG (torchvision), as RGB uint8 [3, H, W] tensors.
+
+    Returns None, so the caller falls back to `decode_image` on the CPU, when CUDA or nvJPEG is unavailable,
+    when any item is not a plain RGB/grayscale JPEG within `limits` with EXIF orientation 1 or absent
+    (checked from the headers, without decoding), or when any decode fails or gives an unexpected size.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or not datas or not torch.cuda.is_available():
+        return None
+    sizes: list[tuple[int, int]] = []
+    for data in datas:
+        if not data or len(data) > limits.max_bytes:
+            return None
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image.seek(0)
-                image.load()
-                rgb = _to_rgb(ImageOps.exif_transpose(image))
-                array = np.asarray(rgb, dtype=np.uint8)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise PayloadTooLargeError(f"image refused as a decompression bomb: {exc}") from None
-        except (OSError, SyntaxError) as exc:
-            message = str(exc)
-            if "truncated" in message.lower() or "broken" in message.lower():
-                raise InvalidInputError(f"the image data is truncated or corrupt ({message})") from None
-            raise InvalidInputError(f"the {fmt} image is corrupt: {message}") from None
-        except Exception as exc:
-            raise InvalidInputError(f"the {fmt} image cannot be decoded: {exc}") from None
-    pixels = torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
-    return DecodedImage(pixels=pixels, width=array.shape[1], height=array.shape[0], format=fmt)
-
-
-def _decode_jpeg_cuda(data: bytes, header: Image.Image, device: torch.device) -> torch.Tensor | None:
-    """GPU decode of an RGB/grayscale JPEG with no EXIF rotation; None means: use the CPU path."""
-    if header.mode not in ("RGB", "L") or header.getexif().get(0x0112, 1) != 1:
-        return None
+                warnings.simplefilter("ignore")
+                with Image.open(io.BytesIO(data)) as header:
+                    if not _gpu_decodable(header):
+                        return None
+                    width, height = header.size
+        except Exception:
+            return None
+        if width * height > limits.max_pixels:
+            return None
+        sizes.append((width, height))
     try:
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        pixels = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
-    except Exception:
+        encoded = [torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy()) for data in datas]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points to TorchCodec
+            decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+    except Exception as exc:  # no nvJPEG, a stream nvJPEG rejects, out of memory: the CPU path decides
+        logger.debug("GPU JPEG decoding failed, falling back to the CPU: %s", exc)
         return None
-    if tuple(pixels.shape) != (3, header.size[1], header.size[0]):
+    if isinstance(decoded, torch.Tensor):
+        decoded = [decoded]
+    if len(decoded) != len(datas):
         return None
-    return pixels
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB; transparency is composited onto white, 16-bit scaled to 8-bit."""
-    mode = image.mode
-    if mode == "RGB":
-        return image
-    if mode == "P" and "transparency" in image.info:
-        image, mode = image.convert("RGBA"), "RGBA"
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        values = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if mode.startswith("I;16") or values.max() > 255 else 255.0
-        if mode == "F":
-            peak = max(float(values.max()), 1.0) if values.max() > 1 else 1.0
-        gray = np.clip(np.round(values / peak * 255.0), 0, 255).astype(np.uint8)
-        return Image.fromarray(gray, mode="L").convert("RGB")
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+    for pixels, (width, height) in zip(decoded, sizes, strict=True):
+        if tuple(pixels.shape) != (3, height, width) or pixels.dtype != torch.uint8:
+            return None
+    return [pixels.contiguous() for pixels in decoded]
 
 
 def preprocess(
@@ -169,15 +178,213 @@ def preprocess(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """uint8 [3, H, W] images -> normalized float [B, 3, h, w]: the whole image resized (no crop)."""
+    """uint8 [3, H, W] images -> `dtype` [B, 3, size[0], size[1]] on `device`, normalized.
+
+    Each WHOLE image is resized to `size` (no crop, aspect ratio not kept; bilinear with antialias),
+    scaled to [0, 1], then normalized as (x - mean) / std. Images move to `device` first, so resizing runs
+    there (on the GPU when `device` is CUDA); the arithmetic is float32 and the result is cast to `dtype`.
+    """
+    if len(images) == 0:
+        raise ValueError("preprocess needs at least one image")
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"mean and std need 3 values (one per RGB channel), got {len(mean)} and {len(std)}")
+    height, width = int(size[0]), int(size[1])
     device = torch.device(device)
-    mean_t = torch.tensor(mean, dtype=dtype, device=device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=dtype, device=device).view(1, 3, 1, 1)
+    mean_t = torch.tensor([float(m) for m in mean], dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    std_t = torch.tensor([float(s) for s in std], dtype=torch.float32, device=device).view(1, 3, 1, 1)
     batch = []
-    for pixels in images:
-        x = pixels.to(device, non_blocking=True).unsqueeze(0).to(dtype).div_(255.0)
-        if tuple(x.shape[-2:]) != tuple(size):
-            shrinking = x.shape[-2] > size[0] or x.shape[-1] > size[1]
-            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrinking)
+    for i, pixels in enumerate(images):
+        if pixels.dtype != torch.uint8 or pixels.dim() != 3 or pixels.shape[0] != 3:
+            raise ValueError(f"images[{i}] must be uint8 [3, H, W], got {pixels.dtype} {list(pixels.shape)}")
+        x = pixels.to(device, non_blocking=True).unsqueeze(0).to(torch.float32).div_(255.0)
+        if tuple(x.shape[-2:]) != (height, width):
+            x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
         batch.append(x)
-    return (torch.cat(batch).clamp_(0.0, 1.0) - mean_t) / std_t
+    out = (torch.cat(batch).clamp_(0.0, 1.0) - mean_t) / std_t
+    return out.to(dtype)
+
+
+# -- helpers -----------------------------------------------------------------------------------------------
+
+
+def _refuse_truncated_images() -> None:
+    """Truncated data must be an error: undo a global LOAD_TRUNCATED_IMAGES = True set elsewhere."""
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        logger.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES was enabled; disabling it so truncated images are refused")
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+def _megapixels(pixels: int) -> str:
+    return f"{pixels / 1e6:.1f} megapixels"
+
+
+def _open(data: bytes, limits: ImageLimits) -> Image.Image:
+    """Parse the header only (PIL opens lazily); map PIL's errors to domain errors."""
+    try:
+        with warnings.catch_warnings():
+            # The pixel limit is ours (checked right after); PIL's warning threshold is not. PIL's warnings
+            # about corrupt metadata in untrusted uploads would only fill the logs.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.filterwarnings("ignore", module=r"PIL\.")
+            return Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise InvalidInputError(
+            f"not a recognized image format ({len(data)} bytes that are corrupt or not an image); "
+            f"send {_SUPPORTED_TEXT}"
+        ) from None
+    except Image.DecompressionBombError as exc:  # PIL refuses more than 2 x MAX_IMAGE_PIXELS while opening
+        raise _bomb_error(exc, limits, _header_size(data)) from None
+    except Exception as exc:  # OSError, SyntaxError, struct.error, ValueError... from a plugin's header parser
+        raise InvalidInputError(f"the image header is truncated or corrupt ({type(exc).__name__}: {exc})") from None
+
+
+def _header_size(data: bytes) -> tuple[int, int] | None:
+    """Width and height from the header of a supported format, bypassing PIL's bomb check; None if unknown.
+
+    Only used to word the message when PIL itself refuses an image while opening it.
+    """
+    prefix = data[:16]
+    for fmt in sorted(SUPPORTED_FORMATS):
+        entry = Image.OPEN.get(fmt)
+        if entry is None:
+            continue
+        factory, accept = entry
+        try:
+            if accept is not None and not accept(prefix):
+                continue
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with factory(io.BytesIO(data), None) as header:
+                    width, height = header.size
+            return int(width), int(height)
+        except Exception:
+            continue
+    return None
+
+
+def _bomb_error(exc: Exception, limits: ImageLimits, size: tuple[int, int] | None = None) -> PayloadTooLargeError:
+    """A PayloadTooLargeError for PIL's own decompression bomb refusal (`size` from the header, if known)."""
+    found = _BOMB_PIXELS.search(str(exc))
+    if size is not None:
+        pixels, what = size[0] * size[1], f"{size[0]}x{size[1]} = {_megapixels(size[0] * size[1])}"
+    elif found is not None:
+        pixels = int(found.group(1))
+        what = _megapixels(pixels)
+    else:
+        return PayloadTooLargeError(f"image refused as a decompression bomb: {exc}")
+    if pixels > limits.max_pixels:
+        return PayloadTooLargeError(f"image is {what}, above the limit of {_megapixels(limits.max_pixels)}")
+    pil_limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+    return PayloadTooLargeError(f"image is {what}, above the decoder's safety limit of {_megapixels(pil_limit)}")
+
+
+def _format_of(image: Image.Image) -> str:
+    fmt = image.format or "unknown"
+    fmt = _FORMAT_ALIASES.get(fmt, fmt)
+    if fmt not in SUPPORTED_FORMATS:
+        raise UnsupportedMediaError(
+            f"{fmt} images are not supported; send {_SUPPORTED_TEXT} ({', '.join(sorted(SUPPORTED_FORMATS))})"
+        )
+    return fmt
+
+
+def _check_size(image: Image.Image, limits: ImageLimits) -> tuple[int, int]:
+    """The header's size, refused when empty or above the pixel limit; nothing is decoded yet."""
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise InvalidInputError(f"image has an invalid size {width}x{height}")
+    if width * height > limits.max_pixels:
+        raise PayloadTooLargeError(
+            f"image is {width}x{height} = {_megapixels(width * height)}, above the limit of "
+            f"{_megapixels(limits.max_pixels)}"
+        )
+    return width, height
+
+
+def _exif_orientation(image: Image.Image) -> int | None:
+    """The EXIF orientation tag (1 when absent), or None when the EXIF block cannot be parsed."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL warns about corrupt EXIF
+            value = image.getexif().get(_EXIF_ORIENTATION, 1)
+        return int(value)
+    except Exception:
+        return None
+
+
+def _gpu_decodable(image: Image.Image) -> bool:
+    """A JPEG nvJPEG decodes to the same picture as the CPU path: RGB or grayscale, not rotated."""
+    return image.format in ("JPEG", "MPO") and image.mode in ("RGB", "L") and _exif_orientation(image) == 1
+
+
+def _decode_rgb(image: Image.Image, fmt: str, limits: ImageLimits) -> np.ndarray:
+    """Decode the first frame -> uint8 [H, W, 3] RGB array with EXIF orientation applied."""
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module=r"PIL\.")
+            image.seek(0)
+            image.load()
+    except Image.DecompressionBombError as exc:  # e.g. a GIF frame larger than its logical screen
+        raise _bomb_error(exc, limits) from None
+    except MemoryError:
+        raise PayloadTooLargeError(f"the {fmt} image needs more memory to decode than is available") from None
+    except Exception as exc:  # OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error...
+        raise InvalidInputError(f"the {fmt} image data is truncated or corrupt ({type(exc).__name__}: {exc})") from None
+    width, height = image.size
+    if width * height > limits.max_pixels:  # loading a frame may enlarge the canvas
+        raise PayloadTooLargeError(
+            f"image is {width}x{height} = {_megapixels(width * height)}, above the limit of "
+            f"{_megapixels(limits.max_pixels)}"
+        )
+    oriented = image
+    if _exif_orientation(image) not in (1, None):
+        try:
+            oriented = ImageOps.exif_transpose(image)
+        except Exception as exc:  # a malformed EXIF block: keep the stored orientation
+            logger.debug("ignoring unusable EXIF orientation: %s", exc)
+    try:
+        rgb = _to_rgb(oriented)
+        hwc = np.asarray(rgb, dtype=np.uint8)
+    except MemoryError:
+        raise PayloadTooLargeError(f"the {fmt} image needs more memory to decode than is available") from None
+    except Exception as exc:
+        raise InvalidInputError(f"the {fmt} image (mode {oriented.mode}) cannot be converted to RGB: {exc}") from None
+    if hwc.ndim != 3 or hwc.shape[2] != 3:
+        raise InvalidInputError(f"the {fmt} image decoded to an unexpected shape {hwc.shape}")
+    return hwc
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB. Transparency is composited onto white; 16-bit and float are scaled to 8 bits."""
+    mode = image.mode
+    if mode in _SIXTEEN_BIT_MODES or mode in ("I", "F"):
+        return Image.fromarray(_to_8_bit(np.asarray(image), mode)).convert("RGB")
+    if mode in _ALPHA_MODES or image.has_transparency_data:  # alpha channel, or a transparent palette entry/colour
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode == "RGB":
+        return image
+    return image.convert("RGB")  # 1, L, P, CMYK, YCbCr, LAB, HSV, RGBX...
+
+
+def _to_8_bit(values: np.ndarray, mode: str) -> np.ndarray:
+    """One-band 16-bit, 32-bit integer or float pixels -> uint8 grayscale, scaled rather than clipped.
+
+    16-bit modes map 0..65535 to 0..255. Mode "I" (32-bit) and "F" carry no declared range, so it is
+    inferred: values within 0..1 (float only), 0..255 or 0..65535 are read as that range; anything
+    wider is stretched from its minimum to its maximum.
+    """
+    x = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    low, high = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
+    if mode in _SIXTEEN_BIT_MODES:
+        scaled = x / 65535.0 * 255.0
+    elif low >= 0.0 and high <= 1.0 and mode == "F":
+        scaled = x * 255.0
+    elif low >= 0.0 and high <= 255.0:
+        scaled = x
+    elif low >= 0.0 and high <= 65535.0:
+        scaled = x / 65535.0 * 255.0
+    else:
+        scaled = (x - low) / (high - low) * 255.0
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
