@@ -104,7 +104,9 @@ def _quokka() -> Scene | None:
     return Scene("quokka", _resize(photo, SIZE, SIZE), [mask], None)
 
 
-def evaluate(engine: CamEngine, scenes: list[Scene], mean, std, pixels_per_step: int) -> dict:
+def evaluate(
+    engine: CamEngine, scenes: list[Scene], mean, std, pixels_per_step: int, layers: list[str] | None = None
+) -> dict:
     mean_t, std_t = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
     inputs = (torch.stack([s.pixels for s in scenes]) - mean_t) / std_t
     logits = engine.predict(inputs)
@@ -118,7 +120,7 @@ def evaluate(engine: CamEngine, scenes: list[Scene], mean, std, pixels_per_step:
     results = {}
     for method in METHOD_NAMES:
         started = time.perf_counter()
-        explanation = engine.explain(inputs, [[int(c)] for c in classes], method=method)
+        explanation = engine.explain(inputs, [[int(c)] for c in classes], method=method, layers=layers)
         saliency = heatmaps(explanation.maps, (SIZE, SIZE)).cpu()
         union = [torch.stack(s.masks).any(0) for s in scenes]
         hits = [metrics.pointing_game_hit(saliency[i], union[i]) for i in range(len(scenes))]
@@ -158,18 +160,20 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seeds", type=int, default=3, help="scenes per (texture, object, count)")
     parser.add_argument("--pixels-per-step", type=int, default=224 * 8, help="deletion/insertion step")
+    parser.add_argument("--layer", action="append", default=None, help="target layer(s); default: the model's")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
     torch.manual_seed(0)
     served = load_model(ModelSpec(name="efficientnet-lite0"), torch.device("cpu"), warmup=False)
     scenes = build_scenes(args.seeds)
     print(f"{len(scenes)} scenes ({sum(len(s.masks) > 1 for s in scenes)} with several instances)", flush=True)
-    report = evaluate(served.engine, scenes, served.mean, served.std, args.pixels_per_step)
+    report = evaluate(served.engine, scenes, served.mean, served.std, args.pixels_per_step, args.layer)
     report.update(
         scenes=len(scenes),
         multi_instance=sum(len(s.masks) > 1 for s in scenes),
         seeds=args.seeds,
         pixels_per_step=args.pixels_per_step,
+        layers=args.layer or [served.default_layer],
         quokka=any(s.name == "quokka" for s in scenes),
         torch=torch.__version__,
         threads=torch.get_num_threads(),
