@@ -22,7 +22,7 @@ from service.errors import InvalidParameterError, NotReadyError, PayloadTooLarge
 from service.images import DecodedImage, ImageLimits, check_media_type, decode_image
 from service.models import ModelRegistry, ServedModel
 from service.settings import Settings
-from service.worker import BatchObserver, BatchWorker, ExplainOptions, ItemOutput, WorkItem
+from service.worker import BatchObserver, BatchWorker, ExplainOptions, ItemOutput, RenderOptions, WorkItem
 
 DisconnectCheck = Callable[[], Awaitable[bool]]
 
@@ -37,14 +37,6 @@ class ImagePayload:
 
     data: bytes
     content_type: str | None = None
-
-
-@dataclass(frozen=True)
-class RenderOptions:
-    overlay: bool = False
-    colormap: str = "jet"
-    alpha: float = 0.5
-    raw: bool = False
 
 
 class InferenceService:
@@ -87,7 +79,7 @@ class InferenceService:
         served = self.registry.get(model)
         top_k = self._check_top_k(top_k, served)
         decoded = await self._decode(images, served.device)
-        outputs = await self._run(served, decoded, None, None, is_disconnected)
+        outputs = await self._run(served, decoded, None, None, RenderOptions(), is_disconnected)
         results = [
             {"width": d.width, "height": d.height, "predictions": self._top_k(served, o.probabilities, top_k)}
             for d, o in zip(decoded, outputs, strict=True)
@@ -122,8 +114,8 @@ class InferenceService:
         classes = [served.class_index(t) for t in targets] if targets else None
         explain_options = ExplainOptions(method=cam.name, layers=resolved_layers, counterfactual=counterfactual)
         decoded = await self._decode(images, served.device)
-        outputs = await self._run(served, decoded, explain_options, classes, is_disconnected)
-        results = await asyncio.to_thread(self._render_all, served, decoded, outputs, top_k, options)
+        outputs = await self._run(served, decoded, explain_options, classes, options, is_disconnected)
+        results = await asyncio.to_thread(self._encode_all, served, decoded, outputs, top_k)
         return {
             "model": served.name,
             "method": cam.name,
@@ -159,6 +151,7 @@ class InferenceService:
         decoded: list[DecodedImage],
         options: ExplainOptions | None,
         classes: list[int] | None,
+        render_options: RenderOptions,
         is_disconnected: DisconnectCheck | None,
     ) -> list[ItemOutput]:
         worker = self.workers.get(served.name)
@@ -166,7 +159,10 @@ class InferenceService:
             raise NotReadyError("the service is not ready")
         loop = asyncio.get_running_loop()
         items = [
-            WorkItem(pixels=d.pixels, options=options, targets=classes, future=loop.create_future()) for d in decoded
+            WorkItem(
+                pixels=d.pixels, options=options, targets=classes, future=loop.create_future(), render=render_options
+            )
+            for d in decoded
         ]
         worker.submit(items)
         gathered = asyncio.gather(*(item.future for item in items))
@@ -193,48 +189,36 @@ class InferenceService:
             for s, i in zip(scores.tolist(), indices.tolist(), strict=True)
         ]
 
-    def _render_all(
-        self,
-        served: ServedModel,
-        decoded: list[DecodedImage],
-        outputs: list[ItemOutput],
-        top_k: int,
-        options: RenderOptions,
+    def _encode_all(
+        self, served: ServedModel, decoded: list[DecodedImage], outputs: list[ItemOutput], top_k: int
     ) -> list[dict]:
+        """PNG-encode and base64 the rendered pictures (no torch work here: that ran on the torch thread)."""
         return [
             {
                 "width": image.width,
                 "height": image.height,
                 "predictions": self._top_k(served, output.probabilities, top_k),
-                "explanations": self._render(served, image, output, options),
+                "explanations": self._encode(served, output),
             }
             for image, output in zip(decoded, outputs, strict=True)
         ]
 
-    def _render(self, served: ServedModel, image: DecodedImage, output: ItemOutput, options: RenderOptions) -> list:
-        if output.maps is None or not output.classes:
+    def _encode(self, served: ServedModel, output: ItemOutput) -> list[dict]:
+        if output.heatmaps is None:
             return []
         level = self.settings.png_compress_level
-        size = (image.height, image.width)
-        heat = render.heatmaps(output.maps, size)
-        gray = render.to_uint8(heat).cpu()
-        overlays = None
-        if options.overlay:
-            picture = image.pixels.to(heat.device, non_blocking=True).float().div_(255).unsqueeze(0)
-            blended = render.blend(picture, render.colorize(heat, options.colormap), options.alpha)
-            overlays = render.to_uint8(blended).cpu()
         explanations = []
         for row, index in enumerate(output.classes):
             entry: dict = {
                 "index": index,
                 "label": served.labels[index],
                 "score": float(output.probabilities[index]),
-                "heatmap": _b64(render.encode_png(gray[row], level)),
+                "heatmap": _b64(render.encode_png(output.heatmaps[row], level)),
             }
-            if overlays is not None:
-                entry["overlay"] = _b64(render.encode_png(overlays[row], level))
-            if options.raw:
-                entry["cam"] = output.maps[row].float().cpu().tolist()
+            if output.overlays is not None:
+                entry["overlay"] = _b64(render.encode_png(output.overlays[row], level))
+            if output.raw is not None:
+                entry["cam"] = output.raw[row].tolist()
             explanations.append(entry)
         return explanations
 

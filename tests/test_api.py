@@ -401,3 +401,30 @@ async def test_max_wait_ms_holds_a_batch_open_for_stragglers(registry, cat_jpeg)
     assert [r.status_code for r in responses] == [200, 200, 200]
     assert metric(text, "camserve_inference_executions_total", model="efficientnet-lite0") == 1
     assert metric(text, "camserve_inference_items_total", model="efficientnet-lite0") == 3
+
+
+async def test_all_torch_work_runs_on_the_one_torch_thread(registry, cat_jpeg, monkeypatch):
+    """Model loading and every batch run on `camserve-torch` (a second torch thread slows CPU ops ~2.5x)."""
+    threads: list[str] = []
+    original = BatchWorker.compute
+
+    def recording(self, batch):
+        threads.append(threading.current_thread().name)
+        return original(self, batch)
+
+    monkeypatch.setattr(BatchWorker, "compute", recording)
+
+    def load(_settings):
+        threads.append(threading.current_thread().name)
+        return registry
+
+    app = create_app(Settings(), load_registry=load)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as client,
+    ):
+        await app.state.loaded.wait()
+        jpeg = {"content-type": "image/jpeg"}
+        responses = [await client.post(path, content=cat_jpeg, headers=jpeg) for path in ("/predict", "/explain")]
+    assert [r.status_code for r in responses] == [200, 200]
+    assert len(threads) == 3 and all(name.startswith("camserve-torch") for name in threads), threads

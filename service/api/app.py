@@ -21,6 +21,7 @@ from service.api.schemas import JsonImagesRequest
 from service.inference import ClientDisconnectedError, InferenceService
 from service.models import ModelRegistry
 from service.settings import Settings, get_settings
+from service.worker import torch_executor
 
 log = logging.getLogger("camserve")
 
@@ -62,7 +63,7 @@ def create_app(
             loaded = registry
             if loaded is None:
                 load = load_registry or (lambda s: ModelRegistry.load(s.models_file, s.device, s.warmup))
-                loaded = await asyncio.to_thread(load, settings)
+                loaded = await asyncio.get_running_loop().run_in_executor(torch_executor(), load, settings)
             for model in loaded:
                 metrics_.model_load_seconds.labels(model.name).set(model.load_seconds)
             service = InferenceService(loaded, settings, on_batch=metrics_.observe_batch)
