@@ -370,6 +370,9 @@ def test_committed_openapi_matches_the_app():
         "raw",
     }
     assert all(p.get("description") for p in explain_params.values())
+    for path in ("/predict", "/explain"):
+        for parameter in document["paths"][path]["post"]["parameters"]:
+            assert parameter["schema"].get("examples") or parameter.get("examples"), (path, parameter["name"])
     json_body = document["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert json_body["$ref"].rsplit("/", 1)[1] in document["components"]["schemas"]
     assert set(document["paths"]["/explain"]["post"]["requestBody"]["content"]) == {

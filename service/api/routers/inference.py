@@ -101,18 +101,28 @@ async def explain(
     ] = "gradcampp",
     target: Annotated[
         list[str] | None,
-        Query(description="class to explain: index or exact label; repeatable; default the top-1 prediction"),
+        Query(
+            description="class to explain: index or exact label; repeatable; default the top-1 prediction",
+            examples=[["285", "tabby"]],
+        ),
     ] = None,
     top_k: TopKParam = 5,
     layer: Annotated[
         list[str] | None,
-        Query(description="target layer by dotted module path; repeatable (several = fusion); default per model"),
+        Query(
+            description="target layer by dotted module path; repeatable (several = fusion); default per model",
+            examples=[["_blocks.10", "_swish"]],
+        ),
     ] = None,
-    counterfactual: Annotated[bool, Query(description="explain what lowers the class score (-gradient)")] = False,
-    overlay: Annotated[bool, Query(description="also return the colormap blended over the image")] = False,
-    colormap: Annotated[str, Query(description=f"overlay colormap: {', '.join(COLORMAPS)}")] = "jet",
-    alpha: Annotated[float, Query(ge=0.0, le=1.0, description="overlay opacity of the heatmap")] = 0.5,
-    raw: Annotated[bool, Query(description="also return the raw map at feature resolution")] = False,
+    counterfactual: Annotated[
+        bool, Query(description="explain what lowers the class score (-gradient)", examples=[False])
+    ] = False,
+    overlay: Annotated[
+        bool, Query(description="also return the colormap blended over the image", examples=[True])
+    ] = False,
+    colormap: Annotated[str, Query(description=f"overlay colormap: {', '.join(COLORMAPS)}", examples=["jet"])] = "jet",
+    alpha: Annotated[float, Query(ge=0.0, le=1.0, description="overlay opacity of the heatmap", examples=[0.5])] = 0.5,
+    raw: Annotated[bool, Query(description="also return the raw map at feature resolution", examples=[False])] = False,
 ) -> dict:
     images, body = await read_images(request, service.settings.max_images_per_request)
     targets, layers = target, layer
