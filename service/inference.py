@@ -25,6 +25,8 @@ from service.settings import Settings
 from service.worker import BatchObserver, BatchWorker, ExplainOptions, ItemOutput, RenderOptions, WorkItem
 
 DisconnectCheck = Callable[[], Awaitable[bool]]
+MAX_TARGETS = 20  # classes explained per image: each costs a backward round and a PNG per image
+MAX_LAYERS = 8
 
 
 class ClientDisconnectedError(Exception):
@@ -110,6 +112,10 @@ class InferenceService:
         render.check_colormap(options.colormap)
         if not 0.0 <= options.alpha <= 1.0:
             raise InvalidParameterError(f"alpha must be between 0 and 1, got {options.alpha}")
+        if targets and len(targets) > MAX_TARGETS:
+            raise InvalidParameterError(f"{len(targets)} targets requested; at most {MAX_TARGETS} per request")
+        if layers and len(layers) > MAX_LAYERS:
+            raise InvalidParameterError(f"{len(layers)} layers requested; at most {MAX_LAYERS} per request")
         resolved_layers = served.engine.resolve_layers(list(layers), None) if layers else None
         classes = [served.class_index(t) for t in targets] if targets else None
         explain_options = ExplainOptions(method=cam.name, layers=resolved_layers, counterfactual=counterfactual)

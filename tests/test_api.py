@@ -223,6 +223,16 @@ async def test_error_statuses_name_their_cause(registry, cat_jpeg):
             (await client.post("/explain?alpha=2", content=cat_jpeg, headers=jpeg), 422, "alpha"),
             (await client.post("/explain?colormap=rainbow", content=cat_jpeg, headers=jpeg), 422, "colormap"),
             (await client.post("/predict", files=[("other", ("a.jpg", cat_jpeg, "image/jpeg"))]), 400, "'image'"),
+            (await client.post("/predict", files=[("image", ("a.jpg", b"", "image/jpeg"))]), 400, "empty"),
+            (await client.post("/predict", json={"images": []}), 422, "images"),
+            (
+                await client.post(
+                    "/explain?" + "&".join(f"target={i}" for i in range(21)), content=cat_jpeg, headers=jpeg
+                ),
+                422,
+                "at most 20",
+            ),
+            (await client.post("/explain?layer=", content=cat_jpeg, headers=jpeg), 422, "unknown layer ''"),
             (
                 await client.post("/predict", content=b"{not json", headers={"content-type": "application/json"}),
                 400,
