@@ -441,3 +441,49 @@ async def test_all_torch_work_runs_on_the_one_torch_thread(registry, cat_jpeg, m
         responses = [await client.post(path, content=cat_jpeg, headers=jpeg) for path in ("/predict", "/explain")]
     assert [r.status_code for r in responses] == [200, 200]
     assert len(threads) == 3 and all(name.startswith("camserve-torch") for name in threads), threads
+
+
+async def test_random_parameters_and_bodies_never_give_a_500(registry, cat_jpeg):
+    """Seeded fuzzing of query parameters, content types and bodies: every answer is 200 or a 4xx/503."""
+    import random
+
+    rng = random.Random(7)
+    values = {
+        "model": ["efficientnet-lite0", "", "x" * 300, "../etc", "☃"],
+        "method": ["gradcam", "gradcam++", "GRADCAMPP", "guided-gradcam", "", "none", "layercam"],
+        "target": ["0", "999", "-1", "1e3", "tabby", "", "Egyptian cat", "0x10", "nan"],
+        "layer": ["_swish", "_blocks.0", "_fc", "_avg_pooling", "", "_blocks", ".", "_blocks.15._bn2"],
+        "top_k": ["1", "0", "-5", "abc", "100000", "3.5"],
+        "alpha": ["0", "1", "-0.1", "nan", "inf", "x"],
+        "colormap": ["jet", "turbo", "", "JET"],
+        "counterfactual": ["true", "false", "maybe", "1"],
+        "overlay": ["true", "no", "2"],
+        "raw": ["true", "0", "?"],
+    }
+    bodies = [
+        (cat_jpeg, "image/jpeg"),
+        (cat_jpeg[:500], "image/jpeg"),
+        (b"", "image/png"),
+        (b'{"images": ["AAAA"]}', "application/json"),
+        (b'{"images": [1, 2]}', "application/json"),
+        (b"[]", "application/json"),
+        (b"\x00" * 100, "application/octet-stream"),
+        (cat_jpeg, "multipart/form-data; boundary=nope"),
+        (cat_jpeg, "image/gif"),
+    ]
+    async with running_app(registry) as (client, _app):
+        for _ in range(120):
+            chosen = rng.sample(sorted(values), rng.randint(0, 4))
+            params = [(name, rng.choice(values[name])) for name in chosen]
+            body, content_type = rng.choice(bodies)
+            path = rng.choice(["/predict", "/explain"])
+            response = await client.post(path, params=params, content=body, headers={"content-type": content_type})
+            assert response.status_code == 200 or 400 <= response.status_code < 500 or response.status_code == 503, (
+                path,
+                params,
+                content_type,
+                response.status_code,
+                response.text[:300],
+            )
+            if response.status_code != 200:
+                assert isinstance(response.json()["detail"], str)
