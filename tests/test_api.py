@@ -13,6 +13,7 @@ import time
 import httpx
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from service.api import create_app
@@ -487,3 +488,15 @@ async def test_random_parameters_and_bodies_never_give_a_500(registry, cat_jpeg)
             )
             if response.status_code != 200:
                 assert isinstance(response.json()["detail"], str)
+
+
+async def test_torch_threads_setting_applies_to_the_torch_thread(registry):
+    from service.worker import torch_executor
+
+    before = torch_executor().submit(torch.get_num_threads).result()
+    try:
+        async with running_app(None, torch_threads=1, warmup=False) as (client, _app):
+            assert (await client.get("/health/ready")).status_code in (200, 503)
+        assert torch_executor().submit(torch.get_num_threads).result() == 1
+    finally:
+        torch_executor().submit(torch.set_num_threads, before).result()

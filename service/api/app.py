@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
@@ -63,6 +64,10 @@ def create_app(
             loaded = registry
             if loaded is None:
                 load = load_registry or (lambda s: ModelRegistry.load(s.models_file, s.device, s.warmup))
+                if settings.torch_threads:
+                    await asyncio.get_running_loop().run_in_executor(
+                        torch_executor(), torch.set_num_threads, settings.torch_threads
+                    )
                 loaded = await asyncio.get_running_loop().run_in_executor(torch_executor(), load, settings)
             for model in loaded:
                 metrics_.model_load_seconds.labels(model.name).set(model.load_seconds)
