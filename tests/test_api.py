@@ -500,3 +500,29 @@ async def test_torch_threads_setting_applies_to_the_torch_thread(registry):
         assert torch_executor().submit(torch.get_num_threads).result() == 1
     finally:
         torch_executor().submit(torch.set_num_threads, before).result()
+
+
+async def test_several_models_are_served_side_by_side(registry, cat_jpeg, tmp_path):
+    from service.models import ModelRegistry, ModelSpec, load_model
+    from tests.fixtures.tiny_models import tiny_classifier
+
+    scripted = torch.jit.script(tiny_classifier().eval())
+    scripted.save(str(tmp_path / "tiny.pt"))
+    tiny = load_model(
+        ModelSpec(name="tiny-ts", kind="torchscript", weights=tmp_path / "tiny.pt", input_size=(32, 32)),
+        torch.device("cpu"),
+    )
+    both = ModelRegistry([registry.get(), tiny], default="efficientnet-lite0")
+    jpeg = {"content-type": "image/jpeg"}
+    async with running_app(both) as (client, _app):
+        models = (await client.get("/models")).json()["models"]
+        tiny_predict = await client.post("/predict?model=tiny-ts&top_k=10", content=cat_jpeg, headers=jpeg)
+        default_predict = await client.post("/predict", content=cat_jpeg, headers=jpeg)
+        tiny_explain = await client.post("/explain?model=tiny-ts", content=cat_jpeg, headers=jpeg)
+    assert [(m["name"], m["default"], m["default_layer"]) for m in models] == [
+        ("efficientnet-lite0", True, "_swish"),
+        ("tiny-ts", False, None),
+    ]
+    assert tiny_predict.status_code == 200 and len(tiny_predict.json()["results"][0]["predictions"]) == 4
+    assert default_predict.json()["results"][0]["predictions"][0]["label"] == "Egyptian cat"
+    assert tiny_explain.status_code == 422 and "TorchScript" in tiny_explain.json()["detail"]
