@@ -120,6 +120,14 @@ class InferenceService:
         classes = [served.class_index(t) for t in targets] if targets else None
         explain_options = ExplainOptions(method=cam.name, layers=resolved_layers, counterfactual=counterfactual)
         decoded = await self._decode(images, served.device)
+        per_pixel = (len(classes) if classes else 1) * (4 if options.overlay else 1)
+        rendered = sum(d.width * d.height for d in decoded) * per_pixel
+        if rendered > self.settings.max_render_pixels:
+            raise PayloadTooLargeError(
+                f"this request would render {rendered / 1e6:.1f} megapixels of heatmaps"
+                f"{' and overlays' if options.overlay else ''}, above the limit of "
+                f"{self.settings.max_render_pixels / 1e6:.1f}; send smaller images, fewer targets or no overlay"
+            )
         outputs = await self._run(served, decoded, explain_options, classes, options, is_disconnected)
         results = await asyncio.to_thread(self._encode_all, served, decoded, outputs, top_k)
         return {

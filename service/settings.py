@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1, description="largest accepted width x height")
     max_images_per_request: int = Field(32, ge=1, description="most images in one request")
     max_body_bytes: int = Field(100 * 1024 * 1024, ge=1, description="largest accepted request body")
+    max_render_pixels: int = Field(
+        400_000_000, ge=1, description="most output pixels one /explain may render (images x targets, overlays x4)"
+    )
     cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins; none by default")
     warmup: bool = Field(True, description="run a forward and an explain pass per model at start-up")
     png_compress_level: int = Field(1, ge=0, le=9, description="zlib level for heatmap/overlay PNGs")

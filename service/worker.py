@@ -261,16 +261,18 @@ class BatchWorker:
         if not classes:
             return ItemOutput(probabilities=probabilities)
         size = (item.pixels.shape[1], item.pixels.shape[2])
-        heat = render.heatmaps(maps, size)
-        overlays = None
-        if options.overlay:
-            picture = item.pixels.to(heat.device).unsqueeze(0).float().div_(255.0)
-            blended = render.blend(picture, render.colorize(heat, options.colormap), options.alpha)
-            overlays = render.to_uint8(blended).cpu()
+        picture = item.pixels.to(maps.device).unsqueeze(0).float().div_(255.0) if options.overlay else None
+        heatmaps, overlays = [], []
+        for row in range(len(classes)):  # one target at a time: peak memory of one full-size map
+            heat = render.heatmaps(maps[row : row + 1], size)
+            heatmaps.append(render.to_uint8(heat[0]).cpu())
+            if picture is not None:
+                blended = render.blend(picture, render.colorize(heat, options.colormap), options.alpha)
+                overlays.append(render.to_uint8(blended[0]).cpu())
         return ItemOutput(
             probabilities=probabilities,
             classes=classes,
-            heatmaps=render.to_uint8(heat).cpu(),
-            overlays=overlays,
+            heatmaps=torch.stack(heatmaps),
+            overlays=torch.stack(overlays) if overlays else None,
             raw=maps.float().cpu() if options.raw else None,
         )

@@ -198,7 +198,13 @@ async def test_every_method_is_served(registry, cat_jpeg, method):
 
 # -- errors -----------------------------------------------------------------------------------
 async def test_error_statuses_name_their_cause(registry, cat_jpeg):
-    async with running_app(registry, max_image_pixels=100_000, max_body_bytes=2_000_000) as (client, _app):
+    from PIL import Image as PILImage
+
+    buffer = io.BytesIO()
+    PILImage.new("RGB", (300, 200), (10, 20, 30)).save(buffer, format="JPEG")
+    small_jpeg = buffer.getvalue()  # 60,000 px: 2 targets x (heatmap + overlay) = 480,000 rendered px
+    settings = {"max_image_pixels": 100_000, "max_body_bytes": 2_000_000, "max_render_pixels": 400_000}
+    async with running_app(registry, **settings) as (client, _app):
         jpeg = {"content-type": "image/jpeg"}
         cases = [
             (await client.post("/predict", content=b"\x00garbage" * 50, headers=jpeg), 400, "not a recognized image"),
@@ -234,6 +240,11 @@ async def test_error_statuses_name_their_cause(registry, cat_jpeg):
                 "at most 20",
             ),
             (await client.post("/explain?layer=", content=cat_jpeg, headers=jpeg), 422, "unknown layer ''"),
+            (
+                await client.post("/explain?overlay=true&target=1&target=2", content=small_jpeg, headers=jpeg),
+                413,
+                "render 0.5 megapixels of heatmaps and overlays, above the limit of 0.4",
+            ),
             (
                 await client.post("/predict", content=b"{not json", headers={"content-type": "application/json"}),
                 400,
