@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.bench_load --spawn --concurrency 1 4 16 64 --duration 20
 
-With --spawn it starts `camserve serve` itself (CPU, port 18123) and stops it afterwards. For each
+With --spawn it starts `camserve serve` itself (on --device, port 18123) and stops it afterwards. For each
 endpoint (predict, explain with each method) and concurrency it reports throughput (images/s),
 p50/p95/p99 latency, the mean batch size the queue formed (from /metrics counters), errors, and the
 engine's own throughput at that batch size without HTTP, so the service's efficiency
@@ -89,11 +89,12 @@ async def drive(url: str, path: str, photos: list[bytes], concurrency: int, dura
     }
 
 
-def engine_throughput(photos: list[bytes], method: str | None, batch: int, repeats: int = 5) -> float:
+def engine_throughput(photos: list[bytes], method: str | None, batch: int, device: str, repeats: int = 5) -> float:
     """Images/s of the engine alone (decode and preprocess excluded) at this batch size."""
-    served = load_model(ModelSpec(name="efficientnet-lite0"), torch.device("cpu"), warmup=False)
+    served = load_model(ModelSpec(name="efficientnet-lite0"), torch.device(device), warmup=False)
     pixels = [decode_image(photos[i % len(photos)]).pixels for i in range(batch)]
-    x = preprocess(pixels, served.input_size, served.mean, served.std)
+    x = preprocess(pixels, served.input_size, served.mean, served.std, served.device)
+    sync = torch.cuda.synchronize if served.device.type == "cuda" else (lambda: None)
 
     def run() -> None:
         if method is None:
@@ -104,16 +105,18 @@ def engine_throughput(photos: list[bytes], method: str | None, batch: int, repea
     run()
     times = []
     for _ in range(repeats):
+        sync()
         started = time.perf_counter()
         run()
+        sync()
         times.append(time.perf_counter() - started)
     return batch / statistics.median(times)
 
 
-def spawn(port: int, env: dict[str, str]) -> subprocess.Popen:
+def spawn(port: int, env: dict[str, str], device: str) -> subprocess.Popen:
     process = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        env={**os.environ, "CAMSERVE_DEVICE": "cpu", "CAMSERVE_LOG_LEVEL": "warning", **env},
+        env={**os.environ, "CAMSERVE_DEVICE": device, "CAMSERVE_LOG_LEVEL": "warning", **env},
     )
     for _ in range(600):
         try:
@@ -134,13 +137,16 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per cell")
     parser.add_argument("--methods", nargs="+", default=["gradcam", "gradcampp"], help="explain methods to drive")
     parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--device", default="cpu", help="device for --spawn and the engine column (cpu or cuda)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     photos = jpegs()
     process = None
     if args.spawn:
         port = int(args.url.rsplit(":", 1)[1])
-        process = spawn(port, {"CAMSERVE_MAX_BATCH_SIZE": str(args.max_batch_size), "CAMSERVE_MAX_QUEUE": "1024"})
+        process = spawn(
+            port, {"CAMSERVE_MAX_BATCH_SIZE": str(args.max_batch_size), "CAMSERVE_MAX_QUEUE": "1024"}, args.device
+        )
     rows = []
     try:
         endpoints = ["/predict"] + [f"/explain?method={m}" for m in args.methods]
@@ -160,7 +166,7 @@ def main() -> int:
         batch = max(1, round(row["mean_batch"]))
         key = (method, batch)
         if key not in engine_cache:
-            engine_cache[key] = engine_throughput(photos, method, batch)
+            engine_cache[key] = engine_throughput(photos, method, batch, args.device)
         row["engine_throughput"] = engine_cache[key]
         row["efficiency"] = row["throughput"] / engine_cache[key]
     print(
