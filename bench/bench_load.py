@@ -5,8 +5,14 @@
 With --spawn it starts `camserve serve` itself (on --device, port 18123) and stops it afterwards. For each
 endpoint (predict, explain with each method) and concurrency it reports throughput (images/s),
 p50/p95/p99 latency, the mean batch size the queue formed (from /metrics counters), errors, and the
-engine's own throughput at that batch size without HTTP, so the service's efficiency
-(HTTP throughput / engine throughput at the formed batch size) is visible.
+service's efficiency: HTTP throughput / the engine's own throughput (no HTTP, no decode, no PNG) at the
+batch size the queue formed.
+
+Shared machines drift by tens of percent within minutes, so the engine is not measured once at the end:
+each cell alternates `--rounds` HTTP segments with engine measurements taken right after them (server
+idle, same batch size), and the efficiency is the median of the per-round ratios. The server's own view
+comes from /metrics too: how busy its compute thread was (compute seconds / wall seconds) and its compute
+time per image under load, which tell whether the engine or the path feeding it is the bottleneck.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 
 import httpx
 import torch
@@ -28,7 +35,7 @@ from PIL import Image
 from skimage import data
 
 from service.images import decode_image, preprocess
-from service.models import ModelSpec, load_model
+from service.models import ModelSpec, ServedModel, load_model
 
 PHOTOS = (data.chelsea, data.coffee, data.astronaut, data.rocket)
 
@@ -42,75 +49,153 @@ def jpegs() -> list[bytes]:
     return out
 
 
-def counters(text: str) -> tuple[float, float]:
-    items = sum(float(v) for v in re.findall(r"^camserve_inference_items_total\{[^}]*\} (\S+)$", text, re.M))
-    runs = sum(float(v) for v in re.findall(r"^camserve_inference_executions_total\{[^}]*\} (\S+)$", text, re.M))
-    return items, runs
+def server_counters(text: str) -> tuple[float, float, float]:
+    """(images computed, engine batches, compute seconds) summed over models, from /metrics text."""
+
+    def total(name: str) -> float:
+        return sum(float(v) for v in re.findall(rf"^{name}\{{[^}}]*\}} (\S+)$", text, re.M))
+
+    return (
+        total("camserve_inference_items_total"),
+        total("camserve_inference_executions_total"),
+        total("camserve_compute_seconds_sum"),
+    )
 
 
-async def drive(url: str, path: str, photos: list[bytes], concurrency: int, duration: float) -> dict:
-    latencies: list[float] = []
-    errors: dict[int, int] = {}
+@dataclass
+class Segment:
+    """One stretch of load: what the client saw and what the server counted."""
+
+    latencies: list[float] = field(default_factory=list)
+    errors: dict[int, int] = field(default_factory=dict)
+    elapsed: float = 0.0
+    items: float = 0.0
+    batches: float = 0.0
+    compute_s: float = 0.0
+    client_cpu_s: float = 0.0
+
+    @property
+    def throughput(self) -> float:
+        return len(self.latencies) / self.elapsed if self.elapsed else 0.0
+
+    @property
+    def mean_batch(self) -> float:
+        return self.items / self.batches if self.batches else 0.0
+
+
+async def load_segment(
+    client: httpx.AsyncClient, path: str, photos: list[bytes], concurrency: int, duration: float
+) -> Segment:
+    """`concurrency` closed-loop users posting raw JPEGs for `duration` seconds."""
+    segment = Segment()
+    before = server_counters((await client.get("/metrics")).text)
+    deadline = time.perf_counter() + duration
+
+    async def user(index: int) -> None:
+        n = index
+        while time.perf_counter() < deadline:
+            photo = photos[n % len(photos)]
+            n += 1
+            started = time.perf_counter()
+            response = await client.post(path, content=photo, headers={"content-type": "image/jpeg"})
+            if response.status_code == 200:
+                segment.latencies.append(time.perf_counter() - started)
+            else:
+                segment.errors[response.status_code] = segment.errors.get(response.status_code, 0) + 1
+
+    cpu, started = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(user(i) for i in range(concurrency)))
+    segment.elapsed = time.perf_counter() - started
+    segment.client_cpu_s = time.process_time() - cpu
+    after = server_counters((await client.get("/metrics")).text)
+    segment.items, segment.batches, segment.compute_s = (a - b for a, b in zip(after, before, strict=True))
+    return segment
+
+
+class EngineProbe:
+    """The engine alone, in this process, on preprocessed photos: images/s at a given batch size."""
+
+    def __init__(self, photos: list[bytes], device: str) -> None:
+        self.photos = photos
+        self.served: ServedModel = load_model(ModelSpec(name="efficientnet-lite0"), torch.device(device), warmup=True)
+        cuda = self.served.device.type == "cuda"
+        self.sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def throughput(self, method: str | None, batch: int, seconds: float) -> float:
+        served = self.served
+        pixels = [decode_image(self.photos[i % len(self.photos)]).pixels for i in range(batch)]
+        x = preprocess(pixels, served.input_size, served.mean, served.std, served.device)
+
+        def run() -> None:
+            if method is None:
+                served.engine.predict(x)
+            else:
+                served.engine.explain(x, method=method)
+            self.sync()
+
+        run()
+        times: list[float] = []
+        budget_end = time.perf_counter() + seconds
+        while len(times) < 3 or time.perf_counter() < budget_end:
+            started = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - started)
+        return batch / statistics.median(times)
+
+
+async def measure_cell(
+    url: str,
+    path: str,
+    photos: list[bytes],
+    concurrency: int,
+    duration: float,
+    rounds: int,
+    probe: EngineProbe,
+    engine_seconds: float,
+) -> dict:
+    """`rounds` x (HTTP segment, engine at the formed batch size); pooled latencies, median ratios."""
+    method = None if path == "/predict" else path.split("=", 1)[1]
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    segments: list[Segment] = []
+    engines: list[float] = []
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
-        before = counters((await client.get("/metrics")).text)
-        deadline = time.perf_counter() + duration
-
-        async def user(index: int) -> None:
-            n = index
-            while time.perf_counter() < deadline:
-                photo = photos[n % len(photos)]
-                n += 1
-                started = time.perf_counter()
-                response = await client.post(path, content=photo, headers={"content-type": "image/jpeg"})
-                if response.status_code == 200:
-                    latencies.append(time.perf_counter() - started)
-                else:
-                    errors[response.status_code] = errors.get(response.status_code, 0) + 1
-
-        started = time.perf_counter()
-        await asyncio.gather(*(user(i) for i in range(concurrency)))
-        elapsed = time.perf_counter() - started
-        after = counters((await client.get("/metrics")).text)
-    items, runs = after[0] - before[0], after[1] - before[1]
-    latencies.sort()
+        for _ in range(rounds):
+            segment = await load_segment(client, path, photos, concurrency, duration / rounds)
+            segments.append(segment)
+            engines.append(probe.throughput(method, max(1, round(segment.mean_batch)), engine_seconds))
+    latencies = sorted(t for s in segments for t in s.latencies)
+    errors: dict[int, int] = {}
+    for s in segments:
+        for status, count in s.errors.items():
+            errors[status] = errors.get(status, 0) + count
+    elapsed = sum(s.elapsed for s in segments)
+    items = sum(s.items for s in segments)
 
     def pct(q: float) -> float:
         return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies else float("nan")
 
     return {
+        "endpoint": path,
+        "concurrency": concurrency,
         "throughput": len(latencies) / elapsed,
         "p50_ms": pct(0.50),
         "p95_ms": pct(0.95),
         "p99_ms": pct(0.99),
-        "mean_batch": items / runs if runs else 0.0,
+        "mean_batch": items / max(1.0, sum(s.batches for s in segments)),
         "requests": len(latencies),
         "errors": errors,
+        "engine_throughput": statistics.median(engines),
+        "efficiency": statistics.median(s.throughput / e for s, e in zip(segments, engines, strict=True)),
+        "round_efficiencies": [s.throughput / e for s, e in zip(segments, engines, strict=True)],
+        "server_busy": sum(s.compute_s for s in segments) / elapsed,
+        "server_compute_ms_per_image": 1000 * sum(s.compute_s for s in segments) / max(1.0, items),
+        "client_cpu_share": sum(s.client_cpu_s for s in segments) / elapsed,
     }
 
 
-def engine_throughput(photos: list[bytes], method: str | None, batch: int, device: str, repeats: int = 5) -> float:
-    """Images/s of the engine alone (decode and preprocess excluded) at this batch size."""
-    served = load_model(ModelSpec(name="efficientnet-lite0"), torch.device(device), warmup=False)
-    pixels = [decode_image(photos[i % len(photos)]).pixels for i in range(batch)]
-    x = preprocess(pixels, served.input_size, served.mean, served.std, served.device)
-    sync = torch.cuda.synchronize if served.device.type == "cuda" else (lambda: None)
-
-    def run() -> None:
-        if method is None:
-            served.engine.predict(x)
-        else:
-            served.engine.explain(x, method=method)
-
-    run()
-    times = []
-    for _ in range(repeats):
-        sync()
-        started = time.perf_counter()
-        run()
-        sync()
-        times.append(time.perf_counter() - started)
-    return batch / statistics.median(times)
+async def warm_up(url: str, path: str, photos: list[bytes]) -> None:
+    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+        await load_segment(client, path, photos, 4, 2.0)
 
 
 def spawn(port: int, env: dict[str, str], device: str) -> subprocess.Popen:
@@ -129,60 +214,63 @@ def spawn(port: int, env: dict[str, str], device: str) -> subprocess.Popen:
     raise RuntimeError("server did not become ready")
 
 
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "| endpoint | concurrency | images/s | p50 ms | p95 ms | p99 ms | mean batch | errors | engine images/s "
+        "at that batch | efficiency (rounds) | server busy | server ms/image | client CPU |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        spread = "/".join(f"{e:.2f}" for e in r["round_efficiencies"])
+        lines.append(
+            f"| {r['endpoint']} | {r['concurrency']} | {r['throughput']:.1f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} "
+            f"| {r['p99_ms']:.0f} | {r['mean_batch']:.1f} | {r['errors'] or 0} | {r['engine_throughput']:.1f} "
+            f"| **{r['efficiency']:.2f}** ({spread}) | {r['server_busy']:.2f} | {r['server_compute_ms_per_image']:.1f} "
+            f"| {r['client_cpu_share']:.0%} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default="http://127.0.0.1:18123")
     parser.add_argument("--spawn", action="store_true", help="start camserve serve on the --url port")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
-    parser.add_argument("--duration", type=float, default=20.0, help="seconds per cell")
+    parser.add_argument("--duration", type=float, default=24.0, help="seconds of load per cell, over all rounds")
+    parser.add_argument("--rounds", type=int, default=3, help="HTTP/engine alternations per cell")
+    parser.add_argument("--engine-seconds", type=float, default=3.0, help="engine measurement per round")
     parser.add_argument("--methods", nargs="+", default=["gradcam", "gradcampp"], help="explain methods to drive")
     parser.add_argument("--max-batch-size", type=int, default=16)
-    parser.add_argument("--device", default="cpu", help="device for --spawn and the engine column (cpu or cuda)")
+    parser.add_argument("--device", default="cpu", help="device for --spawn and the engine probe (cpu or cuda)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     photos = jpegs()
     process = None
     if args.spawn:
         port = int(args.url.rsplit(":", 1)[1])
-        process = spawn(
-            port, {"CAMSERVE_MAX_BATCH_SIZE": str(args.max_batch_size), "CAMSERVE_MAX_QUEUE": "1024"}, args.device
-        )
+        env = {"CAMSERVE_MAX_BATCH_SIZE": str(args.max_batch_size), "CAMSERVE_MAX_QUEUE": "1024"}
+        process = spawn(port, env, args.device)
+    probe = EngineProbe(photos, args.device)
     rows = []
     try:
-        endpoints = ["/predict"] + [f"/explain?method={m}" for m in args.methods]
-        for path in endpoints:
+        for path in ["/predict"] + [f"/explain?method={m}" for m in args.methods]:
+            asyncio.run(warm_up(args.url, path, photos))
             for concurrency in args.concurrency:
-                row = asyncio.run(drive(args.url, path, photos, concurrency, args.duration))
-                row.update(endpoint=path, concurrency=concurrency)
+                row = asyncio.run(
+                    measure_cell(
+                        args.url, path, photos, concurrency, args.duration, args.rounds, probe, args.engine_seconds
+                    )
+                )
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     finally:
         if process is not None:
             process.terminate()
             process.wait(60)
-    engine_cache: dict[tuple[str | None, int], float] = {}
-    for row in rows:
-        method = None if row["endpoint"] == "/predict" else row["endpoint"].split("=", 1)[1]
-        batch = max(1, round(row["mean_batch"]))
-        key = (method, batch)
-        if key not in engine_cache:
-            engine_cache[key] = engine_throughput(photos, method, batch, args.device)
-        row["engine_throughput"] = engine_cache[key]
-        row["efficiency"] = row["throughput"] / engine_cache[key]
-    print(
-        "| endpoint | concurrency | images/s | p50 ms | p95 ms | p99 ms | mean batch | errors | engine images/s "
-        "at that batch | efficiency |"
-    )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |")
-    for r in rows:
-        print(
-            f"| {r['endpoint']} | {r['concurrency']} | {r['throughput']:.1f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} "
-            f"| {r['p99_ms']:.0f} | {r['mean_batch']:.1f} | {r['errors'] or 0} | {r['engine_throughput']:.1f} "
-            f"| {r['efficiency']:.2f} |"
-        )
+    print(markdown(rows))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+            json.dump({"command": " ".join(sys.argv), "rows": rows}, f, indent=2)
     return 0
 
 
