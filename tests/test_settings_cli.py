@@ -41,3 +41,19 @@ def test_client_reports_unreachable_server_and_missing_file(tmp_path, capsys, ch
     assert "cannot reach http://127.0.0.1:9" in capsys.readouterr().err
     assert main(["predict", str(tmp_path / "absent.jpg"), "--url", "http://127.0.0.1:9"]) == 1
     assert "no such file" in capsys.readouterr().err
+
+
+def test_server_runs_on_the_compiled_http_parser_and_event_loop():
+    """`uvicorn[standard]` is a dependency: uvicorn's auto choice must land on httptools and uvloop."""
+    import uvicorn
+    import uvloop
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    config = uvicorn.Config(lambda scope, receive, send: None, http="auto", loop="auto")
+    config.load()
+    assert config.http_protocol_class is HttpToolsProtocol
+    loop = config.get_loop_factory()()
+    try:
+        assert isinstance(loop, uvloop.Loop)
+    finally:
+        loop.close()
