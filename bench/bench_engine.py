@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from skimage import data
 
+from service.allocator import keep_freed_memory
 from service.cam import METHOD_NAMES, CamEngine
 from service.models import ModelSpec, load_model
 
@@ -93,7 +94,11 @@ def main() -> int:
     parser.add_argument("--no-reference", action="store_true", help="skip pytorch-grad-cam")
     parser.add_argument("--memory-calls", type=int, default=200)
     parser.add_argument("--json", default=None)
+    parser.add_argument(
+        "--default-malloc", action="store_true", help="leave glibc malloc untuned (the service tunes it)"
+    )
     args = parser.parse_args()
+    tuned = False if args.default_malloc else keep_freed_memory()
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     repeats = args.repeats or [max(3, 48 // b) for b in args.batches]
@@ -153,6 +158,7 @@ def main() -> int:
         "cpu": platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "malloc_tuned": tuned,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "rss_mb_before": round(before, 1),
         "rss_mb_after": round(after, 1),

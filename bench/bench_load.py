@@ -34,6 +34,7 @@ import torch
 from PIL import Image
 from skimage import data
 
+from service.allocator import keep_freed_memory
 from service.images import decode_image, preprocess
 from service.models import ModelSpec, ServedModel, load_model
 
@@ -237,8 +238,8 @@ def main() -> int:
     parser.add_argument("--spawn", action="store_true", help="start camserve serve on the --url port")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--duration", type=float, default=24.0, help="seconds of load per cell, over all rounds")
-    parser.add_argument("--rounds", type=int, default=3, help="HTTP/engine alternations per cell")
-    parser.add_argument("--engine-seconds", type=float, default=3.0, help="engine measurement per round")
+    parser.add_argument("--rounds", type=int, default=4, help="HTTP/engine alternations per cell")
+    parser.add_argument("--engine-seconds", type=float, default=2.0, help="engine measurement per round")
     parser.add_argument("--methods", nargs="+", default=["gradcam", "gradcampp"], help="explain methods to drive")
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--device", default="cpu", help="device for --spawn and the engine probe (cpu or cuda)")
@@ -250,6 +251,7 @@ def main() -> int:
         port = int(args.url.rsplit(":", 1)[1])
         env = {"CAMSERVE_MAX_BATCH_SIZE": str(args.max_batch_size), "CAMSERVE_MAX_QUEUE": "1024"}
         process = spawn(port, env, args.device)
+    keep_freed_memory()  # the engine probe runs with the allocator settings `camserve serve` uses
     probe = EngineProbe(photos, args.device)
     rows = []
     try:

@@ -15,12 +15,15 @@ DEFAULT_URL = os.environ.get("CAMSERVE_URL", "http://127.0.0.1:8000")
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from service.allocator import keep_freed_memory
     from service.api import create_app
     from service.models import ModelConfigError, read_models_file
     from service.settings import Settings
 
     settings = Settings()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.keep_freed_memory:
+        keep_freed_memory()
     if settings.models_file is not None:
         try:
             read_models_file(settings.models_file)  # fail fast on a broken file, before listening

@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     warmup: bool = Field(True, description="run a forward and an explain pass per model at start-up")
     png_compress_level: int = Field(1, ge=0, le=9, description="zlib level for heatmap/overlay PNGs")
     log_level: str = Field("info", description="uvicorn/camserve log level")
+    keep_freed_memory: bool = Field(
+        True, description="glibc: keep freed tensor memory for reuse instead of page-faulting it in every batch"
+    )
     torch_threads: int = Field(0, ge=0, description="intra-op threads of the torch thread; 0 = torch's default")
 
     @field_validator("models_file", "api_key", mode="before")
