@@ -184,7 +184,7 @@ class InferenceService:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                gathered.cancel()
+                _abandon(gathered)
                 raise RequestTimeoutError(
                     f"the request did not finish within {self.settings.request_timeout_s:g} s; "
                     "try fewer or smaller images, or retry later"
@@ -193,7 +193,7 @@ class InferenceService:
             if done:
                 return list(gathered.result())
             if is_disconnected is not None and await is_disconnected():
-                gathered.cancel()
+                _abandon(gathered)
                 raise ClientDisconnectedError("client disconnected")
 
     def _top_k(self, served: ServedModel, probabilities: Tensor, k: int) -> list[dict]:
@@ -235,6 +235,12 @@ class InferenceService:
                 entry["cam"] = output.raw[row].tolist()
             explanations.append(entry)
         return explanations
+
+
+def _abandon(gathered: asyncio.Future) -> None:
+    """Cancel the request's items (the worker skips them) and retrieve the outcome so asyncio logs nothing."""
+    gathered.cancel()
+    gathered.add_done_callback(lambda f: f.cancelled() or f.exception())
 
 
 def _b64(data: bytes) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import io
 import json
 import re
@@ -337,7 +338,7 @@ async def test_slow_batch_gives_504_and_health_stays_responsive(registry, cat_jp
     assert second.status_code == 504
 
 
-async def test_timed_out_items_that_have_not_started_are_dropped(registry, cat_jpeg, monkeypatch):
+async def test_timed_out_items_that_have_not_started_are_dropped(registry, cat_jpeg, monkeypatch, caplog):
     seen: list[int] = []
     original = BatchWorker.compute
 
@@ -354,6 +355,41 @@ async def test_timed_out_items_that_have_not_started_are_dropped(registry, cat_j
         await asyncio.sleep(0.8)
     assert [r.status_code for r in responses] == [504] * 4
     assert len(seen) == 1  # the three that waited behind the first were dropped before compute
+    gc.collect()  # abandoned futures must not be reported as "exception was never retrieved"
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+
+
+async def test_client_gone_while_sending_its_body_is_499_not_500(registry, cat_jpeg):
+    """Raw ASGI: the body never arrives because the client disconnected; no 500, nothing computed."""
+    async with running_app(registry) as (client, app):
+        sent: list[dict] = []
+
+        async def receive() -> dict:
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/explain",
+            "raw_path": b"/explain",
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(b"content-type", b"image/jpeg"), (b"content-length", str(len(cat_jpeg)).encode())],
+            "client": ("127.0.0.1", 5555),
+            "server": ("camserve", 80),
+        }
+        await app(scope, receive, send)
+        metrics_text = (await client.get("/metrics")).text
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 499
+    assert metric(metrics_text, "camserve_requests_total", endpoint="/explain", status="499") == 1
+    assert metric(metrics_text, "camserve_requests_total", endpoint="/explain", status="500") == 0
+    assert metric(metrics_text, "camserve_inference_items_total") == 0
 
 
 async def test_draining_turns_readiness_and_new_work_to_503(registry, cat_jpeg):

@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
+from starlette.requests import ClientDisconnect
 
 from service import __version__
 from service.api.errors import install_error_handlers
@@ -98,9 +99,12 @@ def create_app(
 
     install_error_handlers(app)
 
-    @app.exception_handler(ClientDisconnectedError)
     async def _gone(_request: Request, _exc: Exception) -> Response:
+        """The client went away (while sending its body or waiting): nginx's 499, nothing to log."""
         return Response(status_code=499)
+
+    app.add_exception_handler(ClientDisconnectedError, _gone)
+    app.add_exception_handler(ClientDisconnect, _gone)
 
     app.include_router(health.router)
     app.include_router(models.router)
