@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import httpx
@@ -165,12 +166,11 @@ async def measure_cell(
             segments.append(segment)
             engines.append(probe.throughput(method, max(1, round(segment.mean_batch)), engine_seconds))
     latencies = sorted(t for s in segments for t in s.latencies)
-    errors: dict[int, int] = {}
-    for s in segments:
-        for status, count in s.errors.items():
-            errors[status] = errors.get(status, 0) + count
+    errors = dict(sum((Counter(s.errors) for s in segments), Counter()))
     elapsed = sum(s.elapsed for s in segments)
     items = sum(s.items for s in segments)
+    compute_s = sum(s.compute_s for s in segments)
+    ratios = [s.throughput / e for s, e in zip(segments, engines, strict=True)]
 
     def pct(q: float) -> float:
         return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies else float("nan")
@@ -186,10 +186,10 @@ async def measure_cell(
         "requests": len(latencies),
         "errors": errors,
         "engine_throughput": statistics.median(engines),
-        "efficiency": statistics.median(s.throughput / e for s, e in zip(segments, engines, strict=True)),
-        "round_efficiencies": [s.throughput / e for s, e in zip(segments, engines, strict=True)],
-        "server_busy": sum(s.compute_s for s in segments) / elapsed,
-        "server_compute_ms_per_image": 1000 * sum(s.compute_s for s in segments) / max(1.0, items),
+        "efficiency": statistics.median(ratios),
+        "round_efficiencies": ratios,
+        "server_busy": compute_s / elapsed,
+        "server_compute_ms_per_image": 1000 * compute_s / max(1.0, items),
         "client_cpu_share": sum(s.client_cpu_s for s in segments) / elapsed,
     }
 

@@ -37,10 +37,8 @@ def keep_freed_memory() -> bool:
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    applied = all(
-        libc.mallopt(param, value) == 1
-        for param, value in ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, NEVER_TRIM))
-    )
+    results = [libc.mallopt(p, v) for p, v in ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, NEVER_TRIM))]
+    applied = all(result == 1 for result in results)  # try every knob even when an earlier one is refused
     if not applied:
         log.warning("could not tune glibc malloc; large CPU batches will page-fault their activations each time")
     return applied
