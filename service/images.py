@@ -170,6 +170,29 @@ def decode_jpeg_batch_cuda(
     return [pixels.contiguous() for pixels in decoded]
 
 
+def resize_for_model(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 [3, H, W] CPU image -> float32 [3, size[0], size[1]] in [0, 1], resized as `preprocess` resizes.
+
+    Bilinear with antialias (PIL's resampling in float: within 1e-5 of torch's `antialias=True`), computed
+    with PIL and numpy only, so it can run on any thread without starting torch's parallel workers: the
+    service calls it where it decodes, off the one thread that runs the model.
+    """
+    if pixels.dtype != torch.uint8 or pixels.dim() != 3 or pixels.shape[0] != 3 or pixels.device.type != "cpu":
+        raise ValueError(f"resize_for_model needs a uint8 [3, H, W] CPU image, got {pixels.dtype} {list(pixels.shape)}")
+    height, width = int(size[0]), int(size[1])
+    channels = pixels.numpy()
+    if tuple(channels.shape[1:]) == (height, width):
+        resized = channels.astype(np.float32)
+    else:
+        resized = np.stack(
+            [
+                np.asarray(Image.fromarray(channel).convert("F").resize((width, height), Image.Resampling.BILINEAR))
+                for channel in channels
+            ]
+        )
+    return torch.from_numpy(np.clip(resized / np.float32(255.0), 0.0, 1.0, dtype=np.float32))
+
+
 def preprocess(
     images: Sequence[torch.Tensor],
     size: tuple[int, int],
@@ -178,11 +201,12 @@ def preprocess(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """uint8 [3, H, W] images -> `dtype` [B, 3, size[0], size[1]] on `device`, normalized.
+    """Images -> `dtype` [B, 3, size[0], size[1]] on `device`, normalized as (x - mean) / std.
 
-    Each WHOLE image is resized to `size` (no crop, aspect ratio not kept; bilinear with antialias),
-    scaled to [0, 1], then normalized as (x - mean) / std. Images move to `device` first, so resizing runs
-    there (on the GPU when `device` is CUDA); the arithmetic is float32 and the result is cast to `dtype`.
+    Each image is either uint8 [3, H, W], whose WHOLE image is resized to `size` (no crop, aspect ratio not
+    kept; bilinear with antialias) and scaled to [0, 1], or float32 [3, size[0], size[1]] in [0, 1] from
+    `resize_for_model`. Images move to `device` first, so resizing runs there (on the GPU when `device` is
+    CUDA); the arithmetic is float32 and the result is cast to `dtype`.
     """
     if len(images) == 0:
         raise ValueError("preprocess needs at least one image")
@@ -194,8 +218,16 @@ def preprocess(
     std_t = torch.tensor([float(s) for s in std], dtype=torch.float32, device=device).view(1, 3, 1, 1)
     batch = []
     for i, pixels in enumerate(images):
-        if pixels.dtype != torch.uint8 or pixels.dim() != 3 or pixels.shape[0] != 3:
-            raise ValueError(f"images[{i}] must be uint8 [3, H, W], got {pixels.dtype} {list(pixels.shape)}")
+        if pixels.dim() != 3 or pixels.shape[0] != 3:
+            raise ValueError(f"images[{i}] must be [3, H, W], got {pixels.dtype} {list(pixels.shape)}")
+        if pixels.dtype == torch.float32 and tuple(pixels.shape[-2:]) == (height, width):
+            batch.append(pixels.to(device, non_blocking=True).unsqueeze(0))
+            continue
+        if pixels.dtype != torch.uint8:
+            raise ValueError(
+                f"images[{i}] must be uint8 [3, H, W] or float32 [3, {height}, {width}], "
+                f"got {pixels.dtype} {list(pixels.shape)}"
+            )
         x = pixels.to(device, non_blocking=True).unsqueeze(0).to(torch.float32).div_(255.0)
         if tuple(x.shape[-2:]) != (height, width):
             x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=True)

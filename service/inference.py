@@ -1,8 +1,9 @@
 """The domain service behind the HTTP routes: decode -> queue -> render.
 
-Validates parameters, decodes images off the event loop, sends one work item per image to the model's
-worker, waits (bounded by the request timeout, abandoning work when the client goes away), and turns
-outputs into plain response dicts with base64 PNGs. Knows nothing of HTTP; nothing of gradients.
+Validates parameters; decodes images and resizes them for the model on worker threads; sends one work
+item per image to the model's worker queue; waits (bounded by the request timeout, abandoning work when
+the client goes away); renders heatmaps and overlays, PNG-encodes them and builds plain response dicts on
+worker threads again. Only the model runs on the torch thread. Knows nothing of HTTP; nothing of gradients.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from torch import Tensor
 from service.cam import render
 from service.cam.methods import get_method
 from service.errors import InvalidParameterError, NotReadyError, PayloadTooLargeError, RequestTimeoutError
-from service.images import DecodedImage, ImageLimits, check_media_type, decode_image
+from service.images import DecodedImage, ImageLimits, check_media_type, decode_image, resize_for_model
 from service.models import ModelRegistry, ServedModel
 from service.settings import Settings
-from service.worker import BatchObserver, BatchWorker, ExplainOptions, ItemOutput, RenderOptions, WorkItem
+from service.worker import BatchObserver, BatchWorker, ExplainOptions, ItemOutput, WorkItem
 
 DisconnectCheck = Callable[[], Awaitable[bool]]
 MAX_TARGETS = 20  # classes explained per image: each costs a backward round and a PNG per image
@@ -31,6 +32,24 @@ MAX_LAYERS = 8
 
 class ClientDisconnectedError(Exception):
     """The client went away before its answer was ready; its queued work was dropped."""
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    """How explained maps turn into pictures."""
+
+    overlay: bool = False
+    colormap: str = "jet"
+    alpha: float = 0.5
+    raw: bool = False
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """One decoded image and the input the model takes from it (`WorkItem.pixels`)."""
+
+    image: DecodedImage
+    model_input: Tensor
 
 
 @dataclass(frozen=True)
@@ -80,11 +99,11 @@ class InferenceService:
     ) -> dict:
         served = self.registry.get(model)
         top_k = self._check_top_k(top_k, served)
-        decoded = await self._decode(images, served.device)
-        outputs = await self._run(served, decoded, None, None, RenderOptions(), is_disconnected)
+        decoded = await self._decode(images, served)
+        outputs = await self._run(served, decoded, None, None, is_disconnected)
         results = [
             {"width": d.width, "height": d.height, "predictions": self._top_k(served, o.probabilities, top_k)}
-            for d, o in zip(decoded, outputs, strict=True)
+            for d, o in zip((d.image for d in decoded), outputs, strict=True)
         ]
         return {"model": served.name, "results": results}
 
@@ -119,17 +138,18 @@ class InferenceService:
         resolved_layers = served.engine.resolve_layers(list(layers), None) if layers else None
         classes = [served.class_index(t) for t in targets] if targets else None
         explain_options = ExplainOptions(method=cam.name, layers=resolved_layers, counterfactual=counterfactual)
-        decoded = await self._decode(images, served.device)
+        decoded = await self._decode(images, served)
         per_pixel = (len(classes) if classes else 1) * (4 if options.overlay else 1)
-        rendered = sum(d.width * d.height for d in decoded) * per_pixel
+        rendered = sum(d.image.width * d.image.height for d in decoded) * per_pixel
         if rendered > self.settings.max_render_pixels:
             raise PayloadTooLargeError(
                 f"this request would render {rendered / 1e6:.1f} megapixels of heatmaps"
                 f"{' and overlays' if options.overlay else ''}, above the limit of "
                 f"{self.settings.max_render_pixels / 1e6:.1f}; send smaller images, fewer targets or no overlay"
             )
-        outputs = await self._run(served, decoded, explain_options, classes, options, is_disconnected)
-        results = await asyncio.to_thread(self._encode_all, served, decoded, outputs, top_k)
+        outputs = await self._run(served, decoded, explain_options, classes, is_disconnected)
+        images_out = [d.image for d in decoded]
+        results = await asyncio.to_thread(self._encode_all, served, images_out, outputs, top_k, options)
         return {
             "model": served.name,
             "method": cam.name,
@@ -144,7 +164,7 @@ class InferenceService:
             raise InvalidParameterError(f"top_k must be at least 1, got {top_k}")
         return min(top_k, served.num_classes)
 
-    async def _decode(self, images: Sequence[ImagePayload], device: torch.device | None = None) -> list[DecodedImage]:
+    async def _decode(self, images: Sequence[ImagePayload], served: ServedModel) -> list[Decoded]:
         if not images:
             raise InvalidParameterError("no image given: send at least one image")
         if len(images) > self.settings.max_images_per_request:
@@ -154,18 +174,23 @@ class InferenceService:
         for payload in images:
             check_media_type(payload.content_type)
 
-        def decode_all() -> list[DecodedImage]:
-            return [decode_image(p.data, self.limits, device) for p in images]
+        def decode_one(payload: ImagePayload) -> Decoded:
+            image = decode_image(payload.data, self.limits, served.device)
+            if image.pixels.device.type != "cpu":  # decoded on the GPU: resized there, on the torch thread
+                return Decoded(image, image.pixels)
+            return Decoded(image, resize_for_model(image.pixels, served.input_size))
+
+        def decode_all() -> list[Decoded]:
+            return [decode_one(p) for p in images]
 
         return await asyncio.to_thread(decode_all)
 
     async def _run(
         self,
         served: ServedModel,
-        decoded: list[DecodedImage],
+        decoded: list[Decoded],
         options: ExplainOptions | None,
         classes: list[int] | None,
-        render_options: RenderOptions,
         is_disconnected: DisconnectCheck | None,
     ) -> list[ItemOutput]:
         worker = self.workers.get(served.name)
@@ -173,9 +198,7 @@ class InferenceService:
             raise NotReadyError("the service is not ready")
         loop = asyncio.get_running_loop()
         items = [
-            WorkItem(
-                pixels=d.pixels, options=options, targets=classes, future=loop.create_future(), render=render_options
-            )
+            WorkItem(pixels=d.model_input, options=options, targets=classes, future=loop.create_future())
             for d in decoded
         ]
         worker.submit(items)
@@ -204,35 +227,46 @@ class InferenceService:
         ]
 
     def _encode_all(
-        self, served: ServedModel, decoded: list[DecodedImage], outputs: list[ItemOutput], top_k: int
+        self,
+        served: ServedModel,
+        images: list[DecodedImage],
+        outputs: list[ItemOutput],
+        top_k: int,
+        options: RenderOptions,
     ) -> list[dict]:
-        """PNG-encode and base64 the rendered pictures (no torch work here: that ran on the torch thread)."""
+        """Render, PNG-encode and base64 the explanations (numpy and PIL only: no torch work off its thread)."""
         return [
             {
                 "width": image.width,
                 "height": image.height,
                 "predictions": self._top_k(served, output.probabilities, top_k),
-                "explanations": self._encode(served, output),
+                "explanations": self._encode(served, image, output, options),
             }
-            for image, output in zip(decoded, outputs, strict=True)
+            for image, output in zip(images, outputs, strict=True)
         ]
 
-    def _encode(self, served: ServedModel, output: ItemOutput) -> list[dict]:
-        if output.heatmaps is None:
+    def _encode(
+        self, served: ServedModel, image: DecodedImage, output: ItemOutput, options: RenderOptions
+    ) -> list[dict]:
+        if output.maps is None:
             return []
         level = self.settings.png_compress_level
+        size = (image.height, image.width)
+        pixels = image.pixels.cpu().permute(1, 2, 0).numpy() if options.overlay else None
         explanations = []
         for row, index in enumerate(output.classes):
+            heatmap = render.heatmap_image(output.maps[row].numpy(), size)
             entry: dict = {
                 "index": index,
                 "label": served.labels[index],
                 "score": float(output.probabilities[index]),
-                "heatmap": _b64(render.encode_png(output.heatmaps[row], level)),
+                "heatmap": _b64(render.encode_png(heatmap, level)),
             }
-            if output.overlays is not None:
-                entry["overlay"] = _b64(render.encode_png(output.overlays[row], level))
-            if output.raw is not None:
-                entry["cam"] = output.raw[row].tolist()
+            if pixels is not None:
+                overlay = render.overlay_image(pixels, heatmap, options.colormap, options.alpha)
+                entry["overlay"] = _b64(render.encode_png(overlay, level))
+            if options.raw:
+                entry["cam"] = output.maps[row].tolist()
             explanations.append(entry)
         return explanations
 

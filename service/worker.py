@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from service.cam import render
 from service.errors import NotReadyError, OverloadedError
 from service.images import preprocess
 from service.models import ServedModel
@@ -35,43 +34,34 @@ class ExplainOptions:
     counterfactual: bool
 
 
-@dataclass(frozen=True)
-class RenderOptions:
-    """How explain items turn into pictures."""
-
-    overlay: bool = False
-    colormap: str = "jet"
-    alpha: float = 0.5
-    raw: bool = False
-
-
 @dataclass
 class WorkItem:
-    """One image waiting for the worker. `options` None means predict only."""
+    """One image waiting for the worker. `options` None means predict only.
+
+    `pixels` is what `preprocess` takes: float32 [3, h, w] at the model's input size from
+    `resize_for_model` (resized where it was decoded), or a uint8 [3, H, W] image resized here.
+    """
 
     pixels: Tensor
     options: ExplainOptions | None
     targets: list[int] | None
     future: asyncio.Future[ItemOutput]
-    render: RenderOptions = RenderOptions()
     enqueued: float = field(default_factory=time.perf_counter)
 
 
 @dataclass
 class ItemOutput:
-    """Per image: class probabilities and, for explain items, per target the rendered pictures.
+    """Per image: class probabilities and, for explain items, one raw map per explained class.
 
-    `heatmaps` is uint8 [T, H, W] at the image's own size, `overlays` uint8 [T, 3, H, W] (when asked),
-    `raw` the maps at feature resolution (when asked); all on the CPU.
+    `maps` is float32 [T, h, w] at the engine's resolution, on the CPU; pictures are rendered from it
+    off this thread.
     """
 
     probabilities: Tensor
     layers: tuple[str, ...] = ()
     method: str | None = None
     classes: list[int] = field(default_factory=list)
-    heatmaps: Tensor | None = None
-    overlays: Tensor | None = None
-    raw: Tensor | None = None
+    maps: Tensor | None = None
 
 
 BatchObserver = Callable[[str, int, float], None]
@@ -80,7 +70,7 @@ _TORCH_THREAD: ThreadPoolExecutor | None = None
 
 
 def torch_executor() -> ThreadPoolExecutor:
-    """The one thread that runs every torch operation of the process (loading, compute, rendering).
+    """The one thread that runs every parallel torch operation of the process (loading, compute).
 
     On CPU, once a second thread has run parallel torch operations, every OpenMP-parallel op in the
     process gets about 2.5x slower (measured: EfficientNet-Lite0 forward 19 ms on one thread, 50 ms
@@ -251,28 +241,10 @@ class BatchWorker:
                 outputs[i] = ItemOutput(probabilities=probabilities[row])
                 continue
             rows = [p for p, image in enumerate(image_index) if image == row]
-            outputs[i] = self._rendered(batch[i], probabilities[row], result.maps[rows], [classes[p] for p in rows])
-            outputs[i].layers, outputs[i].method = result.layers, result.method
-
-    @staticmethod
-    def _rendered(item: WorkItem, probabilities: Tensor, maps: Tensor, classes: list[int]) -> ItemOutput:
-        """Heatmaps (and overlays) at the image's own size, as uint8 CPU tensors ready for PNG."""
-        options = item.render
-        if not classes:
-            return ItemOutput(probabilities=probabilities)
-        size = (item.pixels.shape[1], item.pixels.shape[2])
-        picture = item.pixels.to(maps.device).unsqueeze(0).float().div_(255.0) if options.overlay else None
-        heatmaps, overlays = [], []
-        for row in range(len(classes)):  # one target at a time: peak memory of one full-size map
-            heat = render.heatmaps(maps[row : row + 1], size)
-            heatmaps.append(render.to_uint8(heat[0]).cpu())
-            if picture is not None:
-                blended = render.blend(picture, render.colorize(heat, options.colormap), options.alpha)
-                overlays.append(render.to_uint8(blended[0]).cpu())
-        return ItemOutput(
-            probabilities=probabilities,
-            classes=classes,
-            heatmaps=torch.stack(heatmaps),
-            overlays=torch.stack(overlays) if overlays else None,
-            raw=maps.float().cpu() if options.raw else None,
-        )
+            outputs[i] = ItemOutput(
+                probabilities=probabilities[row],
+                layers=result.layers,
+                method=result.method,
+                classes=[classes[p] for p in rows],
+                maps=result.maps[rows].float().cpu() if rows else None,
+            )

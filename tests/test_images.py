@@ -24,6 +24,7 @@ from service.images import (
     decode_image,
     decode_jpeg_batch_cuda,
     preprocess,
+    resize_for_model,
 )
 
 RED, GREEN, BLUE, YELLOW = (220, 20, 30), (10, 200, 40), (20, 40, 210), (240, 230, 20)
@@ -503,8 +504,33 @@ def test_preprocess_dtype_device_and_input_checks():
     torch.testing.assert_close(same_size, torch.full((1, 3, 16, 16), 200 / 255))
     with pytest.raises(ValueError, match="uint8"):
         preprocess([image.float()], (8, 8), (0, 0, 0), (1, 1, 1))
+    with pytest.raises(ValueError, match="uint8"):
+        preprocess([image.double()], (16, 16), (0, 0, 0), (1, 1, 1))
     with pytest.raises(ValueError, match="at least one image"):
         preprocess([], (8, 8), (0, 0, 0), (1, 1, 1))
+
+
+@pytest.mark.parametrize("size", [(224, 224), (120, 200), (600, 900), (300, 451), (150, 800)])
+def test_resize_for_model_matches_preprocess_resizing(chelsea, size):
+    """PIL in float (decode threads) and torch's antialiased bilinear (torch thread) give the same input."""
+    image = chw(chelsea)
+    resized = resize_for_model(image, size)
+    assert resized.dtype == torch.float32 and resized.shape == (3, *size)
+    assert resized.min() >= 0.0 and resized.max() <= 1.0
+    mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    via_torch = preprocess([image], size, mean, std)
+    via_pil = preprocess([resized], size, mean, std)
+    torch.testing.assert_close(via_pil, via_torch, rtol=0, atol=1e-4)
+
+
+def test_resize_for_model_input_checks_and_same_size():
+    image = torch.full((3, 16, 16), 51, dtype=torch.uint8)
+    torch.testing.assert_close(resize_for_model(image, (16, 16)), torch.full((3, 16, 16), 0.2))
+    for bad in (image.float(), image[0], torch.zeros(4, 8, 8, dtype=torch.uint8)):
+        with pytest.raises(ValueError, match="uint8"):
+            resize_for_model(bad, (8, 8))
+    with pytest.raises(ValueError, match=r"float32 \[3, 8, 8\]"):
+        preprocess([resize_for_model(image, (16, 16))], (8, 8), (0, 0, 0), (1, 1, 1))
 
 
 # -- GPU JPEG decoding ------------------------------------------------------------------------------------

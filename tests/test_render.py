@@ -62,3 +62,47 @@ def test_blend_and_png_round_trip():
     decoded_gray = Image.open(io.BytesIO(render.encode_png(gray)))
     assert decoded_gray.mode == "L"
     assert np.array_equal(np.asarray(decoded_gray), gray.numpy())
+
+
+# -- the numpy/PIL twins the service renders with, off the torch thread ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("shape", "size"),
+    [((7, 7), (300, 451)), ((14, 14), (512, 512)), ((224, 224), (100, 90)), ((7, 7), (7, 7)), ((20, 5), (10, 40))],
+)
+def test_heatmap_image_matches_the_torch_renderer(shape, size):
+    maps = torch.randn(1, *shape, generator=torch.Generator().manual_seed(sum(shape)))
+    expected = render.to_uint8(render.heatmaps(maps, size))[0].numpy()
+    got = render.heatmap_image(maps[0].numpy(), size)
+    assert got.dtype == np.uint8 and got.shape == size
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+    assert got.min() == 0 and got.max() == 255
+
+
+def test_heatmap_image_of_a_constant_map_is_black():
+    assert not render.heatmap_image(np.full((7, 7), 3.0, dtype=np.float32), (30, 40)).any()
+    assert render.heatmap_image(np.zeros((2, 2)), (3, 3)).shape == (3, 3)
+
+
+@pytest.mark.parametrize("name", ["jet", "viridis"])
+def test_overlay_image_matches_the_torch_renderer(chelsea, name):
+    maps = torch.randn(1, 7, 7, generator=torch.Generator().manual_seed(3))
+    size = chelsea.shape[:2]
+    heat = render.heatmaps(maps, size)
+    picture = torch.from_numpy(chelsea).permute(2, 0, 1)[None].float() / 255
+    expected = render.to_uint8(render.blend(picture, render.colorize(heat, name), 0.3))[0].permute(1, 2, 0).numpy()
+    got = render.overlay_image(chelsea, render.heatmap_image(maps[0].numpy(), size), name, 0.3)
+    assert got.dtype == np.uint8 and got.shape == chelsea.shape
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+    with pytest.raises(InvalidParameterError, match="unknown colormap"):
+        render.overlay_image(chelsea, got[..., 0], "rainbow")
+    with pytest.raises(InvalidParameterError, match="alpha"):
+        render.overlay_image(chelsea, got[..., 0], "jet", -0.1)
+
+
+def test_png_of_numpy_arrays_round_trips():
+    rgb = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
+    gray = rgb[..., 0]
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(render.encode_png(rgb)))), rgb)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(render.encode_png(gray)))), gray)

@@ -1,6 +1,9 @@
 """Turning raw maps into pictures: normalization, resizing, colormaps, overlays, PNG bytes.
 
-Everything but PNG encoding runs in torch on the maps' device.
+Two implementations of the same steps: torch functions on the maps' device (`heatmaps`, `colorize`,
+`blend`, `to_uint8`) for code that already runs torch, and numpy/PIL functions (`heatmap_image`,
+`overlay_image`) that the service runs on its encoding threads, where torch's parallel ops must not run.
+They agree to within one grey level.
 """
 
 from __future__ import annotations
@@ -78,11 +81,46 @@ def to_uint8(values: Tensor) -> Tensor:
     return (values.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def encode_png(pixels: Tensor, compress_level: int = 1) -> bytes:
-    """Encode a uint8 [H, W] (grayscale) or [3, H, W] (RGB) tensor as PNG bytes."""
-    array = pixels.detach().cpu().numpy()
-    if array.ndim == 3:
-        array = np.ascontiguousarray(array.transpose(1, 2, 0))
+def heatmap_image(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """One raw map [h, w] -> uint8 heatmap [H, W] at `size` (height, width), as `to_uint8(heatmaps(...))`.
+
+    Bilinear resize (antialiased when shrinking) with PIL in float, then min-max to [0, 255]; a constant
+    map gives all zeros. numpy and PIL only.
+    """
+    height, width = int(size[0]), int(size[1])
+    values = np.ascontiguousarray(cam, dtype=np.float32)
+    if values.shape != (height, width):
+        values = np.asarray(Image.fromarray(values).resize((width, height), Image.Resampling.BILINEAR))
+    low, high = values.min(), values.max()
+    if not high > low:
+        return np.zeros((height, width), dtype=np.uint8)
+    scaled = (values - low) / (high - low)
+    return np.rint(np.clip(scaled, 0.0, 1.0) * np.float32(255.0)).astype(np.uint8)
+
+
+@lru_cache(maxsize=8)
+def _colormap_array(name: str) -> np.ndarray:
+    return _colormap_table(name, "cpu").numpy()
+
+
+def overlay_image(pixels: np.ndarray, heatmap: np.ndarray, colormap: str = "jet", alpha: float = 0.5) -> np.ndarray:
+    """uint8 RGB image [H, W, 3] and uint8 heatmap [H, W] -> uint8 [H, W, 3] overlay, as `blend(colorize(...))`."""
+    if not 0.0 <= alpha <= 1.0:
+        raise InvalidParameterError(f"alpha must be between 0 and 1, got {alpha}")
+    colors = _colormap_array(check_colormap(colormap))[heatmap]
+    image = pixels.astype(np.float32) / np.float32(255.0)
+    blended = np.float32(1.0 - alpha) * image + np.float32(alpha) * colors
+    return np.rint(np.clip(blended, 0.0, 1.0) * np.float32(255.0)).astype(np.uint8)
+
+
+def encode_png(pixels: Tensor | np.ndarray, compress_level: int = 1) -> bytes:
+    """Encode uint8 pixels as PNG bytes: a tensor [H, W] or [3, H, W], or an array [H, W] or [H, W, 3]."""
+    if isinstance(pixels, Tensor):
+        array = pixels.detach().cpu().numpy()
+        if array.ndim == 3:
+            array = np.ascontiguousarray(array.transpose(1, 2, 0))
+    else:
+        array = np.ascontiguousarray(pixels)
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG", compress_level=compress_level)
     return buffer.getvalue()

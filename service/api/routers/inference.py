@@ -12,8 +12,7 @@ from service.api.schemas import ErrorResponse, ExplainResponse, PredictResponse
 from service.api.security import check_api_key
 from service.cam.methods import METHOD_NAMES
 from service.cam.render import COLORMAPS
-from service.inference import InferenceService
-from service.worker import RenderOptions
+from service.inference import InferenceService, RenderOptions
 
 router = APIRouter(tags=["inference"], dependencies=[Depends(check_api_key)])
 
