@@ -44,13 +44,23 @@ from service.models import ModelSpec, ServedModel, load_model
 PHOTOS = (data.chelsea, data.coffee, data.astronaut, data.rocket)
 
 
-def jpegs() -> list[bytes]:
+def jpegs(size: tuple[int, int] | None = None) -> list[bytes]:
+    """The benchmark photos as JPEGs (quality 90), at their own sizes or scaled to `size` (width, height)."""
     out = []
     for load in PHOTOS:
+        image = Image.fromarray(load())
+        if size is not None:
+            image = image.resize(size, Image.Resampling.BICUBIC)
         buffer = io.BytesIO()
-        Image.fromarray(load()).save(buffer, format="JPEG", quality=90)
+        image.save(buffer, format="JPEG", quality=90)
         out.append(buffer.getvalue())
     return out
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'1920x1080' -> (1920, 1080)."""
+    width, _, height = text.lower().partition("x")
+    return int(width), int(height)
 
 
 def server_counters(text: str) -> tuple[float, float, float]:
@@ -323,9 +333,10 @@ def main() -> int:
     parser.add_argument("--methods", nargs="+", default=["gradcam", "gradcampp"], help="explain methods to drive")
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--device", default="cpu", help="device for --spawn and the engine probe (cpu or cuda)")
+    parser.add_argument("--photo-size", type=parse_size, default=None, help="scale the photos to WxH, e.g. 1920x1080")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    photos = jpegs()
+    photos = jpegs(args.photo_size)
     process = None
     if args.spawn:
         port = int(args.url.rsplit(":", 1)[1])

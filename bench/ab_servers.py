@@ -1,0 +1,77 @@
+"""A/B two running servers (e.g. two commits) under the same load, alternating so drift hits both alike.
+
+    git worktree add /tmp/before <commit>
+    (cd /tmp/before && ~-/.venv/bin/python -m service.cli serve --port 8123 &)    # A, this repo's venv
+    .venv/bin/python -m service.cli serve --port 8124 &                            # B
+    .venv/bin/python -m bench.ab_servers --a http://127.0.0.1:8123 --b http://127.0.0.1:8124 \\
+        --path '/explain?method=gradcampp' --photo-size 1920x1080
+
+Each round puts `--concurrency` closed-loop users on A, then on B, for `--seconds` each; the JSON it prints gives
+both sides' median images/s over the rounds, and the median of the per-round ratios B/A.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+
+import httpx
+
+from bench.bench_load import RawHttpConnection, Segment, jpegs, load_segment, parse_size
+
+
+async def drive(url: str, path: str, photos: list[bytes], concurrency: int, seconds: float) -> Segment:
+    connections = [RawHttpConnection(url) for _ in range(concurrency)]
+    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+
+        async def metrics() -> str:
+            return (await client.get("/metrics")).text
+
+        try:
+            return await load_segment(metrics, [c.post for c in connections], path, photos, seconds)
+        finally:
+            await asyncio.gather(*(c.close() for c in connections))
+
+
+async def compare(args: argparse.Namespace) -> dict:
+    photos = jpegs(args.photo_size)
+    for url in (args.a, args.b):  # warm both
+        await drive(url, args.path, photos, args.concurrency, 3.0)
+    rounds: list[tuple[float, float]] = []
+    errors = {"a": 0, "b": 0}
+    for _ in range(args.rounds):
+        a = await drive(args.a, args.path, photos, args.concurrency, args.seconds)
+        b = await drive(args.b, args.path, photos, args.concurrency, args.seconds)
+        rounds.append((a.throughput, b.throughput))
+        errors["a"] += sum(a.errors.values())
+        errors["b"] += sum(b.errors.values())
+    return {
+        "path": args.path,
+        "photo_size": args.photo_size,
+        "concurrency": args.concurrency,
+        "a_images_per_s": statistics.median(r[0] for r in rounds),
+        "b_images_per_s": statistics.median(r[1] for r in rounds),
+        "b_over_a": statistics.median(r[1] / r[0] for r in rounds if r[0] > 0),
+        "rounds": rounds,
+        "errors": errors,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--a", required=True, help="base URL of server A")
+    parser.add_argument("--b", required=True, help="base URL of server B")
+    parser.add_argument("--path", default="/explain?method=gradcampp")
+    parser.add_argument("--photo-size", type=parse_size, default=None, help="scale the photos to WxH")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=8.0, help="load per server per round")
+    result = asyncio.run(compare(parser.parse_args()))
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
