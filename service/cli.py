@@ -13,9 +13,9 @@ DEFAULT_URL = os.environ.get("CAMSERVE_URL", "http://127.0.0.1:8000")
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from service.openmp import prefer_passive_waiting
+    from service.openmp import limit_openmp_spinning
 
-    prefer_passive_waiting()  # before anything imports torch
+    limit_openmp_spinning()  # before anything imports torch
     import uvicorn
 
     from service.allocator import keep_freed_memory

@@ -573,3 +573,39 @@ async def test_several_models_are_served_side_by_side(registry, cat_jpeg, tmp_pa
     assert tiny_predict.status_code == 200 and len(tiny_predict.json()["results"][0]["predictions"]) == 4
     assert default_predict.json()["results"][0]["predictions"][0]["label"] == "Egyptian cat"
     assert tiny_explain.status_code == 422 and "TorchScript" in tiny_explain.json()["detail"]
+
+
+async def test_large_images_are_resized_while_decoding_and_explain_the_same(registry, chelsea, monkeypatch):
+    """Above the pixel threshold the decode thread resizes (PIL, float): the batch gets model-size float
+    inputs, and maps and scores equal those of resizing in the batch (torch)."""
+    import service.inference as inference
+
+    big = np.asarray(Image.fromarray(chelsea).resize((1600, 1064), Image.Resampling.BICUBIC))
+    submitted: list[torch.Tensor] = []
+    original_submit = BatchWorker.submit
+
+    def spy(self, items):
+        submitted.extend(item.pixels for item in items)
+        return original_submit(self, items)
+
+    monkeypatch.setattr(BatchWorker, "submit", spy)
+    bodies = {}
+    async with running_app(registry) as (client, _app):
+        for threshold in (inference.RESIZE_WHILE_DECODING_ABOVE, 10**9):
+            monkeypatch.setattr(inference, "RESIZE_WHILE_DECODING_ABOVE", threshold)
+            response = await client.post(
+                "/explain?raw=true", content=jpeg_bytes(big), headers={"content-type": "image/jpeg"}
+            )
+            assert response.status_code == 200, response.text
+            bodies[threshold] = response.json()["results"][0]
+    while_decoding, in_batch = submitted
+    assert while_decoding.dtype == torch.float32 and tuple(while_decoding.shape) == (3, 224, 224)
+    assert in_batch.dtype == torch.uint8 and tuple(in_batch.shape) == (3, 1064, 1600)
+    first, second = bodies.values()
+    assert [p["index"] for p in first["predictions"]] == [p["index"] for p in second["predictions"]]
+    np.testing.assert_allclose(
+        [p["score"] for p in first["predictions"]], [p["score"] for p in second["predictions"]], atol=1e-4
+    )
+    np.testing.assert_allclose(
+        np.array(first["explanations"][0]["cam"]), np.array(second["explanations"][0]["cam"]), rtol=1e-3, atol=1e-4
+    )
