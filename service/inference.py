@@ -20,7 +20,7 @@ from torch import Tensor
 from service.cam import render
 from service.cam.methods import get_method
 from service.errors import InvalidParameterError, NotReadyError, PayloadTooLargeError, RequestTimeoutError
-from service.images import DecodedImage, ImageLimits, check_media_type, decode_image, resize_for_model
+from service.images import ImageLimits, check_media_type, decode_image, resize_for_model
 from service.models import ModelRegistry, ServedModel
 from service.settings import Settings
 from service.worker import BatchObserver, BatchWorker, ExplainOptions, ItemOutput, WorkItem
@@ -50,10 +50,13 @@ class RenderOptions:
 
 @dataclass(frozen=True)
 class Decoded:
-    """One decoded image and the input the model takes from it (`WorkItem.pixels`)."""
+    """One decoded image: its size, the input the model takes from it (`WorkItem.pixels`), and its full
+    pixels only while an overlay still needs them (a 12 MP photo is 36 MB)."""
 
-    image: DecodedImage
+    width: int
+    height: int
     model_input: Tensor
+    pixels: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -103,11 +106,11 @@ class InferenceService:
     ) -> dict:
         served = self.registry.get(model)
         top_k = self._check_top_k(top_k, served)
-        decoded = await self._decode(images, served)
+        decoded = await self._decode(images, served, keep_pixels=False)
         outputs = await self._run(served, decoded, None, None, is_disconnected)
         results = [
             {"width": d.width, "height": d.height, "predictions": self._top_k(served, o.probabilities, top_k)}
-            for d, o in zip((d.image for d in decoded), outputs, strict=True)
+            for d, o in zip(decoded, outputs, strict=True)
         ]
         return {"model": served.name, "results": results}
 
@@ -142,9 +145,9 @@ class InferenceService:
         resolved_layers = served.engine.resolve_layers(list(layers), None) if layers else None
         classes = [served.class_index(t) for t in targets] if targets else None
         explain_options = ExplainOptions(method=cam.name, layers=resolved_layers, counterfactual=counterfactual)
-        decoded = await self._decode(images, served)
+        decoded = await self._decode(images, served, keep_pixels=options.overlay)
         per_pixel = (len(classes) if classes else 1) * (4 if options.overlay else 1)
-        rendered = sum(d.image.width * d.image.height for d in decoded) * per_pixel
+        rendered = sum(d.width * d.height for d in decoded) * per_pixel
         if rendered > self.settings.max_render_pixels:
             raise PayloadTooLargeError(
                 f"this request would render {rendered / 1e6:.1f} megapixels of heatmaps"
@@ -152,8 +155,7 @@ class InferenceService:
                 f"{self.settings.max_render_pixels / 1e6:.1f}; send smaller images, fewer targets or no overlay"
             )
         outputs = await self._run(served, decoded, explain_options, classes, is_disconnected)
-        images_out = [d.image for d in decoded]
-        results = await asyncio.to_thread(self._encode_all, served, images_out, outputs, top_k, options)
+        results = await asyncio.to_thread(self._encode_all, served, decoded, outputs, top_k, options)
         return {
             "model": served.name,
             "method": cam.name,
@@ -168,7 +170,7 @@ class InferenceService:
             raise InvalidParameterError(f"top_k must be at least 1, got {top_k}")
         return min(top_k, served.num_classes)
 
-    async def _decode(self, images: Sequence[ImagePayload], served: ServedModel) -> list[Decoded]:
+    async def _decode(self, images: Sequence[ImagePayload], served: ServedModel, keep_pixels: bool) -> list[Decoded]:
         if not images:
             raise InvalidParameterError("no image given: send at least one image")
         if len(images) > self.settings.max_images_per_request:
@@ -181,9 +183,10 @@ class InferenceService:
         def decode_one(payload: ImagePayload) -> Decoded:
             image = decode_image(payload.data, self.limits, served.device)
             small = image.width * image.height <= RESIZE_WHILE_DECODING_ABOVE
+            kept = image.pixels if keep_pixels else None
             if small or image.pixels.device.type != "cpu":  # resized on the torch thread (on the GPU if there)
-                return Decoded(image, image.pixels)
-            return Decoded(image, resize_for_model(image.pixels, served.input_size))
+                return Decoded(image.width, image.height, image.pixels, kept)
+            return Decoded(image.width, image.height, resize_for_model(image.pixels, served.input_size), kept)
 
         def decode_all() -> list[Decoded]:
             return [decode_one(p) for p in images]
@@ -234,7 +237,7 @@ class InferenceService:
     def _encode_all(
         self,
         served: ServedModel,
-        images: list[DecodedImage],
+        images: list[Decoded],
         outputs: list[ItemOutput],
         top_k: int,
         options: RenderOptions,
@@ -250,14 +253,12 @@ class InferenceService:
             for image, output in zip(images, outputs, strict=True)
         ]
 
-    def _encode(
-        self, served: ServedModel, image: DecodedImage, output: ItemOutput, options: RenderOptions
-    ) -> list[dict]:
+    def _encode(self, served: ServedModel, image: Decoded, output: ItemOutput, options: RenderOptions) -> list[dict]:
         if output.maps is None:
             return []
         level = self.settings.png_compress_level
         size = (image.height, image.width)
-        pixels = image.pixels.cpu().permute(1, 2, 0).numpy() if options.overlay else None
+        pixels = image.pixels.cpu().permute(1, 2, 0).numpy() if image.pixels is not None else None
         explanations = []
         for row, index in enumerate(output.classes):
             heatmap = render.heatmap_image(output.maps[row].numpy(), size)

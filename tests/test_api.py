@@ -639,3 +639,20 @@ async def test_cuda_service_explains_gpu_decoded_and_large_cpu_decoded_images(re
         # nvJPEG and libjpeg differ by a grey level here and there: compare the maps' shape, not exact values
         correlation = np.corrcoef(np.ravel(cuda["cam"]), np.ravel(cpu["cam"]))[0, 1]
         assert correlation > 0.98
+
+
+async def test_full_pixels_are_kept_only_for_overlays(registry, chelsea):
+    """A 1.7 MP photo: the model gets a 224 x 224 float input; the 5 MB of full pixels stay only when an
+    overlay will be drawn from them."""
+    from service.inference import ImagePayload
+
+    big = np.asarray(Image.fromarray(chelsea).resize((1600, 1064), Image.Resampling.BICUBIC))
+    payload = [ImagePayload(jpeg_bytes(big), "image/jpeg")]
+    async with running_app(registry) as (_client, app):
+        service, served = app.state.service, registry.get()
+        dropped = (await service._decode(payload, served, keep_pixels=False))[0]
+        kept = (await service._decode(payload, served, keep_pixels=True))[0]
+    assert (dropped.width, dropped.height) == (kept.width, kept.height) == (1600, 1064)
+    assert dropped.pixels is None and tuple(dropped.model_input.shape) == (3, 224, 224)
+    assert kept.pixels is not None and tuple(kept.pixels.shape) == (3, 1064, 1600)
+    assert torch.equal(kept.model_input, dropped.model_input)
