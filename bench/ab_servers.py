@@ -17,22 +17,12 @@ import asyncio
 import json
 import statistics
 
-import httpx
-
-from bench.bench_load import RawHttpConnection, Segment, jpegs, load_segment, parse_size
+from bench.bench_load import Segment, jpegs, load_segment, parse_size, raw_load
 
 
 async def drive(url: str, path: str, photos: list[bytes], concurrency: int, seconds: float) -> Segment:
-    connections = [RawHttpConnection(url) for _ in range(concurrency)]
-    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
-
-        async def metrics() -> str:
-            return (await client.get("/metrics")).text
-
-        try:
-            return await load_segment(metrics, [c.post for c in connections], path, photos, seconds)
-        finally:
-            await asyncio.gather(*(c.close() for c in connections))
+    async with raw_load(url, concurrency) as (metrics, posters):
+        return await load_segment(metrics, posters, path, photos, seconds)
 
 
 async def compare(args: argparse.Namespace) -> dict:

@@ -28,7 +28,8 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -154,6 +155,26 @@ class RawHttpConnection:
         self._reader = self._writer = None
 
 
+def metrics_reader(client: httpx.AsyncClient) -> Callable[[], Awaitable[str]]:
+    """Reads the server's /metrics text through `client`."""
+
+    async def metrics() -> str:
+        return (await client.get("/metrics")).text
+
+    return metrics
+
+
+@asynccontextmanager
+async def raw_load(url: str, concurrency: int) -> AsyncIterator[tuple[Callable[[], Awaitable[str]], list[Poster]]]:
+    """A /metrics reader and `concurrency` raw keep-alive connections to `url`, all closed on exit."""
+    connections = [RawHttpConnection(url) for _ in range(concurrency)]
+    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+        try:
+            yield metrics_reader(client), [c.post for c in connections]
+        finally:
+            await asyncio.gather(*(c.close() for c in connections))
+
+
 def httpx_poster(client: httpx.AsyncClient) -> Poster:
     """A `Poster` over an httpx client (e.g. one bound to the app in-process)."""
 
@@ -237,20 +258,11 @@ async def measure_cell(
     method = None if path == "/predict" else path.split("=", 1)[1]
     segments: list[Segment] = []
     engines: list[float] = []
-    connections = [RawHttpConnection(url) for _ in range(concurrency)]
-    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
-
-        async def metrics() -> str:
-            return (await client.get("/metrics")).text
-
-        try:
-            for _ in range(rounds):
-                posters = [c.post for c in connections]
-                segment = await load_segment(metrics, posters, path, photos, duration / rounds)
-                segments.append(segment)
-                engines.append(probe.throughput(method, max(1, round(segment.mean_batch)), engine_seconds))
-        finally:
-            await asyncio.gather(*(c.close() for c in connections))
+    async with raw_load(url, concurrency) as (metrics, posters):
+        for _ in range(rounds):
+            segment = await load_segment(metrics, posters, path, photos, duration / rounds)
+            segments.append(segment)
+            engines.append(probe.throughput(method, max(1, round(segment.mean_batch)), engine_seconds))
     latencies = sorted(t for s in segments for t in s.latencies)
     errors = dict(sum((Counter(s.errors) for s in segments), Counter()))
     elapsed = sum(s.elapsed for s in segments)
@@ -282,11 +294,7 @@ async def measure_cell(
 
 async def warm_up(url: str, path: str, photos: list[bytes]) -> None:
     async with httpx.AsyncClient(base_url=url, timeout=300) as client:
-
-        async def metrics() -> str:
-            return (await client.get("/metrics")).text
-
-        await load_segment(metrics, [httpx_poster(client)] * 4, path, photos, 2.0)
+        await load_segment(metrics_reader(client), [httpx_poster(client)] * 4, path, photos, 2.0)
 
 
 def spawn(port: int, env: dict[str, str], device: str) -> subprocess.Popen:

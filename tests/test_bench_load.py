@@ -6,7 +6,15 @@ import asyncio
 
 import pytest
 
-from bench.bench_load import RawHttpConnection, Segment, httpx_poster, load_segment, markdown, server_counters
+from bench.bench_load import (
+    RawHttpConnection,
+    Segment,
+    httpx_poster,
+    load_segment,
+    markdown,
+    metrics_reader,
+    server_counters,
+)
 from tests.apphelpers import running_app
 from tests.conftest import jpeg_bytes
 
@@ -16,10 +24,7 @@ pytestmark = pytest.mark.anyio
 async def test_a_load_segment_counts_what_the_server_computed(registry, chelsea, coffee):
     photos = [jpeg_bytes(chelsea), jpeg_bytes(coffee)]
     async with running_app(registry, max_batch_size=8) as (client, _app):
-
-        async def metrics() -> str:
-            return (await client.get("/metrics")).text
-
+        metrics = metrics_reader(client)
         post = httpx_poster(client)
         before = server_counters(await metrics())
         segment = await load_segment(metrics, [post] * 4, "/predict", photos, duration=1.0)
