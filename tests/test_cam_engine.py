@@ -14,6 +14,7 @@ from scipy.stats import spearmanr
 
 from service.cam import CamEngine, UnknownLayerError
 from service.cam.capture import ActivationCapture
+from service.cam.layouts import FeatureLayout
 from service.cam.render import minmax_normalize
 from tests.conftest import to_lite_input
 
@@ -197,7 +198,8 @@ def test_memory_does_not_grow_over_10000_calls():
 
 def test_capture_ignores_other_threads(resnet18):
     """A capture registered on one thread does not record a forward run by another thread."""
-    capture = ActivationCapture({"layer4": resnet18.layer4}, {"layer4": 1})
+    layouts = {"layer4": FeatureLayout("nchw", (1, 1))}
+    capture = ActivationCapture({"layer4": resnet18.layer4}, {"layer4": 1}, layouts)
     with capture, torch.no_grad():
         t = threading.Thread(target=lambda: resnet18(torch.randn(1, 3, 32, 32)))
         t.start()

@@ -12,9 +12,12 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from service.cam.errors import UnknownLayerError
+from service.cam.layouts import FeatureLayout
 
 
 class ActivationCapture:
@@ -26,8 +29,11 @@ class ActivationCapture:
     that in-place operations after the layer cannot modify the recorded activation.
     """
 
-    def __init__(self, modules: Mapping[str, nn.Module], calls: Mapping[str, int]) -> None:
+    def __init__(
+        self, modules: Mapping[str, nn.Module], calls: Mapping[str, int], layouts: Mapping[str, FeatureLayout]
+    ) -> None:
         self._modules = dict(modules)
+        self._layouts = layouts
         self._expected = {name: max(1, calls.get(name, 1)) for name in self._modules}
         self._seen: Counter[str] = Counter()
         self._owner = threading.get_ident()
@@ -41,12 +47,10 @@ class ActivationCapture:
             self._seen[name] += 1
             if self._seen[name] != self._expected[name]:
                 return None
-            if not isinstance(output, Tensor) or output.dim() != 4:
-                shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
-                raise UnknownLayerError(
-                    f"layer {name!r} outputs {shape}; a CAM layer must output a [B, K, h, w] feature map"
-                )
-            if not torch.is_grad_enabled():
+            if not isinstance(output, Tensor):
+                raise UnknownLayerError(f"layer {name!r} outputs {type(output).__name__}, not a tensor")
+            self._layouts[name].check(output.shape, name)
+            if not (torch.is_grad_enabled() and output.requires_grad):  # first target, or one off the graph
                 output = output.detach().requires_grad_(True)
                 torch.set_grad_enabled(True)
             self.activations[name] = output
@@ -83,26 +87,39 @@ class _GuidedGate(torch.autograd.Function):
         return grad.clamp(min=0)
 
 
-GUIDED_ACTIVATIONS: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
+#: Activation functions guided backpropagation gates, as the functions a forward calls (modules call these).
+GUIDED_FUNCTIONS: frozenset[object] = frozenset(
+    {
+        F.relu, torch.relu, torch.relu_, Tensor.relu, Tensor.relu_, F.relu6, F.hardtanh, F.leaky_relu, F.elu,
+        F.selu, F.celu, F.gelu, F.silu, F.hardswish, F.mish,
+    }
+)  # fmt: skip
+
+
+class _GuidedMode(TorchFunctionMode):
+    """Passes the output of every activation function through `_GuidedGate` (this thread only)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gated = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        output = func(*args, **(kwargs or {}))
+        if func in GUIDED_FUNCTIONS and isinstance(output, Tensor) and output.requires_grad:
+            self.gated += 1
+            return _GuidedGate.apply(output)
+        return output
 
 
 @contextmanager
-def guided_backprop(model: nn.Module) -> Iterator[None]:
-    """Within the block, this thread's ReLU/ReLU6 modules back-propagate only positive gradients.
+def guided_backprop() -> Iterator[_GuidedMode]:
+    """Within the block, every activation this thread runs back-propagates only positive gradients.
 
-    Combined with the activation's own backward (which zeroes where the input was inactive) this is
-    guided backpropagation (Springenberg et al. 2015). Functional activations are not affected.
+    With ReLU this is guided backpropagation (Springenberg et al. 2015): the activation's own backward
+    zeroes where its input was inactive and the gate drops negative gradients. Other activations (GELU,
+    SiLU, Hardswish, ...) get the same gate after their own derivative, the usual generalization. Module
+    and functional activations are both caught, since modules call the functional form. `gated` counts
+    the gated calls; a forward with none cannot be guided.
     """
-    owner = threading.get_ident()
-
-    def hook(_module: nn.Module, _inputs: object, output: Tensor) -> Tensor | None:
-        if threading.get_ident() != owner or not torch.is_grad_enabled():
-            return None
-        return _GuidedGate.apply(output)
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, GUIDED_ACTIVATIONS)]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    with _GuidedMode() as mode:
+        yield mode

@@ -9,6 +9,7 @@ Usable on its own from a notebook::
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -19,8 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from service.cam.capture import ActivationCapture, guided_backprop
-from service.cam.errors import InvalidTargetError
-from service.cam.layers import LayerTrace, resolve_layer, trace_layers
+from service.cam.errors import CamError, InvalidTargetError
+from service.cam.layers import LayerTrace, choose_default_layer, resolve_layer, trace_layers
 from service.cam.methods import CamMethod, get_method
 from service.cam.render import minmax_normalize, resize_maps
 
@@ -76,14 +77,22 @@ class CamEngine:
 
     # -- structure ---------------------------------------------------------------------------
     def trace(self, example: Tensor | None = None) -> LayerTrace:
-        """Module call counts and spatial layers, found once from a forward on one image."""
+        """Module calls, output shapes, feature layouts and the default layer, found once.
+
+        The probe is two seeded-noise images of `example`'s size (two, so the batch dimension is told
+        apart from the others); the default layer is the deepest one whose gradient reaches its grid.
+        """
         if self._trace is None:
             with self._trace_lock:
                 if self._trace is None:
                     if example is None:
                         raise RuntimeError("call explain() once or pass an example input to trace()")
+                    generator = torch.Generator().manual_seed(0)
+                    probe = torch.randn((2, *example.shape[1:]), generator=generator).to(self.device)
                     with self._autocast():
-                        self._trace = trace_layers(self.model, example[:1].to(self.device))
+                        trace = trace_layers(self.model, probe)
+                    default = choose_default_layer(self.model, trace, probe, self._autocast)
+                    self._trace = dataclasses.replace(trace, default=default)
         return self._trace
 
     @property
@@ -102,6 +111,7 @@ class CamEngine:
                 names = [self._default_layer or trace.default_layer]
         for name in names:
             resolve_layer(self.model, name, trace)
+            trace.layout(name)
         return tuple(dict.fromkeys(names))
 
     # -- inference ---------------------------------------------------------------------------
@@ -138,7 +148,7 @@ class CamEngine:
         modules = {name: resolve_layer(self.model, name) for name in names}
 
         with torch.inference_mode(False), torch.no_grad():
-            with ActivationCapture(modules, trace.calls) as capture, self._autocast():
+            with ActivationCapture(modules, trace.calls, trace.layouts) as capture, self._autocast():
                 logits = self.model(images)
             capture.check_complete()
             activations = [capture.activations[name] for name in names]
@@ -148,10 +158,11 @@ class CamEngine:
             logits = logits.detach().float()
             del capture
 
-            layer_maps = {
-                name: cam(act.detach()[image_index].float(), grad)
-                for name, act, grad in zip(names, activations, grads, strict=True)
-            }
+            layer_maps = {}
+            for name, act, grad in zip(names, activations, grads, strict=True):
+                layout = trace.layouts[name]
+                feature = layout.to_nchw(act.detach()[image_index].float(), name)
+                layer_maps[name] = cam(feature, layout.to_nchw(grad, name))
             del activations, grads
             maps = self._fuse(layer_maps) if len(names) > 1 else layer_maps[names[0]]
             guided = None
@@ -257,8 +268,13 @@ class CamEngine:
     ) -> Tensor:
         """Guided backpropagation times the normalized, upsampled Grad-CAM: [N, C, H, W]."""
         inputs = images.detach().clone().requires_grad_(True)
-        with torch.enable_grad(), guided_backprop(self.model), self._autocast():
+        with torch.enable_grad(), guided_backprop() as guided, self._autocast():
             logits = self.model(inputs)
+        if guided.gated == 0:
+            raise CamError(
+                "guided-gradcam needs activation functions (ReLU, GELU, SiLU, ...) to guide, and this model "
+                "runs none that can be intercepted; use gradcam or another method"
+            )
         (gradient,) = self._gradients(logits, [inputs], image_index, class_index, rounds, sign)
         weights = F.interpolate(
             minmax_normalize(cam_maps).unsqueeze(1), size=images.shape[-2:], mode="bilinear", align_corners=False
