@@ -103,7 +103,7 @@ class _GuidedMode(TorchFunctionMode):
         super().__init__()
         self.gated = 0
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         output = func(*args, **(kwargs or {}))
         if func in GUIDED_FUNCTIONS and isinstance(output, Tensor) and output.requires_grad:
             self.gated += 1
