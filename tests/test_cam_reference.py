@@ -36,15 +36,24 @@ class EpsGradCAMPlusPlus(OurGradCAMPlusPlus):
         return (alpha * torch.relu(grads)).sum(dim=(2, 3), keepdim=True)
 
 
-def reference_maps(method: str, model: torch.nn.Module, layer: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
+def reference_maps(
+    method: str,
+    model: torch.nn.Module,
+    layer: torch.nn.Module,
+    x: torch.Tensor,
+    targets: list[int] = TARGETS,
+    reshape_transform=None,
+) -> np.ndarray:
     """pytorch-grad-cam's maps at feature resolution (its min-max scaling, no resize)."""
 
     class AtFeatureResolution(REFERENCES[method]):
         def get_target_width_height(self, input_tensor):
             return None
 
-    with AtFeatureResolution(model, [layer]) as cam:
-        return cam(x, targets=[ClassifierOutputTarget(t) for t in TARGETS])
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+    with AtFeatureResolution(model, [layer], reshape_transform=reshape_transform) as cam:
+        return cam(x, targets=[ClassifierOutputTarget(t) for t in targets])
 
 
 @pytest.fixture(scope="module")
