@@ -67,6 +67,32 @@ async def test_health_and_models(registry):
     assert model["device"] == "cpu"
 
 
+async def test_layers_of_a_model_list_what_layer_accepts(registry, cat_jpeg):
+    async with running_app(registry) as (client, _app):
+        body = (await client.get("/models/efficientnet-lite0/layers")).json()
+        unknown = await client.get("/models/nope/layers")
+        layers = {layer["name"]: layer for layer in body["layers"]}
+        spatial = [name for name, layer in layers.items() if layer["spatial"]]
+        explained = await client.post(
+            f"/explain?layer={spatial[0]}", content=cat_jpeg, headers={"content-type": "image/jpeg"}
+        )
+        flat = await client.post("/explain?layer=_fc", content=cat_jpeg, headers={"content-type": "image/jpeg"})
+    assert body["model"] == "efficientnet-lite0" and body["default_layer"] == "_swish"
+    assert layers["_swish"] == {
+        "name": "_swish", "module": "ReLU6", "shape": [1280, 7, 7], "spatial": True, "layout": "nchw",
+        "grid": [7, 7], "prefix_tokens": None,
+    }  # fmt: skip
+    assert layers["_conv_stem"]["shape"] == [32, 112, 112] and layers["_conv_stem"]["grid"] == [112, 112]
+    assert layers["_fc"] == {
+        "name": "_fc", "module": "Linear", "shape": [1000], "spatial": False, "layout": None, "grid": None,
+        "prefix_tokens": None,
+    }  # fmt: skip
+    assert list(layers)[-1] == "_fc" and len(spatial) > 50
+    assert explained.status_code == 200 and explained.json()["layers"] == [spatial[0]]
+    assert flat.status_code == 422 and "'_fc' outputs [1000] per image" in flat.json()["detail"]
+    assert unknown.status_code == 404 and "nope" in unknown.json()["detail"]
+
+
 async def test_ready_is_503_until_models_are_loaded(registry):
     release = threading.Event()
 
@@ -566,6 +592,7 @@ async def test_several_models_are_served_side_by_side(registry, cat_jpeg, tmp_pa
         tiny_predict = await client.post("/predict?model=tiny-ts&top_k=10", content=cat_jpeg, headers=jpeg)
         default_predict = await client.post("/predict", content=cat_jpeg, headers=jpeg)
         tiny_explain = await client.post("/explain?model=tiny-ts", content=cat_jpeg, headers=jpeg)
+        tiny_layers = (await client.get("/models/tiny-ts/layers")).json()
     assert [(m["name"], m["default"], m["default_layer"]) for m in models] == [
         ("efficientnet-lite0", True, "_swish"),
         ("tiny-ts", False, None),
@@ -573,6 +600,7 @@ async def test_several_models_are_served_side_by_side(registry, cat_jpeg, tmp_pa
     assert tiny_predict.status_code == 200 and len(tiny_predict.json()["results"][0]["predictions"]) == 4
     assert default_predict.json()["results"][0]["predictions"][0]["label"] == "Egyptian cat"
     assert tiny_explain.status_code == 422 and "TorchScript" in tiny_explain.json()["detail"]
+    assert tiny_layers == {"model": "tiny-ts", "default_layer": None, "layers": []}
 
 
 async def test_large_images_are_resized_while_decoding_and_explain_the_same(registry, chelsea, monkeypatch):

@@ -166,7 +166,7 @@ def test_cnn_like_default_layers_are_the_last_feature_map(name, expected, photos
 def test_unresolvable_layer_names_the_layer_and_its_shape(photos):
     model, *_ = build("tv_vit_b_16")
     engine = CamEngine(model)
-    with pytest.raises(UnknownLayerError, match=r"'heads' outputs \(2, 1000\)"):
+    with pytest.raises(UnknownLayerError, match=r"'heads' outputs \[1000\] per image"):
         engine.explain(photos, layers="heads")
     with pytest.raises(UnknownLayerError, match=r"'encoder.layers.encoder_layer_11.self_attention' outputs no tensor"):
         engine.explain(photos, layers="encoder.layers.encoder_layer_11.self_attention")

@@ -67,6 +67,24 @@ class ModelsResponse(BaseModel):
     models: list[ModelInfo]
 
 
+class LayerInfo(BaseModel):
+    name: str = Field(description="dotted module path, as `layer=` takes it", examples=["blocks.11.norm1"])
+    module: str = Field(description="the module's class", examples=["LayerNorm"])
+    shape: list[int] = Field(description="output shape at the model's input size, batch dimension left out")
+    spatial: bool = Field(description="true when `layer=` accepts it: a feature map or a token grid")
+    layout: str | None = Field(
+        None, description="nchw ([C, h, w]), nhwc ([h, w, C]) or tokens ([prefix + h*w, C]); null when not spatial"
+    )
+    grid: tuple[int, int] | None = Field(None, description="[h, w] of the map the layer gives")
+    prefix_tokens: int | None = Field(None, description="tokens before the patch grid (class, registers), dropped")
+
+
+class LayersResponse(BaseModel):
+    model: str
+    default_layer: str | None = Field(description="the layer explained when `layer=` is not given")
+    layers: list[LayerInfo] = Field(description="every module that outputs a tensor, in the order they finish")
+
+
 class HealthResponse(BaseModel):
     status: str = Field(examples=["ok"])
 

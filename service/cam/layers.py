@@ -25,7 +25,7 @@ class LayerTrace:
     """What one forward pass revealed about the model's modules.
 
     `calls[name]` is how many times the module runs per forward; `shapes[name]` its output shape at the
-    last call (batch first); `layouts` holds the modules whose output is a feature map or a token grid,
+    last call (batch first), in the order the last calls finished; `layouts` holds the modules whose output is a feature map or a token grid,
     in the order their last calls finished; `default` is the layer chosen by `choose_default_layer`.
     """
 
@@ -55,11 +55,11 @@ class LayerTrace:
         found = self.layouts.get(name)
         if found is None:
             shape = self.shapes.get(name)
-            what = f"outputs {shape}" if shape is not None else "outputs no tensor"
+            what = f"outputs {list(shape[1:])} per image" if shape is not None else "outputs no tensor"
             height, width = self.input_size
             raise UnknownLayerError(
-                f"layer {name!r} {what} (batch first, for {height}x{width} inputs); a CAM layer must output a "
-                "[B, C, h, w] or [B, h, w, C] feature map or [B, N, C] tokens on a patch grid",
+                f"layer {name!r} {what} (for {height}x{width} inputs); a CAM layer must output a feature map "
+                "[C, h, w] or [h, w, C] or tokens [N, C] on a patch grid, per image",
                 candidates=layer_candidates(self),
             )
         return found
@@ -105,7 +105,8 @@ def trace_layers(model: nn.Module, probe: Tensor) -> LayerTrace:
         if found is not None:
             layouts[name] = found
     kinds = {n: type(m).__name__ for n, m in named if n in calls}
-    return LayerTrace(calls=dict(calls), shapes=shapes, layouts=layouts, input_size=input_size, modules=kinds)
+    ordered = {name: shapes[name] for name in order}
+    return LayerTrace(calls=dict(calls), shapes=ordered, layouts=layouts, input_size=input_size, modules=kinds)
 
 
 def choose_default_layer(

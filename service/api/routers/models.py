@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Path
 
 from service.api.deps import get_service
-from service.api.schemas import ErrorResponse, ModelInfo, ModelsResponse
+from service.api.schemas import ErrorResponse, LayerInfo, LayersResponse, ModelInfo, ModelsResponse
 from service.api.security import check_api_key
 from service.inference import InferenceService
 
@@ -38,3 +38,34 @@ async def list_models(service: Annotated[InferenceService, Depends(get_service)]
             for m in registry
         ]
     )
+
+
+@router.get(
+    "/models/{name}/layers",
+    response_model=LayersResponse,
+    summary="The layers of a model that `layer=` can name, with their output shapes and layouts",
+    responses={401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+)
+async def list_layers(
+    name: Annotated[str, Path(description="a served model's name")],
+    service: Annotated[InferenceService, Depends(get_service)],
+) -> LayersResponse:
+    served = service.registry.get(name)
+    if not served.explainable:
+        return LayersResponse(model=served.name, default_layer=None, layers=[])
+    trace = served.engine.trace()
+    layers = []
+    for layer, shape in trace.shapes.items():
+        layout = trace.layouts.get(layer)
+        layers.append(
+            LayerInfo(
+                name=layer,
+                module=trace.modules.get(layer, ""),
+                shape=list(shape[1:]),
+                spatial=layout is not None,
+                layout=layout.kind if layout else None,
+                grid=layout.grid if layout else None,
+                prefix_tokens=layout.prefix if layout and layout.kind == "tokens" else None,
+            )
+        )
+    return LayersResponse(model=served.name, default_layer=served.default_layer, layers=layers)
