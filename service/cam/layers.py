@@ -25,8 +25,9 @@ class LayerTrace:
     """What one forward pass revealed about the model's modules.
 
     `calls[name]` is how many times the module runs per forward; `shapes[name]` its output shape at the
-    last call (batch first), in the order the last calls finished; `layouts` holds the modules whose output is a feature map or a token grid,
-    in the order their last calls finished; `default` is the layer chosen by `choose_default_layer`.
+    last call (batch first), in the order the last calls finished; `layouts` holds the modules whose
+    output is a feature map or a token grid, in the same order; `default` is the layer chosen by
+    `choose_default_layer`; `modules[name]` the module's class name.
     """
 
     calls: dict[str, int]
