@@ -93,8 +93,8 @@ def save_hf(transformers, folder: Path, model: nn.Module, processor: bool = True
         ("timm", "resnet10t", ".safetensors"),
         ("timm", "resnet10t", ".pth"),
         ("timm", "resnet10t", ".bin"),
-        ("torchvision", "mobilenet_v3_small", ".safetensors"),
-        ("torchvision", "mobilenet_v3_small", ".pth"),
+        ("torchvision", "shufflenet_v2_x0_5", ".safetensors"),
+        ("torchvision", "shufflenet_v2_x0_5", ".pth"),
         ("entrypoint", None, ".safetensors"),
     ],
 )
@@ -135,6 +135,7 @@ FAMILIES = {
 }
 
 
+@pytest.mark.slow  # about 30 s on two idle cores: the transformer families take seconds to initialise
 @pytest.mark.parametrize("architecture", list(FAMILIES))
 def test_torchvision_families_load_from_safetensors_with_the_class_count_of_the_weights(tmp_path, architecture):
     torch.manual_seed(0)
@@ -238,6 +239,15 @@ def test_huggingface_without_processor_config_uses_image_size_and_imagenet_stati
     built = build_model(ModelSpec(name="hf", kind="huggingface", path=folder, interpolation="bicubic"))
     assert built.preprocessing == Preprocessing((64, 64), IMAGENET_MEAN, IMAGENET_STD, "bicubic")
     assert forward(built.module, torch.rand(1, 3, 64, 64)).shape == (1, 5)
+
+
+def test_a_filter_the_service_does_not_implement_must_be_overridden(tmp_path, transformers):
+    folder = save_hf(transformers, tmp_path / "vit", hf_vit(transformers), processor=False)
+    transformers.ViTImageProcessor(resample=Image.Resampling.LANCZOS).save_pretrained(folder)
+    with pytest.raises(ModelConfigError, match=r"model 'lz': .*'lanczos' resampling.*set `interpolation`"):
+        build_model(ModelSpec(name="lz", kind="huggingface", path=folder))
+    built = build_model(ModelSpec(name="lz", kind="huggingface", path=folder, interpolation="bicubic"))
+    assert built.preprocessing.interpolation == "bicubic"
 
 
 # -- bad configuration: refused at start-up, naming the model and the problem --------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -20,7 +21,7 @@ def existing(path: Path | None, what: str = "weights file") -> Path:
     return path
 
 
-def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def load_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
     """A state dict from a `.safetensors` file, or from a `.pth`/`.bin`/... pickle loaded with `weights_only=True`:
     tensors and containers only, never arbitrary objects. A {"state_dict": {...}} checkpoint gives its inner dict."""
     path = existing(path)
@@ -42,7 +43,7 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         state = state["state_dict"]
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelConfigError(f"{path} does not hold a state dict of tensors")
-    return dict(state)
+    return state if isinstance(state, OrderedDict) else OrderedDict(state)  # keeps a saved `_metadata`
 
 
 def classes_in_state(state: Mapping[str, torch.Tensor], head: str) -> int | None:
@@ -52,7 +53,14 @@ def classes_in_state(state: Mapping[str, torch.Tensor], head: str) -> int | None
 
 
 def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], architecture: str) -> None:
-    """Load strictly: missing, unexpected or mis-shaped keys are a ModelConfigError naming the first few."""
+    """Load strictly: missing, unexpected or mis-shaped keys are a ModelConfigError naming the first few.
+
+    Weights without module versions (safetensors keeps none) are taken to be in the format of the modules
+    as built now, for modules that read the version when loading (e.g. torchvision's MNASNet).
+    """
+    if getattr(state, "_metadata", None) is None:
+        state = OrderedDict(state)
+        state._metadata = getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from types import ModuleType
+from typing import Any, Literal
 
 import torch
 from PIL import Image
@@ -63,26 +64,35 @@ class HuggingFaceSource(Source):
         architecture = (config.architectures or [type(model).__name__])[0]
         return Built(LogitsOnly(model), architecture, self._preprocessing(transformers, config), labels)
 
-    def _preprocessing(self, transformers: object, config: object) -> Preprocessing:
+    def _preprocessing(self, transformers: ModuleType, config: Any) -> Preprocessing:
+        """From the folder's image processor; without one, `config.image_size` and ImageNet's statistics."""
         folder = self.path
         assert folder is not None
         if not (folder / PREPROCESSOR_CONFIG).is_file():
             side = int(getattr(config, "image_size", 224))
             return Preprocessing((side, side), IMAGENET_MEAN, IMAGENET_STD, "bilinear")
         try:
-            processor = transformers.AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)  # type: ignore[attr-defined]
+            processor = transformers.AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
         except (OSError, ValueError, KeyError) as exc:
             raise ModelConfigError(f"{folder / PREPROCESSOR_CONFIG} cannot be read: {exc}") from exc
         cropped = getattr(processor, "do_center_crop", False) and getattr(processor, "crop_size", None)
         size = processor.crop_size if cropped else processor.size
         height, width = _height_width(size, int(getattr(config, "image_size", 224)))
-        resample = getattr(processor, "resample", None)
         return Preprocessing(
             (height, width),
             tuple(float(v) for v in getattr(processor, "image_mean", None) or IMAGENET_MEAN),
             tuple(float(v) for v in getattr(processor, "image_std", None) or IMAGENET_STD),
-            Image.Resampling(int(resample)).name.lower() if resample is not None else "bilinear",
+            _filter_name(getattr(processor, "resample", None)),
         )
+
+
+def _filter_name(resample: Any) -> str:
+    """A processor's `resample` (PIL's number, or torchvision's InterpolationMode) as a filter name."""
+    if resample is None:
+        return "bilinear"
+    if isinstance(getattr(resample, "value", None), str):
+        return str(resample.value).lower()
+    return Image.Resampling(int(resample)).name.lower()
 
 
 def _height_width(size: object, fallback: int) -> tuple[int, int]:
