@@ -225,7 +225,9 @@ class EngineProbe:
     def throughput(self, method: str | None, batch: int, seconds: float) -> float:
         served = self.served
         pixels = [decode_image(self.photos[i % len(self.photos)]).pixels for i in range(batch)]
-        x = preprocess(pixels, served.input_size, served.mean, served.std, served.device)
+        x = preprocess(
+            pixels, served.input_size, served.mean, served.std, served.device, interpolation=served.interpolation
+        )
 
         def run() -> None:
             if method is None:

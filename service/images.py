@@ -170,15 +170,17 @@ def decode_jpeg_batch_cuda(
     return [pixels.contiguous() for pixels in decoded]
 
 
-def resize_for_model(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def resize_for_model(pixels: torch.Tensor, size: tuple[int, int], interpolation: str = "bilinear") -> torch.Tensor:
     """uint8 [3, H, W] CPU image -> float32 [3, size[0], size[1]] in [0, 1], resized as `preprocess` resizes.
 
-    Bilinear with antialias (PIL's resampling in float: within 1e-5 of torch's `antialias=True`), computed
-    with PIL and numpy only, so it can run on any thread without starting torch's parallel workers: the
-    service calls it where it decodes, off the one thread that runs the model.
+    Bilinear or bicubic with antialias (PIL's resampling in float mode: within 1e-5 of torch's `antialias=True`,
+    whose bicubic kernel is PIL's, a = -0.5), computed with PIL and numpy only, so it can run on any thread
+    without starting torch's parallel workers: the service calls it where it decodes, off the one thread that
+    runs the model.
     """
     if pixels.dtype != torch.uint8 or pixels.dim() != 3 or pixels.shape[0] != 3 or pixels.device.type != "cpu":
         raise ValueError(f"resize_for_model needs a uint8 [3, H, W] CPU image, got {pixels.dtype} {list(pixels.shape)}")
+    resample = _pil_filter(interpolation)
     height, width = int(size[0]), int(size[1])
     channels = pixels.numpy()
     if tuple(channels.shape[1:]) == (height, width):
@@ -186,7 +188,7 @@ def resize_for_model(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tenso
     else:
         resized = np.stack(
             [
-                np.asarray(Image.fromarray(channel).convert("F").resize((width, height), Image.Resampling.BILINEAR))
+                np.asarray(Image.fromarray(channel).convert("F").resize((width, height), resample))
                 for channel in channels
             ]
         )
@@ -200,18 +202,20 @@ def preprocess(
     std: Sequence[float],
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    interpolation: str = "bilinear",
 ) -> torch.Tensor:
     """Images -> `dtype` [B, 3, size[0], size[1]] on `device`, normalized as (x - mean) / std.
 
     Each image is either uint8 [3, H, W], whose WHOLE image is resized to `size` (no crop, aspect ratio not
-    kept; bilinear with antialias) and scaled to [0, 1], or float32 [3, size[0], size[1]] in [0, 1] from
-    `resize_for_model`. Images move to `device` first, so resizing runs there (on the GPU when `device` is
-    CUDA); the arithmetic is float32 and the result is cast to `dtype`.
+    kept; `interpolation` "bilinear" or "bicubic", with antialias) and scaled to [0, 1], or float32
+    [3, size[0], size[1]] in [0, 1] from `resize_for_model`. Images move to `device` first, so resizing runs
+    there (on the GPU when `device` is CUDA); the arithmetic is float32 and the result is cast to `dtype`.
     """
     if len(images) == 0:
         raise ValueError("preprocess needs at least one image")
     if len(mean) != 3 or len(std) != 3:
         raise ValueError(f"mean and std need 3 values (one per RGB channel), got {len(mean)} and {len(std)}")
+    _pil_filter(interpolation)  # refuses a filter that `resize_for_model` cannot match
     height, width = int(size[0]), int(size[1])
     device = torch.device(device)
     mean_t = torch.tensor([float(m) for m in mean], dtype=torch.float32, device=device).view(1, 3, 1, 1)
@@ -230,13 +234,23 @@ def preprocess(
             )
         x = pixels.to(device, non_blocking=True).unsqueeze(0).to(torch.float32).div_(255.0)
         if tuple(x.shape[-2:]) != (height, width):
-            x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+            x = F.interpolate(x, size=(height, width), mode=interpolation, align_corners=False, antialias=True)
         batch.append(x)
     out = (torch.cat(batch).clamp_(0.0, 1.0) - mean_t) / std_t
     return out.to(dtype)
 
 
 # -- helpers -----------------------------------------------------------------------------------------------
+
+_PIL_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+def _pil_filter(interpolation: str) -> Image.Resampling:
+    """PIL's filter matching torch's antialiased `interpolation`; ValueError for one we do not implement."""
+    try:
+        return _PIL_FILTERS[interpolation]
+    except KeyError:
+        raise ValueError(f"interpolation must be one of {', '.join(_PIL_FILTERS)}, got {interpolation!r}") from None
 
 
 def _refuse_truncated_images() -> None:

@@ -186,7 +186,8 @@ class InferenceService:
             kept = image.pixels if keep_pixels else None
             if small or image.pixels.device.type != "cpu":  # resized on the torch thread (on the GPU if there)
                 return Decoded(image.width, image.height, image.pixels, kept)
-            return Decoded(image.width, image.height, resize_for_model(image.pixels, served.input_size), kept)
+            resized = resize_for_model(image.pixels, served.input_size, served.interpolation)
+            return Decoded(image.width, image.height, resized, kept)
 
         def decode_all() -> list[Decoded]:
             return [decode_one(p) for p in images]

@@ -219,7 +219,10 @@ class BatchWorker:
 
     def _inputs(self, batch: list[WorkItem], indices: list[int]) -> Tensor:
         model = self.model
-        return preprocess([batch[i].pixels for i in indices], model.input_size, model.mean, model.std, model.device)
+        pixels = [batch[i].pixels for i in indices]
+        return preprocess(
+            pixels, model.input_size, model.mean, model.std, model.device, interpolation=model.interpolation
+        )
 
     def _explain_group(
         self,

@@ -484,13 +484,30 @@ def test_preprocess_resizes_the_whole_image_without_cropping():
     assert x[0, 1, :, 5:].max() < 0.01
 
 
-def test_preprocess_matches_an_antialiased_bilinear_reference(chelsea):
+@pytest.mark.parametrize(
+    ("interpolation", "pil_filter"),
+    [("bilinear", Image.Resampling.BILINEAR), ("bicubic", Image.Resampling.BICUBIC)],
+)
+def test_preprocess_matches_an_antialiased_pil_reference(chelsea, interpolation, pil_filter):
     size = (120, 200)  # height, width: not square, to catch an h/w swap
-    x = preprocess([chw(chelsea)], size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
-    reference = np.asarray(Image.fromarray(chelsea).resize((size[1], size[0]), Image.Resampling.BILINEAR))
+    x = preprocess([chw(chelsea)], size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), interpolation=interpolation)
+    reference = np.asarray(Image.fromarray(chelsea).resize((size[1], size[0]), pil_filter))
     got = x[0].permute(1, 2, 0).numpy() * 255
     assert got.shape == reference.shape
     assert np.abs(got - reference).mean() < 0.5 and np.abs(got - reference).max() < 3
+
+
+def test_bicubic_and_bilinear_differ_and_unknown_filters_are_refused(chelsea):
+    image = chw(chelsea)
+    bilinear = preprocess([image], (120, 200), (0, 0, 0), (1, 1, 1))
+    bicubic = preprocess([image], (120, 200), (0, 0, 0), (1, 1, 1), interpolation="bicubic")
+    assert (bicubic - bilinear).abs().max() > 0.02  # the filter is really applied (sharper edges)
+    for call in (
+        lambda: preprocess([image], (8, 8), (0, 0, 0), (1, 1, 1), interpolation="nearest"),
+        lambda: resize_for_model(image, (8, 8), "lanczos"),
+    ):
+        with pytest.raises(ValueError, match="interpolation must be one of bilinear, bicubic"):
+            call()
 
 
 def test_preprocess_dtype_device_and_input_checks():
@@ -510,15 +527,16 @@ def test_preprocess_dtype_device_and_input_checks():
         preprocess([], (8, 8), (0, 0, 0), (1, 1, 1))
 
 
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
 @pytest.mark.parametrize("size", [(224, 224), (120, 200), (600, 900), (300, 451), (150, 800)])
-def test_resize_for_model_matches_preprocess_resizing(chelsea, size):
-    """PIL in float (decode threads) and torch's antialiased bilinear (torch thread) give the same input."""
+def test_resize_for_model_matches_preprocess_resizing(chelsea, size, interpolation):
+    """PIL in float (decode threads) and torch's antialiased filter (torch thread) give the same input."""
     image = chw(chelsea)
-    resized = resize_for_model(image, size)
+    resized = resize_for_model(image, size, interpolation)
     assert resized.dtype == torch.float32 and resized.shape == (3, *size)
     assert resized.min() >= 0.0 and resized.max() <= 1.0
     mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-    via_torch = preprocess([image], size, mean, std)
+    via_torch = preprocess([image], size, mean, std, interpolation=interpolation)
     via_pil = preprocess([resized], size, mean, std)
     torch.testing.assert_close(via_pil, via_torch, rtol=0, atol=1e-4)
 

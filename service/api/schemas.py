@@ -58,6 +58,7 @@ class ModelInfo(BaseModel):
     input_size: tuple[int, int] = Field(description="[height, width] the image is resized to")
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    interpolation: str = Field(description="resampling filter of the resize: bilinear or bicubic (antialiased)")
     num_classes: int
     default_layer: str | None = Field(description="CAM layer used by default; null when the model cannot explain")
     default: bool

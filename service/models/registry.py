@@ -14,7 +14,8 @@ from torch import nn
 from service.cam import CamEngine
 from service.errors import InvalidParameterError, UnknownModelError
 from service.models.errors import ModelConfigError
-from service.models.loader import build_module, read_labels
+from service.models.loader import build_model
+from service.models.preprocessing import Preprocessing
 from service.models.spec import ModelsFile, ModelSpec, default_models, read_models_file
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,8 @@ class ServedModel:
     device: torch.device
     default_layer: str | None
     load_seconds: float
+    preprocessing: Preprocessing
+    architecture: str
 
     @property
     def explainable(self) -> bool:
@@ -58,19 +61,19 @@ class ServedModel:
 
     @property
     def input_size(self) -> tuple[int, int]:
-        return self.spec.resolved_input_size
+        return self.preprocessing.input_size
 
     @property
     def mean(self) -> tuple[float, float, float]:
-        return self.spec.resolved_mean
+        return self.preprocessing.mean
 
     @property
     def std(self) -> tuple[float, float, float]:
-        return self.spec.resolved_std
+        return self.preprocessing.std
 
     @property
-    def architecture(self) -> str:
-        return self.spec.architecture or self.spec.entrypoint or self.spec.kind
+    def interpolation(self) -> str:
+        return self.preprocessing.interpolation
 
     def class_index(self, target: int | str) -> int:
         """A class index from an index (int or digit string) or an exact label."""
@@ -101,12 +104,13 @@ class ServedModel:
 def load_model(spec: ModelSpec, device: torch.device, warmup: bool = True) -> ServedModel:
     """Build, move, freeze and (optionally) warm up one model."""
     started = time.perf_counter()
-    module = build_module(spec).to(device).eval()
+    built = build_model(spec)
+    module = built.module.to(device).eval()
     autocast = _DTYPES.get(spec.dtype)
     if autocast is torch.float16 and device.type != "cuda":
         raise ModelConfigError(f"model {spec.name!r}: dtype float16 needs a CUDA device (got {device})")
     engine = CamEngine(module, autocast_dtype=autocast, default_layer=spec.default_layer)
-    height, width = spec.resolved_input_size
+    height, width = built.preprocessing.input_size
     example = torch.zeros(1, 3, height, width, device=device)
     explainable = not isinstance(module, torch.jit.ScriptModule)  # TorchScript modules take no hooks
     default_layer: str | None = None
@@ -126,7 +130,7 @@ def load_model(spec: ModelSpec, device: torch.device, warmup: bool = True) -> Se
     if logits.dim() != 2:
         raise ModelConfigError(f"model {spec.name!r}: output shape {tuple(logits.shape)} is not [batch, classes]")
     num_classes = logits.shape[1]
-    labels = read_labels(spec) or [str(i) for i in range(num_classes)]
+    labels = built.labels or [str(i) for i in range(num_classes)]
     if len(labels) != num_classes:
         raise ModelConfigError(f"model {spec.name!r}: {len(labels)} labels for a model with {num_classes} outputs")
     if warmup and explainable:
@@ -139,6 +143,8 @@ def load_model(spec: ModelSpec, device: torch.device, warmup: bool = True) -> Se
         device=device,
         default_layer=default_layer,
         load_seconds=time.perf_counter() - started,
+        preprocessing=built.preprocessing,
+        architecture=built.architecture,
     )
 
 

