@@ -331,7 +331,9 @@ def test_models_file_entries_of_the_new_kinds_are_validated(tmp_path, entry, mes
 
 
 @pytest.mark.anyio
-async def test_predict_serves_timm_and_huggingface_models_next_to_the_default(tmp_path, timm, transformers, chelsea):
+async def test_timm_and_huggingface_models_predict_and_explain_beside_the_default(
+    tmp_path, timm, transformers, chelsea
+):
     torch.manual_seed(0)
     save(randomized(timm.create_model("vit_tiny_patch16_224", num_classes=4)).state_dict(), tmp_path / "vit.pth")
     save_hf(transformers, tmp_path / "hf-vit", hf_vit(transformers))
@@ -363,6 +365,21 @@ path = "hf-vit"
             for model in ("timm-vit", "hf-vit")
             for photo, data in photos.items()
         }
+        explained = {
+            model: (
+                await client.post(
+                    f"/explain?model={model}&method=gradcam&raw=true", content=photos["small"], headers=JPEG
+                )
+            ).json()
+            for model in ("timm-vit", "hf-vit")
+        }
+        layers = (await client.get("/models/timm-vit/layers")).json()
+        fused = await client.post(
+            "/explain?model=timm-vit&layer=patch_embed.proj&layer=blocks.11.norm1&counterfactual=true&target=2",
+            content=photos["small"],
+            headers=JPEG,
+        )
+        guided = await client.post("/explain?model=hf-vit&method=guided-gradcam", content=photos["small"], headers=JPEG)
         registry = app.state.service.registry
     assert listed["efficientnet-lite0"]["default"] and listed["efficientnet-lite0"]["interpolation"] == "bilinear"
     for name in ("timm-vit", "hf-vit"):
@@ -379,3 +396,22 @@ path = "hf-vit"
         got = torch.tensor([p["score"] for p in sorted(predictions, key=lambda p: p["index"])])
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
         assert predictions[0]["label"] == served.labels[int(expected.argmax())]
+    assert listed["timm-vit"]["default_layer"] == "blocks.11.norm1"
+    assert listed["hf-vit"]["default_layer"] == "hf.vit.layers.1.layernorm_before"
+    for name, body in explained.items():
+        served = registry.get(name)
+        x = preprocess([decode_image(photos["small"]).pixels], served.input_size, served.mean, served.std, "cpu",
+                       interpolation="bicubic")  # fmt: skip
+        expected = served.engine.explain(x, method="gradcam").maps[0]
+        assert body["layers"] == [served.default_layer]
+        cam = torch.tensor(body["results"][0]["explanations"][0]["cam"])
+        assert cam.shape == (14, 14) and cam.max() > 0
+        torch.testing.assert_close(cam, expected, rtol=1e-4, atol=1e-6)
+    norm1 = next(layer for layer in layers["layers"] if layer["name"] == "blocks.11.norm1")
+    assert norm1 | {"module": ""} == {
+        "name": "blocks.11.norm1", "module": "", "shape": [197, 192], "spatial": True, "layout": "tokens",
+        "grid": [14, 14], "prefix_tokens": 1,
+    }  # fmt: skip
+    assert fused.status_code == 200 and fused.json()["layers"] == ["patch_embed.proj", "blocks.11.norm1"]
+    assert fused.json()["results"][0]["explanations"][0]["index"] == 2
+    assert guided.status_code == 200, guided.text

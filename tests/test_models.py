@@ -172,6 +172,25 @@ def test_missing_weights_and_files_fail_at_start_up(tmp_path):
         ModelRegistry.load(path, "cpu")
 
 
+@pytest.mark.parametrize(
+    ("layer", "message"),
+    [
+        ("3", r"model 'ep': default_layer: layer '3' outputs \[8\] per image"),
+        ("nope", "model 'ep': default_layer: unknown layer 'nope'"),
+    ],
+)
+def test_a_default_layer_that_cannot_explain_stops_start_up(layer, message):
+    spec = ModelSpec(
+        name="ep",
+        kind="entrypoint",
+        entrypoint="tests.fixtures.tiny_models:tiny_classifier",
+        input_size=(32, 32),
+        default_layer=layer,
+    )
+    with pytest.raises(ModelConfigError, match=message):
+        load_model(spec, torch.device("cpu"), warmup=False)
+
+
 def test_labels_must_match_the_model(tmp_path):
     torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), tmp_path / "r.pth")
     (tmp_path / "labels.json").write_text(json.dumps(["only", "two"]))

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from service.cam import CamEngine
+from service.cam import CamEngine, UnknownLayerError
 from service.errors import InvalidParameterError, UnknownModelError
 from service.models.errors import ModelConfigError
 from service.models.loader import build_model
@@ -116,10 +116,7 @@ def load_model(spec: ModelSpec, device: torch.device, warmup: bool = True) -> Se
     default_layer: str | None = None
     try:
         if explainable:
-            trace = engine.trace(example)
-            default_layer = spec.default_layer or trace.default_layer
-            if spec.default_layer:
-                engine.resolve_layers([spec.default_layer], example)
+            engine.trace(example)
         logits = engine.predict(example)
     except ModelConfigError:
         raise
@@ -127,6 +124,12 @@ def load_model(spec: ModelSpec, device: torch.device, warmup: bool = True) -> Se
         raise ModelConfigError(
             f"model {spec.name!r}: a forward pass on a {height}x{width} input failed: {exc}"
         ) from exc
+    if explainable:
+        try:
+            (default_layer,) = engine.resolve_layers(None)  # the configured one, else the informative one
+        except UnknownLayerError as exc:
+            what = "default_layer: " if spec.default_layer else "cannot explain: "
+            raise ModelConfigError(f"model {spec.name!r}: {what}{exc}") from exc
     if logits.dim() != 2:
         raise ModelConfigError(f"model {spec.name!r}: output shape {tuple(logits.shape)} is not [batch, classes]")
     num_classes = logits.shape[1]
