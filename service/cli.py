@@ -21,6 +21,7 @@ def _serve(args: argparse.Namespace) -> int:
     from service.allocator import keep_freed_memory
     from service.api import create_app
     from service.models import ModelConfigError, read_models_file
+    from service.server import DrainingServer
     from service.settings import Settings
 
     settings = Settings()
@@ -35,13 +36,6 @@ def _serve(args: argparse.Namespace) -> int:
             return 2
     failures: list[BaseException] = []
 
-    class DrainingServer(uvicorn.Server):
-        """Turns readiness to 503 and refuses new work as soon as SIGTERM/SIGINT arrives."""
-
-        def handle_exit(self, sig: int, frame: object) -> None:
-            app.state.draining = True
-            super().handle_exit(sig, frame)
-
     def stop_on_load_error(exc: BaseException) -> None:
         failures.append(exc)
         server.should_exit = True
@@ -54,7 +48,7 @@ def _serve(args: argparse.Namespace) -> int:
         log_level=settings.log_level.lower(),
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
     )
-    server = DrainingServer(config)
+    server = DrainingServer(config, app.state.lifecycle, settings.drain_s)
     server.run()
     if failures:
         print(f"camserve: {failures[0]}", file=sys.stderr)

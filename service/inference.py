@@ -95,6 +95,10 @@ class InferenceService:
     def queue_depths(self) -> dict[str, int]:
         return {name: w.depth for name, w in self.workers.items()}
 
+    def images_in_flight(self) -> dict[str, int]:
+        """Per model, the images in the batch being computed now."""
+        return {name: w.in_flight for name, w in self.workers.items()}
+
     # -- endpoints ------------------------------------------------------------------------
     async def predict(
         self,

@@ -21,6 +21,12 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(0.0, ge=0, le=10_000, description="hold a non-full batch this long for more items")
     max_queue: int = Field(256, ge=1, description="items waiting per model beyond which requests get 503")
     request_timeout_s: float = Field(60.0, gt=0, description="per-request limit; past it 504")
+    drain_s: float = Field(
+        5.0,
+        ge=0,
+        le=3600,
+        description="after SIGTERM: readiness 503 at once, keep accepting this long, then finish and exit",
+    )
     api_key: SecretStr | None = Field(None, description="when set, required as Bearer token or X-API-Key")
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1, description="largest accepted image file")
     max_image_pixels: int = Field(40_000_000, ge=1, description="largest accepted width x height")

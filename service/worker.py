@@ -107,6 +107,12 @@ class BatchWorker:
         self._executor = torch_executor()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._computing = 0
+
+    @property
+    def in_flight(self) -> int:
+        """Items in the batch being computed now."""
+        return self._computing
 
     @property
     def depth(self) -> int:
@@ -155,11 +161,14 @@ class BatchWorker:
             if not batch:
                 continue
             started = time.perf_counter()
+            self._computing = len(batch)
             try:
                 outputs = await loop.run_in_executor(self._executor, self.compute, batch)
             except Exception as exc:  # a failure of the whole batch reaches every caller
                 log.exception("worker %s: batch of %d failed", self.model.name, len(batch))
                 outputs = [exc] * len(batch)
+            finally:
+                self._computing = 0
             if self._on_batch is not None:
                 self._on_batch(self.model.name, len(batch), time.perf_counter() - started)
             for item, output in zip(batch, outputs, strict=True):

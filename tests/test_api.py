@@ -418,14 +418,33 @@ async def test_client_gone_while_sending_its_body_is_499_not_500(registry, cat_j
     assert metric(metrics_text, "camserve_inference_items_total") == 0
 
 
-async def test_draining_turns_readiness_and_new_work_to_503(registry, cat_jpeg):
+async def test_draining_turns_readiness_to_503_but_keeps_serving(registry, cat_jpeg):
+    """Kubernetes still routes requests here until the endpoint removal has propagated: they are answered."""
     async with running_app(registry) as (client, app):
-        app.state.draining = True
+        app.state.lifecycle.drain()
         ready = await client.get("/health/ready")
-        refused = await client.post("/predict", content=cat_jpeg, headers={"content-type": "image/jpeg"})
+        served = await client.post("/predict", content=cat_jpeg, headers={"content-type": "image/jpeg"})
         live = await client.get("/health/live")
-    assert ready.status_code == 503 and refused.status_code == 503 and live.status_code == 200
-    assert "shutting down" in refused.json()["detail"]
+        gauge = metric((await client.get("/metrics")).text, "camserve_ready")
+    assert ready.status_code == 503 and ready.json() == {"detail": "shutting down"}
+    assert served.status_code == 200 and served.json()["results"][0]["predictions"][0]["label"] == "Egyptian cat"
+    assert live.status_code == 200 and gauge == 0
+
+
+async def test_load_failure_is_reported_alike_by_readiness_and_routes():
+    def broken(_settings):
+        raise RuntimeError("weights file is truncated")
+
+    app = create_app(Settings(), load_registry=broken)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as client,
+    ):
+        await app.state.loaded.wait()
+        ready = await client.get("/health/ready")
+        refused = await client.post("/predict", content=b"x", headers={"content-type": "image/jpeg"})
+    assert ready.status_code == 503 and ready.json() == {"detail": "model loading failed: weights file is truncated"}
+    assert refused.status_code == 503 and "weights file is truncated" in refused.json()["detail"]
 
 
 # -- OpenAPI ----------------------------------------------------------------------------------

@@ -22,10 +22,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def server():
+def start_server(**env: str) -> tuple[subprocess.Popen, str]:
+    """`camserve serve` on a free port (CPU, batch size 1), once ready; `env` adds CAMSERVE_* variables."""
     port = free_port()
-    env = {**os.environ, "CAMSERVE_DEVICE": "cpu", "CAMSERVE_MAX_BATCH_SIZE": "1", "CAMSERVE_LOG_LEVEL": "warning"}
+    env = {
+        **os.environ,
+        "CAMSERVE_DEVICE": "cpu",
+        "CAMSERVE_MAX_BATCH_SIZE": "1",
+        "CAMSERVE_LOG_LEVEL": "warning",
+        **env,
+    }
     process = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
         env=env,
@@ -37,43 +43,101 @@ def server():
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
-                break
+                return process, url
         except httpx.HTTPError:
             pass
         if process.poll() is not None:
             pytest.fail(f"server exited early: {process.stdout.read().decode()}")
         time.sleep(0.2)
-    else:
-        process.kill()
-        pytest.fail("server did not become ready in 120 s")
-    yield process, url
+    process.kill()
+    pytest.fail("server did not become ready in 120 s")
+
+
+def stop(process: subprocess.Popen) -> None:
     if process.poll() is None:
         process.kill()
     process.wait(10)
 
 
-def test_real_server_answers_and_sigterm_loses_no_accepted_request(server, chelsea):
-    process, url = server
+@pytest.fixture
+def server():
+    process, url = start_server()
+    yield process, url
+    stop(process)
+
+
+def test_sigterm_drains_then_exits_0_losing_no_request(chelsea):
+    """The Kubernetes contract: readiness 503 at once; requests in flight and requests still routed here during
+    the drain (3 s here) are all answered; then it stops accepting, finishes, and exits 0."""
+    process, url = start_server(CAMSERVE_DRAIN_S="3")
     photo = jpeg_bytes(chelsea)
-    first = httpx.post(f"{url}/predict", content=photo, headers={"content-type": "image/jpeg"}, timeout=60)
-    assert first.status_code == 200 and first.json()["results"][0]["predictions"][0]["label"] == "Egyptian cat"
+
+    def post(path: str) -> int:
+        response = httpx.post(f"{url}{path}", content=photo, headers={"content-type": "image/jpeg"}, timeout=120)
+        return response.status_code
+
+    try:
+        first = httpx.post(f"{url}/predict", content=photo, headers={"content-type": "image/jpeg"}, timeout=60)
+        assert first.status_code == 200 and first.json()["results"][0]["predictions"][0]["label"] == "Egyptian cat"
+        with ThreadPoolExecutor(32) as pool:  # a thread for every request: each is sent when submitted
+            in_flight = [pool.submit(post, "/explain?method=guided-gradcam") for _ in range(12)]
+            time.sleep(1.0)  # all 12 connections are accepted and queued (batch size 1: they run one by one)
+            process.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            not_ready_after = None
+            while time.monotonic() - signalled < 2.0:
+                if httpx.get(f"{url}/health/ready", timeout=1).status_code == 503:
+                    not_ready_after = time.monotonic() - signalled
+                    break
+                time.sleep(0.05)
+            during_drain = []
+            while time.monotonic() - signalled < 2.5:  # each on a new connection, as kube-proxy would open
+                during_drain.append(pool.submit(post, "/predict"))
+                time.sleep(0.4)
+            live_while_draining = httpx.get(f"{url}/health/live", timeout=2).status_code
+            in_flight_statuses = [f.result() for f in in_flight]
+            drain_statuses = [f.result() for f in during_drain]
+        assert not_ready_after is not None and not_ready_after < 1.0
+        assert live_while_draining == 200
+        assert in_flight_statuses == [200] * 12
+        assert len(drain_statuses) >= 4 and drain_statuses == [200] * len(drain_statuses)
+        assert process.wait(60) == 0
+        assert time.monotonic() - signalled >= 3.0  # it kept accepting for the whole drain
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{url}/health/live", timeout=2)
+    finally:
+        stop(process)
+
+
+def test_sigterm_without_drain_stops_accepting_at_once_and_finishes_accepted_requests(chelsea):
+    process, url = start_server(CAMSERVE_DRAIN_S="0")
+    photo = jpeg_bytes(chelsea)
 
     def explain(_: int) -> int:
         response = httpx.post(
-            f"{url}/explain?method=guided-gradcam", content=photo, headers={"content-type": "image/jpeg"}, timeout=120
+            f"{url}/explain?method=guided-gradcam", content=photo, headers={"content-type": "image/jpeg"}, timeout=60
         )
         return response.status_code
 
-    with ThreadPoolExecutor(12) as pool:
-        futures = [pool.submit(explain, i) for i in range(12)]
-        time.sleep(1.0)  # all 12 connections are accepted and queued (batch size 1: they run one by one)
-        process.send_signal(signal.SIGTERM)
-        statuses = [f.result() for f in futures]
-    assert statuses == [200] * 12
-    # uvicorn re-raises the signal after its graceful shutdown: exit status 143 / -SIGTERM, as is customary
-    assert process.wait(60) in (0, -signal.SIGTERM)
-    with pytest.raises(httpx.ConnectError):
-        httpx.get(f"{url}/health/live", timeout=2)
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            in_flight = [pool.submit(explain, i) for i in range(8)]  # one by one: 1 s or more in all
+            time.sleep(0.5)
+            process.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            refused_after = None
+            while refused_after is None and time.monotonic() - signalled < 5.0:
+                try:
+                    httpx.get(f"{url}/health/live", timeout=1)
+                    time.sleep(0.05)
+                except httpx.ConnectError:
+                    refused_after = time.monotonic() - signalled
+            statuses = [f.result() for f in in_flight]
+        assert refused_after is not None and refused_after < 1.0
+        assert statuses == [200] * 8
+        assert process.wait(30) == 0
+    finally:
+        stop(process)
 
 
 def test_cli_client_commands_against_a_real_server(server, chelsea, tmp_path, capsys):

@@ -21,6 +21,7 @@ from service.api.middleware import BodyLimitMiddleware, MetricsMiddleware
 from service.api.routers import health, inference, metrics, models
 from service.api.schemas import JsonImagesRequest
 from service.inference import ClientDisconnectedError, InferenceService
+from service.lifecycle import Lifecycle, Phase
 from service.models import ModelRegistry
 from service.settings import Settings, get_settings
 from service.worker import torch_executor
@@ -45,6 +46,7 @@ def create_app(
     """Build the app. Models load in the background after start-up unless `registry` is given."""
     settings = settings or get_settings()
     metrics_ = Metrics()
+    lifecycle = Lifecycle(on_change=lambda phase: metrics_.ready.set(1 if phase is Phase.READY else 0))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -53,8 +55,7 @@ def create_app(
         try:
             yield
         finally:
-            app.state.draining = True
-            metrics_.ready.set(0)
+            lifecycle.drain()
             if not loader.done():
                 loader.cancel()
             if app.state.service is not None:
@@ -75,10 +76,10 @@ def create_app(
             service = InferenceService(loaded, settings, on_batch=metrics_.observe_batch)
             service.start()
             app.state.service = service
-            metrics_.ready.set(1)
+            lifecycle.loaded()
             log.info("ready: serving %s", ", ".join(m.name for m in loaded))
         except Exception as exc:
-            app.state.load_error = exc
+            lifecycle.failed(exc)
             log.error("model loading failed: %s", exc)
             if on_load_error is not None:
                 on_load_error(exc)
@@ -94,8 +95,7 @@ def create_app(
     app.state.settings = settings
     app.state.metrics = metrics_
     app.state.service = None
-    app.state.load_error = None
-    app.state.draining = False
+    app.state.lifecycle = lifecycle
 
     install_error_handlers(app)
 

@@ -25,6 +25,9 @@ class Metrics:
             registry=r,
         )
         self.queue_depth = Gauge("camserve_queue_depth", "images waiting in the model's queue", ["model"], registry=r)
+        self.inflight_images = Gauge(
+            "camserve_inflight_images", "images in the model's batch being computed now", ["model"], registry=r
+        )
         self.batch_size = Histogram(
             "camserve_batch_size", "images per engine batch", ["model"], buckets=BATCH_BUCKETS, registry=r
         )

@@ -22,11 +22,7 @@ async def live() -> HealthResponse:
     responses={503: {"model": ErrorResponse, "description": "loading, failed or shutting down"}},
 )
 async def ready(request: Request) -> HealthResponse | JSONResponse:
-    state = request.app.state
-    if state.draining:
-        return JSONResponse({"detail": "shutting down"}, status_code=503)
-    if state.load_error is not None:
-        return JSONResponse({"detail": f"model loading failed: {state.load_error}"}, status_code=503)
-    if state.service is None:
-        return JSONResponse({"detail": "models are loading"}, status_code=503)
+    lifecycle = request.app.state.lifecycle
+    if not lifecycle.is_ready:
+        return JSONResponse({"detail": lifecycle.not_ready_reason()}, status_code=503)
     return HealthResponse(status="ready")

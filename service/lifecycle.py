@@ -1,0 +1,63 @@
+"""The process's lifecycle: loading -> ready | failed, and draining once shutdown begins.
+
+One object that `/health/ready`, the routes' service dependency and the SIGTERM drain all read and
+write, so they cannot disagree about whether this instance should get traffic.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from enum import StrEnum
+
+log = logging.getLogger("camserve")
+
+
+class Phase(StrEnum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+    DRAINING = "draining"
+
+
+class Lifecycle:
+    """Current phase plus the load error, if any. `on_change` is called with every new phase."""
+
+    def __init__(self, on_change: Callable[[Phase], None] | None = None) -> None:
+        self.phase = Phase.LOADING
+        self.error: BaseException | None = None
+        self._on_change = on_change
+
+    def loaded(self) -> None:
+        """Models are loaded and warmed up (ignored once draining: readiness stays off)."""
+        if self.phase is Phase.LOADING:
+            self._set(Phase.READY)
+
+    def failed(self, error: BaseException) -> None:
+        """Model loading failed."""
+        self.error = error
+        if self.phase is Phase.LOADING:
+            self._set(Phase.FAILED)
+
+    def drain(self) -> None:
+        """Shutdown has begun: take this instance out of load balancing (idempotent)."""
+        if self.phase is not Phase.DRAINING:
+            log.info("draining: readiness now answers 503")
+            self._set(Phase.DRAINING)
+
+    @property
+    def is_ready(self) -> bool:
+        return self.phase is Phase.READY
+
+    def not_ready_reason(self) -> str:
+        """Why readiness is off, in words for the 503 body."""
+        if self.phase is Phase.DRAINING:
+            return "shutting down"
+        if self.error is not None:
+            return f"model loading failed: {self.error}"
+        return "models are loading"
+
+    def _set(self, phase: Phase) -> None:
+        self.phase = phase
+        if self._on_change is not None:
+            self._on_change(phase)
