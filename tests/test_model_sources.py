@@ -358,7 +358,7 @@ path = "hf-vit"
     big = np.asarray(Image.fromarray(chelsea).resize((1500, 1000), Image.Resampling.BILINEAR))  # resized by PIL
     photos = {"small": jpeg_bytes(chelsea), "big": jpeg_bytes(big)}
     async with running_app(None, models_file=tmp_path / "models.toml", warmup=False) as (client, app):
-        assert app.state.load_error is None
+        assert app.state.lifecycle.error is None and app.state.lifecycle.is_ready
         listed = {m["name"]: m for m in (await client.get("/models")).json()["models"]}
         answers = {
             (model, photo): (await client.post(f"/predict?model={model}&top_k=5", content=data, headers=JPEG)).json()
