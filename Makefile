@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 HOST ?= 0.0.0.0
 PORT ?= 8000
 
-.PHONY: install install-test serve test lint openapi bench bench-load evaluate container-test container-lint clean
+.PHONY: install install-test serve test lint openapi bench bench-transformers bench-load evaluate container-test container-lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ openapi:
 
 bench: install-test
 	$(PY) -m bench.bench_engine --batches 1 8 32 --json docs/bench_engine_cpu.json
+
+bench-transformers: install-test
+	$(PY) -m bench.bench_transformers --batches 1 8 --json docs/bench_transformers_cpu.json
 
 bench-load: install-test
 	$(PY) -m bench.bench_load --spawn --concurrency 1 4 16 64 --json docs/bench_load_cpu.json

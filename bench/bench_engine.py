@@ -15,7 +15,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,24 +28,42 @@ from service.models import ModelSpec, load_model
 PHOTOS = (data.chelsea, data.coffee, data.astronaut, data.rocket)
 
 
-def photo_batch(batch: int, size: int, device: torch.device) -> torch.Tensor:
+def photo_batch(
+    batch: int,
+    size: int,
+    device: torch.device,
+    mean: Sequence[float] = (0.5, 0.5, 0.5),
+    std: Sequence[float] = (0.5, 0.5, 0.5),
+) -> torch.Tensor:
+    """Real photos repeated to fill the batch, resized to size × size, normalised with mean/std per channel."""
     tensors = []
     for i in range(batch):
         photo = torch.from_numpy(PHOTOS[i % len(PHOTOS)]()).permute(2, 0, 1)[None].float() / 255
         tensors.append(F.interpolate(photo, size=(size, size), mode="bilinear", antialias=True))
-    return ((torch.cat(tensors) - 0.5) / 0.5).to(device)
+    mean_t = torch.tensor(mean).view(1, -1, 1, 1)
+    std_t = torch.tensor(std).view(1, -1, 1, 1)
+    return ((torch.cat(tensors) - mean_t) / std_t).to(device)
 
 
-def reference_contenders(model: torch.nn.Module, layer_name: str, x: torch.Tensor) -> dict[str, Callable[[], object]]:
-    """pytorch-grad-cam producing the same maps (it needs trainable parameters to backpropagate)."""
+REFERENCE_METHODS = ("gradcam", "gradcampp", "xgradcam", "layercam", "hirescam")
+
+
+def reference_cams(
+    model: torch.nn.Module,
+    layer_name: str,
+    methods: Sequence[str] = REFERENCE_METHODS,
+    *,
+    reshape_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    feature_resolution: bool = False,
+) -> dict[str, object]:
+    """pytorch-grad-cam's CAM objects at one layer, by our method name.
+
+    Their maps are min-max normalised per image and resized to the input size, or left at the layer's
+    resolution with `feature_resolution` (as the engine returns them). Each registers hooks on the
+    layer until `cam.activations_and_grads.release()`.
+    """
     from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
-    from pytorch_grad_cam.guided_backprop import GuidedBackpropReLUModel
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    with torch.no_grad():
-        top1 = model(x).argmax(dim=1).tolist()
-    targets = [ClassifierOutputTarget(c) for c in top1]
-    layer = dict(model.named_modules())[layer_name]
     classes = {
         "gradcam": GradCAM,
         "gradcampp": GradCAMPlusPlus,
@@ -53,7 +71,23 @@ def reference_contenders(model: torch.nn.Module, layer_name: str, x: torch.Tenso
         "layercam": LayerCAM,
         "hirescam": HiResCAM,
     }
-    cams = {name: cls(model, [layer]) for name, cls in classes.items()}
+    layer = dict(model.named_modules())[layer_name]
+    cams = {name: classes[name](model, [layer], reshape_transform=reshape_transform) for name in methods}
+    if feature_resolution:
+        for cam in cams.values():
+            cam.get_target_width_height = lambda input_tensor: None  # scale_cam_image then skips its resize
+    return cams
+
+
+def reference_contenders(model: torch.nn.Module, layer_name: str, x: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """pytorch-grad-cam producing the same maps (it needs trainable parameters to backpropagate)."""
+    from pytorch_grad_cam.guided_backprop import GuidedBackpropReLUModel
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    with torch.no_grad():
+        top1 = model(x).argmax(dim=1).tolist()
+    targets = [ClassifierOutputTarget(c) for c in top1]
+    cams = reference_cams(model, layer_name)
     contenders: dict[str, Callable[[], object]] = {
         f"pgc {name}": (lambda cam=cam: cam(input_tensor=x, targets=targets)) for name, cam in cams.items()
     }
@@ -79,6 +113,17 @@ def time_interleaved(contenders: dict[str, Callable[[], object]], repeats: int, 
             sync()
             times[name].append((time.perf_counter() - started) * 1000)
     return times
+
+
+def summarize(times: dict[str, list[float]], baseline: str = "predict") -> list[dict[str, object]]:
+    """Per contender: median and p90 (nearest rank) in ms, and the median as a multiple of the baseline's."""
+    baseline_median = statistics.median(times[baseline])
+    rows: list[dict[str, object]] = []
+    for name, values in times.items():
+        median = statistics.median(values)
+        p90 = sorted(values)[min(len(values) - 1, round(0.9 * (len(values) - 1)))]
+        rows.append({"contender": name, "median_ms": median, "p90_ms": p90, "x_predict": median / baseline_median})
+    return rows
 
 
 def rss_mb() -> float:
@@ -131,20 +176,7 @@ def main() -> int:
         if not args.no_reference:
             contenders.update(reference_contenders(reference_model, same_layer, x))
         times = time_interleaved(contenders, reps, sync)
-        predict_median = statistics.median(times["predict"])
-        for name, values in times.items():
-            median = statistics.median(values)
-            p90 = sorted(values)[min(len(values) - 1, round(0.9 * (len(values) - 1)))]
-            rows.append(
-                {
-                    "batch": batch,
-                    "contender": name,
-                    "median_ms": median,
-                    "p90_ms": p90,
-                    "x_predict": median / predict_median,
-                    "repeats": reps,
-                }
-            )
+        rows += [{"batch": batch, **row, "repeats": reps} for row in summarize(times)]
         print(f"batch {batch}: done ({reps} repeats)", flush=True)
 
     for method in METHOD_NAMES:
