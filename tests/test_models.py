@@ -191,6 +191,17 @@ def test_a_default_layer_that_cannot_explain_stops_start_up(layer, message):
         load_model(spec, torch.device("cpu"), warmup=False)
 
 
+def test_a_model_whose_head_gives_no_gradient_is_served_with_a_warning(tmp_path, caplog):
+    model = torchvision.models.resnet18(num_classes=3)
+    torch.nn.init.zeros_(model.fc.weight)  # as torchvision initialises its ViT heads
+    torch.save(model.state_dict(), tmp_path / "r.pth")
+    spec = ModelSpec(name="zero", kind="torchvision", architecture="resnet18", weights=tmp_path / "r.pth")
+    with caplog.at_level("WARNING", logger="service.models.registry"):
+        served = load_model(spec, torch.device("cpu"), warmup=False)
+    assert served.default_layer == "layer4"
+    assert "model zero: no layer's gradient reaches its grid" in caplog.text and "layer4" in caplog.text
+
+
 def test_labels_must_match_the_model(tmp_path):
     torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), tmp_path / "r.pth")
     (tmp_path / "labels.json").write_text(json.dumps(["only", "two"]))

@@ -130,6 +130,13 @@ def load_model(spec: ModelSpec, device: torch.device, warmup: bool = True) -> Se
         except UnknownLayerError as exc:
             what = "default_layer: " if spec.default_layer else "cannot explain: "
             raise ModelConfigError(f"model {spec.name!r}: {what}{exc}") from exc
+        if spec.default_layer is None and engine.trace().default is None:
+            log.warning(
+                "model %s: no layer's gradient reaches its grid on a probe image (a zero-initialised or untrained "
+                "head?); explaining %s by default, whose maps will be zero",
+                spec.name,
+                default_layer,
+            )
     if logits.dim() != 2:
         raise ModelConfigError(f"model {spec.name!r}: output shape {tuple(logits.shape)} is not [batch, classes]")
     num_classes = logits.shape[1]
