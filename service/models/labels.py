@@ -44,6 +44,5 @@ def read_labels_file(path: Path) -> list[str]:
         if pairs and [k for k, _ in pairs] == list(range(len(pairs))):
             return [v for _, v in pairs]
     raise ModelConfigError(
-        f"labels file {path} must be a JSON list of strings or an object "
-        '{"0": "label", "1": ...} with indices 0..N-1'
+        f'labels file {path} must be a JSON list of strings or an object {{"0": "label", "1": ...}} with indices 0..N-1'
     )
