@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 
 from service.api.deps import get_service
+from service.api.examples import JPEG_BASE64
 from service.api.inputs import read_images
 from service.api.results import explain_response, predict_response
 from service.api.schemas import ErrorResponse, ExplainResponse, PredictResponse
@@ -32,7 +33,7 @@ _IMAGE_BODY: dict[str, Any] = {
             },
             "application/json": {
                 "schema": {"$ref": "#/components/schemas/JsonImagesRequest"},
-                "example": {"images": ["<base64 of a JPEG>"], "top_k": 3},
+                "example": {"images": [JPEG_BASE64], "top_k": 3},
             },
             "image/*": {"schema": {"type": "string", "format": "binary"}},
         },
