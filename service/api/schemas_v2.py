@@ -77,7 +77,10 @@ class V2RequestInput(BaseModel):
         None, description="`binary_data_size`: this input's bytes in the binary section after the JSON header"
     )
     data: list[Any] | None = Field(
-        None, description="JSON form: the image files, each base64-encoded (flattened or nested by `shape`)"
+        None,
+        description="JSON form: the image files, each base64-encoded (flattened or nested by `shape`); "
+        "required unless `binary_data_size` is given",
+        examples=[[JPEG_BASE64]],
     )
 
 

@@ -95,7 +95,10 @@ _INFER_BODY: dict[str, Any] = {
         "description": "An inference request: JSON, or with the binary tensor data extension the JSON header "
         f"({HEADER_LENGTH} bytes) followed by the binary data of the inputs that set `binary_data_size`.",
         "content": {
-            "application/json": {"schema": {"$ref": "#/components/schemas/V2InferenceRequest"}},
+            "application/json": {
+                "schema": {"$ref": "#/components/schemas/V2InferenceRequest"},
+                "example": V2InferenceRequest.model_config["json_schema_extra"]["examples"][0],  # type: ignore[index]
+            },
             BINARY_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}},
         },
     }
