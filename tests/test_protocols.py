@@ -404,3 +404,43 @@ def test_schemathesis_finds_no_rejected_example_and_no_server_error(live, tmp_pa
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert "passed" in result.stdout
+
+
+def test_v2_readiness_follows_the_lifecycle_loading_ready_draining(registry):
+    import asyncio
+
+    from service.api import create_app
+    from service.settings import Settings
+
+    release = threading.Event()
+
+    def slow_load(_settings):
+        release.wait(10)
+        return registry
+
+    async def scenario():
+        app = create_app(Settings(), load_registry=slow_load)
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as client,
+        ):
+            loading = [
+                await client.get(p) for p in ("/v2/health/live", "/v2/health/ready", f"/v2/models/{MODEL}/ready")
+            ]
+            v1_loading = await client.get(f"/v1/models/{MODEL}")
+            release.set()
+            await app.state.loaded.wait()
+            ready = [(await client.get(p)).status_code for p in ("/v2/health/ready", f"/v2/models/{MODEL}/ready")]
+            app.state.lifecycle.drain()
+            draining = [await client.get(p) for p in ("/v2/health/ready", f"/v2/models/{MODEL}/ready")]
+            v1_draining = (await client.get(f"/v1/models/{MODEL}")).json()
+            return loading, v1_loading, ready, draining, v1_draining
+
+    loading, v1_loading, ready, draining, v1_draining = asyncio.run(scenario())
+    assert [r.status_code for r in loading] == [200, 503, 503]
+    assert "loading" in loading[1].json()["error"] and "starting" in loading[2].json()["error"]
+    assert v1_loading.status_code == 503 and set(v1_loading.json()) == {"error"}
+    assert ready == [200, 200]
+    assert [r.status_code for r in draining] == [503, 503]
+    assert all("shutting down" in r.json()["error"] for r in draining)
+    assert v1_draining == {"name": MODEL, "ready": False}
