@@ -1,9 +1,11 @@
-"""The domain service behind the HTTP routes: decode -> queue -> render.
+"""The domain service behind every protocol's routes: validate -> decode -> queue -> render.
 
-Validates parameters; decodes images (and resizes large ones for the model) on worker threads; sends one work
-item per image to the model's worker queue; waits (bounded by the request timeout, abandoning work when
-the client goes away); renders heatmaps and overlays, PNG-encodes them and builds plain response dicts on
-worker threads again. The torch thread runs only the batch itself. Knows nothing of HTTP; nothing of gradients.
+`InferenceService.infer` takes one typed `InferenceRequest` (whatever protocol it came in by), validates its
+parameters once against the served model; decodes images (and resizes large ones for the model) on worker
+threads; sends one work item per image to the model's worker queue; waits (bounded by the request timeout,
+abandoning work when the client goes away); renders heatmaps and overlays and PNG-encodes them on worker
+threads again, into a typed `InferenceResult`. The torch thread runs only the batch itself. Knows nothing of
+HTTP or of any protocol's response shape; nothing of gradients.
 """
 
 from __future__ import annotations
@@ -42,12 +44,12 @@ class ClientDisconnectedError(Exception):
 
 @dataclass(frozen=True)
 class RenderOptions:
-    """How explained maps turn into pictures, and how pictures are encoded (`png`: bytes, `base64`: text)."""
+    """How explained maps turn into pictures, and how pictures are encoded (`png`: bytes, `base64`: text).
+    The raw maps always come back (`ClassMap.cam`); whether a protocol returns them is its own choice."""
 
     overlay: bool = False
     colormap: str = "jet"
     alpha: float = 0.5
-    raw: bool = False
     heatmap: bool = True
     encoding: Literal["png", "base64"] = "base64"
 

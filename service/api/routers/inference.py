@@ -144,7 +144,7 @@ async def explain(
         model=model,
         top_k=top_k,
         explain=ExplainRequest(method=method, targets=targets, layers=layers, counterfactual=counterfactual),
-        render=RenderOptions(overlay=overlay, colormap=colormap, alpha=alpha, raw=raw),
+        render=RenderOptions(overlay=overlay, colormap=colormap, alpha=alpha),
     )
     result = await service.infer(explain_request, request.is_disconnected)
     return await asyncio.to_thread(explain_response, result, raw)  # raw maps as lists: not on the event loop
