@@ -1,9 +1,11 @@
-"""The domain service behind the HTTP routes: decode -> queue -> render.
+"""The domain service behind every protocol's routes: validate -> decode -> queue -> render.
 
-Validates parameters; decodes images (and resizes large ones for the model) on worker threads; sends one work
-item per image to the model's worker queue; waits (bounded by the request timeout, abandoning work when
-the client goes away); renders heatmaps and overlays, PNG-encodes them and builds plain response dicts on
-worker threads again. The torch thread runs only the batch itself. Knows nothing of HTTP; nothing of gradients.
+`InferenceService.infer` takes one typed `InferenceRequest` (whatever protocol it came in by), validates its
+parameters once against the served model; decodes images (and resizes large ones for the model) on worker
+threads; sends one work item per image to the model's worker queue; waits (bounded by the request timeout,
+abandoning work when the client goes away); renders heatmaps and overlays and PNG-encodes them on worker
+threads again, into a typed `InferenceResult`. The torch thread runs only the batch itself. Knows nothing of
+HTTP or of any protocol's response shape; nothing of gradients.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import asyncio
 import base64
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -40,12 +44,14 @@ class ClientDisconnectedError(Exception):
 
 @dataclass(frozen=True)
 class RenderOptions:
-    """How explained maps turn into pictures."""
+    """How explained maps turn into pictures, and how pictures are encoded (`png`: bytes, `base64`: text).
+    The raw maps always come back (`ClassMap.cam`); whether a protocol returns them is its own choice."""
 
     overlay: bool = False
     colormap: str = "jet"
     alpha: float = 0.5
-    raw: bool = False
+    heatmap: bool = True
+    encoding: Literal["png", "base64"] = "base64"
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,75 @@ class ImagePayload:
 
     data: bytes
     content_type: str | None = None
+
+
+@dataclass(frozen=True)
+class ExplainRequest:
+    """What to explain: the CAM method, classes (default the top-1), layers (default the model's) and sign."""
+
+    method: str = "gradcampp"
+    targets: Sequence[int | str] | None = None
+    layers: Sequence[str] | None = None
+    counterfactual: bool = False
+
+
+@dataclass(frozen=True)
+class InferenceRequest:
+    """One request, whatever protocol it came in by: images, model, top-k, and an explanation if asked for."""
+
+    images: Sequence[ImagePayload]
+    model: str | None = None
+    top_k: int = 5
+    explain: ExplainRequest | None = None
+    render: RenderOptions = field(default_factory=RenderOptions)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    index: int
+    label: str
+    score: float
+
+
+@dataclass(frozen=True)
+class ClassMap:
+    """One explained class of one image: the raw map (float32 [h, w], after ReLU, before normalization) and
+    the pictures asked for (PNG bytes or base64 text, per `RenderOptions.encoding`)."""
+
+    index: int
+    label: str
+    score: float
+    cam: np.ndarray
+    heatmap: bytes | str | None = None
+    overlay: bytes | str | None = None
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    width: int
+    height: int
+    probabilities: np.ndarray  # float32 [num_classes]
+    predictions: list[Prediction]  # the top-k
+    explanations: list[ClassMap] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class InferenceResult:
+    model: str
+    images: list[ImageResult]
+    method: str | None = None  # None: nothing was explained
+    layers: tuple[str, ...] = ()
+    counterfactual: bool = False
+
+
+@dataclass(frozen=True)
+class _Validated:
+    """An InferenceRequest checked once against its model: resolved layers and class indices."""
+
+    served: ServedModel
+    top_k: int
+    options: ExplainOptions | None
+    classes: list[int] | None
 
 
 class InferenceService:
@@ -99,57 +174,56 @@ class InferenceService:
         """Per model, the images in the batch being computed now."""
         return {name: w.in_flight for name, w in self.workers.items()}
 
-    # -- endpoints ------------------------------------------------------------------------
-    async def predict(
-        self,
-        images: Sequence[ImagePayload],
-        *,
-        model: str | None = None,
-        top_k: int = 5,
-        is_disconnected: DisconnectCheck | None = None,
-    ) -> dict:
-        served = self.registry.get(model)
-        top_k = self._check_top_k(top_k, served)
-        decoded = await self._decode(images, served, keep_pixels=False)
-        outputs = await self._run(served, decoded, None, None, is_disconnected)
-        results = [
-            {"width": d.width, "height": d.height, "predictions": self._top_k(served, o.probabilities, top_k)}
-            for d, o in zip(decoded, outputs, strict=True)
-        ]
-        return {"model": served.name, "results": results}
+    # -- the one inference path ------------------------------------------------------------
+    async def infer(self, request: InferenceRequest, is_disconnected: DisconnectCheck | None = None) -> InferenceResult:
+        """Validate, decode, run through the model's batching queue, render: what every protocol calls."""
+        checked = self.validate(request)
+        served, options = checked.served, request.render
+        keep_pixels = checked.options is not None and options.overlay
+        decoded = await self._decode(request.images, served, keep_pixels=keep_pixels)
+        if checked.options is not None:
+            self._check_render_budget(decoded, checked.classes, options)
+        outputs = await self._run(served, decoded, checked.options, checked.classes, is_disconnected)
+        images = await asyncio.to_thread(self._encode_all, served, decoded, outputs, checked.top_k, options)
+        if checked.options is None:
+            return InferenceResult(model=served.name, images=images)
+        return InferenceResult(
+            model=served.name,
+            images=images,
+            method=checked.options.method,
+            layers=tuple(outputs[0].layers),
+            counterfactual=checked.options.counterfactual,
+        )
 
-    async def explain(
-        self,
-        images: Sequence[ImagePayload],
-        *,
-        model: str | None = None,
-        method: str = "gradcampp",
-        targets: Sequence[int | str] | None = None,
-        layers: Sequence[str] | None = None,
-        counterfactual: bool = False,
-        top_k: int = 5,
-        options: RenderOptions = RenderOptions(),
-        is_disconnected: DisconnectCheck | None = None,
-    ) -> dict:
-        served = self.registry.get(model)
-        if not served.explainable:
+    def validate(self, request: InferenceRequest) -> _Validated:
+        """Every parameter check in one place, against the served model, before any image is decoded."""
+        served = self.registry.get(request.model)
+        explain = request.explain
+        if explain is not None and not served.explainable:
             raise InvalidParameterError(
                 f"model {served.name!r} is a TorchScript model: it can predict but not explain (CAMs need module "
                 "hooks); serve it as a torchvision or entry-point model to explain it"
             )
-        top_k = self._check_top_k(top_k, served)
-        cam = get_method(method)
+        top_k = self._check_top_k(request.top_k, served)
+        if explain is None:
+            return _Validated(served, top_k, None, None)
+        cam = get_method(explain.method)
+        options = request.render
         render.check_colormap(options.colormap)
         if not 0.0 <= options.alpha <= 1.0:
             raise InvalidParameterError(f"alpha must be between 0 and 1, got {options.alpha}")
+        targets, layers = explain.targets, explain.layers
         if targets and len(targets) > MAX_TARGETS:
             raise InvalidParameterError(f"{len(targets)} targets requested; at most {MAX_TARGETS} per request")
         if layers and len(layers) > MAX_LAYERS:
             raise InvalidParameterError(f"{len(layers)} layers requested; at most {MAX_LAYERS} per request")
         resolved_layers = served.engine.resolve_layers(list(layers), None) if layers else None
         classes = [served.class_index(t) for t in targets] if targets else None
-        explain_options = ExplainOptions(method=cam.name, layers=resolved_layers, counterfactual=counterfactual)
-        decoded = await self._decode(images, served, keep_pixels=options.overlay)
+        explain_options = ExplainOptions(method=cam.name, layers=resolved_layers, counterfactual=explain.counterfactual)
+        return _Validated(served, top_k, explain_options, classes)
+
+    # -- steps ----------------------------------------------------------------------------
+    def _check_render_budget(self, decoded: list[Decoded], classes: list[int] | None, options: RenderOptions) -> None:
         per_pixel = (len(classes) if classes else 1) * (4 if options.overlay else 1)
         rendered = sum(d.width * d.height for d in decoded) * per_pixel
         if rendered > self.settings.max_render_pixels:
@@ -158,17 +232,7 @@ class InferenceService:
                 f"{' and overlays' if options.overlay else ''}, above the limit of "
                 f"{self.settings.max_render_pixels / 1e6:.1f}; send smaller images, fewer targets or no overlay"
             )
-        outputs = await self._run(served, decoded, explain_options, classes, is_disconnected)
-        results = await asyncio.to_thread(self._encode_all, served, decoded, outputs, top_k, options)
-        return {
-            "model": served.name,
-            "method": cam.name,
-            "layers": list(outputs[0].layers),
-            "counterfactual": counterfactual,
-            "results": results,
-        }
 
-    # -- steps ----------------------------------------------------------------------------
     def _check_top_k(self, top_k: int, served: ServedModel) -> int:
         if top_k < 1:
             raise InvalidParameterError(f"top_k must be at least 1, got {top_k}")
@@ -232,10 +296,10 @@ class InferenceService:
                 _abandon(gathered)
                 raise ClientDisconnectedError("client disconnected")
 
-    def _top_k(self, served: ServedModel, probabilities: Tensor, k: int) -> list[dict]:
+    def _top_k(self, served: ServedModel, probabilities: Tensor, k: int) -> list[Prediction]:
         scores, indices = torch.topk(probabilities, k)
         return [
-            {"index": int(i), "label": served.labels[int(i)], "score": float(s)}
+            Prediction(index=int(i), label=served.labels[int(i)], score=float(s))
             for s, i in zip(scores.tolist(), indices.tolist(), strict=True)
         ]
 
@@ -246,39 +310,41 @@ class InferenceService:
         outputs: list[ItemOutput],
         top_k: int,
         options: RenderOptions,
-    ) -> list[dict]:
-        """Render, PNG-encode and base64 the explanations (numpy and PIL only: no torch work off its thread)."""
+    ) -> list[ImageResult]:
+        """Render and encode the explanations (numpy and PIL only: no torch work off its thread)."""
         return [
-            {
-                "width": image.width,
-                "height": image.height,
-                "predictions": self._top_k(served, output.probabilities, top_k),
-                "explanations": self._encode(served, image, output, options),
-            }
+            ImageResult(
+                width=image.width,
+                height=image.height,
+                probabilities=output.probabilities.numpy(),
+                predictions=self._top_k(served, output.probabilities, top_k),
+                explanations=self._encode(served, image, output, options),
+            )
             for image, output in zip(images, outputs, strict=True)
         ]
 
-    def _encode(self, served: ServedModel, image: Decoded, output: ItemOutput, options: RenderOptions) -> list[dict]:
+    def _encode(
+        self, served: ServedModel, image: Decoded, output: ItemOutput, options: RenderOptions
+    ) -> list[ClassMap]:
         if output.maps is None:
             return []
         level = self.settings.png_compress_level
+        encode = _b64 if options.encoding == "base64" else _same
         size = (image.height, image.width)
         pixels = image.pixels.cpu().permute(1, 2, 0).numpy() if image.pixels is not None else None
         explanations = []
         for row, index in enumerate(output.classes):
-            heatmap = render.heatmap_image(output.maps[row].numpy(), size)
-            entry: dict = {
-                "index": index,
-                "label": served.labels[index],
-                "score": float(output.probabilities[index]),
-                "heatmap": _b64(render.encode_png(heatmap, level)),
-            }
-            if pixels is not None:
-                overlay = render.overlay_image(pixels, heatmap, options.colormap, options.alpha)
-                entry["overlay"] = _b64(render.encode_png(overlay, level))
-            if options.raw:
-                entry["cam"] = output.maps[row].tolist()
-            explanations.append(entry)
+            cam = output.maps[row].numpy()
+            heatmap = overlay = None
+            if options.heatmap or pixels is not None:
+                picture = render.heatmap_image(cam, size)
+                if options.heatmap:
+                    heatmap = encode(render.encode_png(picture, level))
+                if pixels is not None:
+                    blended = render.overlay_image(pixels, picture, options.colormap, options.alpha)
+                    overlay = encode(render.encode_png(blended, level))
+            label, score = served.labels[index], float(output.probabilities[index])
+            explanations.append(ClassMap(index, label, score, cam, heatmap, overlay))
         return explanations
 
 
@@ -290,3 +356,7 @@ def _abandon(gathered: asyncio.Future) -> None:
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
+
+
+def _same(data: bytes) -> bytes:
+    return data

@@ -18,8 +18,9 @@ from service import __version__
 from service.api.errors import install_error_handlers
 from service.api.metrics import Metrics
 from service.api.middleware import BodyLimitMiddleware, MetricsMiddleware
-from service.api.routers import health, inference, metrics, models
+from service.api.routers import health, inference, kserve_v1, metrics, models, oip_v2
 from service.api.schemas import JsonImagesRequest
+from service.api.schemas_v2 import V2InferenceRequest, V2Parameters
 from service.inference import ClientDisconnectedError, InferenceService
 from service.lifecycle import Lifecycle, Phase
 from service.models import ModelRegistry
@@ -33,7 +34,11 @@ DESCRIPTION = """Classifies images and explains each decision with class activat
 
 Images can be sent as `multipart/form-data` (one or more `image` fields), as JSON
 `{"images": ["<base64>", ...]}` or as the raw bytes of one image with an `image/*` content type.
-Errors are JSON `{"detail": "..."}`."""
+Errors are JSON `{"detail": "..."}`.
+
+The same models are also served through the KServe v1 protocol (`/v1/models/{name}:predict`, `:explain`) and the
+Open Inference Protocol v2 (`/v2/...`, with the binary tensor data extension), whose errors are
+`{"error": "..."}`; all three go through the same batching queue."""
 
 
 def create_app(
@@ -110,6 +115,9 @@ def create_app(
     app.include_router(models.router)
     app.include_router(inference.router)
     app.include_router(metrics.router)
+    app.include_router(kserve_v1.router)
+    app.include_router(oip_v2.health)
+    app.include_router(oip_v2.router)
 
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.cors_origins:
@@ -126,9 +134,11 @@ def create_app(
         if app.openapi_schema is None:
             document = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             schemas = document.setdefault("components", {}).setdefault("schemas", {})
-            schemas["JsonImagesRequest"] = JsonImagesRequest.model_json_schema(
-                ref_template="#/components/schemas/{model}"
-            )
+            for model in (JsonImagesRequest, V2InferenceRequest, V2Parameters):
+                found = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                for name, definition in found.pop("$defs", {}).items():
+                    schemas.setdefault(name, definition)
+                schemas[model.__name__] = found
             app.openapi_schema = document
         return app.openapi_schema
 

@@ -1,4 +1,5 @@
-"""One place that maps exceptions to HTTP statuses and `{"detail": ...}` bodies."""
+"""One place that maps exceptions to HTTP statuses; each protocol shapes the body its own way: `{"detail": ...}`
+for the own API, `{"error": ...}` for KServe v1 (`/v1/...`) and the Open Inference Protocol v2 (`/v2...`)."""
 
 from __future__ import annotations
 
@@ -33,38 +34,47 @@ def status_for(exc: Exception) -> int:
     return 500
 
 
-def error_response(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+def is_inference_protocol(path: str) -> bool:
+    """KServe v1 and Open Inference Protocol v2 routes, whose error bodies are `{"error": ...}`."""
+    return path == "/v2" or path.startswith(("/v1/", "/v2/"))
 
 
-async def _domain_error(_request: Request, exc: Exception) -> JSONResponse:
+def error_response(status: int, detail: str, headers: dict[str, str] | None = None, path: str = "") -> JSONResponse:
+    body = {"error": detail} if is_inference_protocol(path) else {"detail": detail}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, errors.CamserveError)
     headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, errors.OverloadedError) else None
     if isinstance(exc, errors.NotReadyError):
         headers = {"Retry-After": "5"}
-    return error_response(status_for(exc), str(exc), headers)
+    return error_response(status_for(exc), str(exc), headers, request.url.path)
 
 
-async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     problems = []
+    status = 422
     for error in exc.errors():
+        if error.get("type") == "json_invalid":  # a body that is not JSON is unreadable, not a bad parameter
+            status = 400
         loc = [str(p) for p in error.get("loc", ())]
         where = f"{loc[0]} parameter {'.'.join(loc[1:])!r}" if len(loc) > 1 else ".".join(loc) or "request"
         problems.append(f"{where}: {error.get('msg', 'invalid')}")
-    return error_response(422, "; ".join(problems) or "invalid request")
+    return error_response(status, "; ".join(problems) or "invalid request", path=request.url.path)
 
 
-async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    return error_response(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+    return error_response(exc.status_code, str(exc.detail), getattr(exc, "headers", None), request.url.path)
 
 
-async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", exc_info=exc)
     if isinstance(exc, ModelConfigError):
-        return error_response(503, "the service is not ready: a model failed to load")
-    return error_response(500, "internal error; the incident was logged")
+        return error_response(503, "the service is not ready: a model failed to load", path=request.url.path)
+    return error_response(500, "internal error; the incident was logged", path=request.url.path)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -56,16 +56,17 @@ def _json(body: bytes) -> tuple[list[ImagePayload], JsonImagesRequest]:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
         raise InvalidParameterError(f"invalid JSON body: {problems}") from None
-    return [ImagePayload(_b64decode(text, i)) for i, text in enumerate(parsed.images)], parsed
+    return [ImagePayload(decode_base64(text, f"images[{i}]")) for i, text in enumerate(parsed.images)], parsed
 
 
-def _b64decode(text: str, index: int) -> bytes:
+def decode_base64(text: str, where: str) -> bytes:
+    """The bytes of a base64 image (a data: URL accepted; whitespace ignored); `where` names it in errors."""
     if text.startswith("data:"):
         _, _, text = text.partition(",")
     try:
         data = base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError):
-        raise InvalidInputError(f"images[{index}] is not valid base64") from None
+        raise InvalidInputError(f"{where} is not valid base64") from None
     if not data:
-        raise InvalidInputError(f"images[{index}] is empty")
+        raise InvalidInputError(f"{where} is empty")
     return data

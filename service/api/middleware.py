@@ -24,7 +24,8 @@ class BodyLimitMiddleware:
             return
         for name, value in scope.get("headers", []):
             if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                response = error_response(413, f"request body of {int(value)} bytes exceeds {self.max_bytes} bytes")
+                detail = f"request body of {int(value)} bytes exceeds {self.max_bytes} bytes"
+                response = error_response(413, detail, path=scope.get("path", ""))
                 await response(scope, receive, send)
                 return
         seen = 0

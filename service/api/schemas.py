@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.api.examples import BASE64_STRING, JPEG_BASE64
 from service.cam.methods import METHOD_NAMES
 
 
@@ -95,7 +98,9 @@ class JsonImagesRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    images: list[str] = Field(min_length=1, description="base64-encoded image files (data: URLs accepted)")
+    images: list[Annotated[str, Field(json_schema_extra=BASE64_STRING)]] = Field(
+        min_length=1, description="base64-encoded image files (data: URLs accepted)", examples=[[JPEG_BASE64]]
+    )
     model: str | None = None
     top_k: int | None = None
     method: str | None = Field(None, description=f"one of {', '.join(METHOD_NAMES)} (or gradcam++)")

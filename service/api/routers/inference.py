@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 
 from service.api.deps import get_service
+from service.api.examples import JPEG_BASE64
 from service.api.inputs import read_images
+from service.api.results import explain_response, predict_response
 from service.api.schemas import ErrorResponse, ExplainResponse, PredictResponse
 from service.api.security import check_api_key
 from service.cam.methods import METHOD_NAMES
 from service.cam.render import COLORMAPS
-from service.inference import InferenceService, RenderOptions
+from service.inference import ExplainRequest, InferenceRequest, InferenceService, RenderOptions
 
 router = APIRouter(tags=["inference"], dependencies=[Depends(check_api_key)])
 
@@ -30,7 +33,7 @@ _IMAGE_BODY: dict[str, Any] = {
             },
             "application/json": {
                 "schema": {"$ref": "#/components/schemas/JsonImagesRequest"},
-                "example": {"images": ["<base64 of a JPEG>"], "top_k": 3},
+                "example": {"images": [JPEG_BASE64], "top_k": 3},
             },
             "image/*": {"schema": {"type": "string", "format": "binary"}},
         },
@@ -80,7 +83,8 @@ async def predict(
     images, body = await read_images(request, service.settings.max_images_per_request)
     if body is not None:
         model, top_k = _pick(body.model, model), _pick(body.top_k, top_k)
-    return await service.predict(images, model=model, top_k=top_k, is_disconnected=request.is_disconnected)
+    result = await service.infer(InferenceRequest(images, model=model, top_k=top_k), request.is_disconnected)
+    return predict_response(result)
 
 
 @router.post(
@@ -135,14 +139,12 @@ async def explain(
         )
         targets = _pick(_as_list(body.target), targets)
         layers = _pick(_as_list(body.layer), layers)
-    return await service.explain(
+    explain_request = InferenceRequest(
         images,
         model=model,
-        method=method,
-        targets=targets,
-        layers=layers,
-        counterfactual=counterfactual,
         top_k=top_k,
-        options=RenderOptions(overlay=overlay, colormap=colormap, alpha=alpha, raw=raw),
-        is_disconnected=request.is_disconnected,
+        explain=ExplainRequest(method=method, targets=targets, layers=layers, counterfactual=counterfactual),
+        render=RenderOptions(overlay=overlay, colormap=colormap, alpha=alpha),
     )
+    result = await service.infer(explain_request, request.is_disconnected)
+    return await asyncio.to_thread(explain_response, result, raw)  # raw maps as lists: not on the event loop

@@ -1,0 +1,41 @@
+"""The own API's result objects (`/predict`, `/explain`, and KServe v1, whose predictions are the same objects)
+built from the service's typed results."""
+
+from __future__ import annotations
+
+from service.inference import ClassMap, ImageResult, InferenceResult
+
+
+def predict_result(image: ImageResult) -> dict:
+    return {
+        "width": image.width,
+        "height": image.height,
+        "predictions": [{"index": p.index, "label": p.label, "score": p.score} for p in image.predictions],
+    }
+
+
+def explanation(entry: ClassMap, raw: bool) -> dict:
+    body: dict = {"index": entry.index, "label": entry.label, "score": entry.score, "heatmap": entry.heatmap}
+    if entry.overlay is not None:
+        body["overlay"] = entry.overlay
+    if raw:
+        body["cam"] = entry.cam.tolist()
+    return body
+
+
+def explain_result(image: ImageResult, raw: bool) -> dict:
+    return {**predict_result(image), "explanations": [explanation(e, raw) for e in image.explanations]}
+
+
+def predict_response(result: InferenceResult) -> dict:
+    return {"model": result.model, "results": [predict_result(image) for image in result.images]}
+
+
+def explain_response(result: InferenceResult, raw: bool) -> dict:
+    return {
+        "model": result.model,
+        "method": result.method,
+        "layers": list(result.layers),
+        "counterfactual": result.counterfactual,
+        "results": [explain_result(image, raw) for image in result.images],
+    }
