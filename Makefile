@@ -37,7 +37,7 @@ bench: install-test
 	$(PY) -m bench.bench_engine --batches 1 8 32 --json docs/bench_engine_cpu.json
 
 bench-transformers: install-test
-	$(PY) -m bench.bench_transformers --batches 1 8 --json docs/bench_transformers_cpu.json
+	$(PY) -m bench.bench_transformers --batches 1 8 --repeats 15 7 --json docs/bench_transformers_cpu.json
 
 bench-load: install-test
 	$(PY) -m bench.bench_load --spawn --concurrency 1 4 16 64 --json docs/bench_load_cpu.json
