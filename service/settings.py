@@ -16,6 +16,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CAMSERVE_", extra="ignore")
 
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available, else CPU")
+    allow_tf32: bool = Field(
+        False, description="CUDA: TF32 convolutions and matmuls (faster on Ampere+, ~1e-3 relative error in maps)"
+    )
     models_file: Path | None = Field(None, description="TOML file listing the models; unset = embedded default")
     max_batch_size: int = Field(16, ge=1, le=1024, description="most images one engine batch holds")
     max_wait_ms: float = Field(0.0, ge=0, le=10_000, description="hold a non-full batch this long for more items")

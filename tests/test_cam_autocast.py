@@ -13,6 +13,7 @@ import torch
 
 from service.cam import CamEngine, metrics
 from service.cam.render import minmax_normalize
+from service.device import apply_tf32, tf32_state
 from tests.conftest import to_lite_input
 
 TOLERANCE, MIN_SPEARMAN = 0.05, 0.99
@@ -48,9 +49,19 @@ def test_autocast_on_cuda(lite0, photos, dtype):
     compare(lite0, photos, "cuda", dtype)
 
 
+@pytest.fixture
+def tf32_off():
+    """IEEE float32 on CUDA (CAMSERVE_ALLOW_TF32=false, the default): TF32 convolutions differ by ~1e-3 relative."""
+    conv, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    apply_tf32(False)
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, matmul
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_maps_match_cpu(lite0, photos):
+def test_cuda_maps_match_cpu(lite0, photos, tf32_off):
+    assert tf32_state() == {"conv": False, "matmul": False}
     cpu = CamEngine(copy.deepcopy(lite0)).explain(photos, method="gradcampp")
     gpu = CamEngine(copy.deepcopy(lite0).cuda()).explain(photos.cuda(), method="gradcampp")
     assert gpu.maps.device.type == "cuda"

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from service.cam import CamEngine, UnknownLayerError
+from service.device import configure_device, no_cuda_message
 from service.errors import InvalidParameterError, UnknownModelError
 from service.models.errors import ModelConfigError
 from service.models.loader import build_model
@@ -24,11 +25,11 @@ _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def resolve_device(name: str) -> torch.device:
-    """auto = CUDA when available, else CPU; asking for CUDA without one fails at start-up."""
+    """auto = CUDA when available, else CPU; asking for CUDA without one fails at start-up, saying why."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ModelConfigError("CAMSERVE_DEVICE=cuda but no CUDA device is available")
+        raise ModelConfigError(no_cuda_message())
     return torch.device(name)
 
 
@@ -166,9 +167,13 @@ class ModelRegistry:
         self.default_name = default
 
     @classmethod
-    def load(cls, models_file: Path | None, device: str = "auto", warmup: bool = True) -> ModelRegistry:
+    def load(
+        cls, models_file: Path | None, device: str = "auto", warmup: bool = True, allow_tf32: bool = False
+    ) -> ModelRegistry:
+        """Read the models file, set up the device (TF32 as configured, logged once) and load every model."""
         config: ModelsFile = read_models_file(models_file) if models_file else default_models()
         target = resolve_device(device)
+        configure_device(target, allow_tf32)
         loaded = []
         for spec in config.models:
             served = load_model(spec, target, warmup=warmup)
