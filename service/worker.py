@@ -175,7 +175,7 @@ class BatchWorker:
                 outputs = await loop.run_in_executor(self._executor, self.compute, batch)
             except Exception as exc:  # a failure of the whole batch reaches every caller
                 log.exception("worker %s: batch of %d failed", self.model.name, len(batch))
-                outputs = [exc] * len(batch)
+                outputs = [as_service_error(exc)] * len(batch)
             finally:
                 self._computing = 0
             if self._on_batch is not None:

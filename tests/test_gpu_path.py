@@ -231,6 +231,22 @@ async def test_a_sticky_device_error_fails_readiness_and_liveness_logged_once(
     assert len(critical) == 1 and "illegal memory access" in critical[0].getMessage()
 
 
+def test_lifecycle_broken_is_final_and_logged_once(caplog):
+    from service.lifecycle import Lifecycle, Phase
+
+    phases: list[Phase] = []
+    lifecycle = Lifecycle(on_change=phases.append)
+    lifecycle.loaded()
+    assert lifecycle.is_ready and lifecycle.is_alive
+    with caplog.at_level(logging.CRITICAL, logger="camserve"):
+        lifecycle.broken(RuntimeError(ILLEGAL_ACCESS))
+        lifecycle.broken(RuntimeError("CUDA error: device-side assert triggered"))
+    lifecycle.drain()  # shutting down does not make a broken instance look healthy again
+    assert phases == [Phase.READY, Phase.BROKEN] and lifecycle.phase is Phase.BROKEN
+    assert not lifecycle.is_ready and not lifecycle.is_alive
+    assert "illegal memory access" in lifecycle.not_ready_reason() and len(caplog.records) == 1
+
+
 # -- item 7: one device-to-host copy per tensor per batch ---------------------------------------------------
 def test_a_batch_copies_each_result_tensor_to_the_host_once(registry, chelsea, coffee, monkeypatch):
     """Four explain items (top-1, two classes, top-1, and a predict item riding along): logits, maps and class
