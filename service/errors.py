@@ -44,3 +44,11 @@ class NotReadyError(CamserveError):
 
 class RequestTimeoutError(CamserveError, TimeoutError):
     """The request did not finish within its time limit."""
+
+
+class DeviceMemoryError(OverloadedError):
+    """The accelerator ran out of memory for a batch; the worker goes on with the next one, so retrying helps."""
+
+
+class DeviceFailedError(NotReadyError):
+    """The accelerator is in an unrecoverable (sticky) error state; this instance must restart."""

@@ -67,15 +67,25 @@ class ImageLimits:
 
 @dataclass(frozen=True)
 class DecodedImage:
-    """RGB pixels as a contiguous uint8 tensor [3, H, W], after EXIF orientation.
-
-    On the CPU, except when `decode_image` was given a CUDA device and took the GPU JPEG path.
-    """
+    """RGB pixels as a contiguous uint8 CPU tensor [3, H, W], after EXIF orientation."""
 
     pixels: torch.Tensor
     width: int
     height: int
     format: str
+
+
+@dataclass(frozen=True)
+class EncodedJpeg:
+    """A JPEG left encoded for the GPU decoder: its bytes passed every limit and `jpeg_for_gpu`'s checks.
+
+    The worker decodes the JPEGs of a batch together on the torch thread (`decode_jpeg_batch_cuda`), so nvJPEG
+    never runs beside the model's kernels on another thread.
+    """
+
+    data: bytes
+    width: int
+    height: int
 
 
 def check_media_type(content_type: str | None) -> None:
@@ -93,15 +103,11 @@ def check_media_type(content_type: str | None) -> None:
     )
 
 
-def decode_image(
-    data: bytes, limits: ImageLimits = ImageLimits(), device: torch.device | str | None = None
-) -> DecodedImage:
-    """Bytes -> `DecodedImage` (RGB uint8 [3, H, W]), refusing oversized, unsupported or broken images.
+def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> DecodedImage:
+    """Bytes -> `DecodedImage` (RGB uint8 [3, H, W] on the CPU), refusing oversized, unsupported or broken images.
 
     Multi-frame images give their first frame; EXIF orientation is applied; transparency is composited
-    onto white; 16-bit images are scaled to 8 bits. With a CUDA `device`, JPEGs without EXIF rotation
-    are decoded on the GPU (`decode_jpeg_batch_cuda`); anything else, or any GPU failure, takes the
-    CPU path, whose pixels are on the CPU.
+    onto white; 16-bit images are scaled to 8 bits.
     """
     if not data:
         raise InvalidInputError("empty image: the payload has no bytes")
@@ -111,45 +117,44 @@ def decode_image(
     image = _open(data, limits)
     with image:
         fmt = _format_of(image)
-        width, height = _check_size(image, limits)
-        if device is not None and torch.device(device).type == "cuda" and _gpu_decodable(image):
-            on_gpu = decode_jpeg_batch_cuda([data], torch.device(device), limits)
-            if on_gpu is not None:
-                return DecodedImage(pixels=on_gpu[0], width=width, height=height, format=fmt)
+        _check_size(image, limits)
         hwc = _decode_rgb(image, fmt, limits)
     chw = np.empty((3, hwc.shape[0], hwc.shape[1]), dtype=np.uint8)
     chw[...] = hwc.transpose(2, 0, 1)  # one copy into a fresh, writable, contiguous array
     return DecodedImage(pixels=torch.from_numpy(chw), width=int(hwc.shape[1]), height=int(hwc.shape[0]), format=fmt)
 
 
+def jpeg_for_gpu(data: bytes, limits: ImageLimits = ImageLimits()) -> EncodedJpeg | None:
+    """`EncodedJpeg` when nvJPEG decodes these bytes to the picture the CPU path gives (a plain RGB or grayscale
+    JPEG within `limits`, EXIF orientation 1 or absent), from the header alone; None otherwise (`decode_image`
+    then decodes on the CPU, or names what is wrong)."""
+    if not data or len(data) > limits.max_bytes:
+        return None
+    size = _gpu_jpeg_size(data)
+    if size is None or size[0] * size[1] > limits.max_pixels:
+        return None
+    return EncodedJpeg(data=data, width=size[0], height=size[1])
+
+
 def decode_jpeg_batch_cuda(
     datas: Sequence[bytes], device: torch.device, limits: ImageLimits = ImageLimits()
 ) -> list[torch.Tensor] | None:
-    """Decode JPEG bytes on a CUDA device with nvJPEG (torchvision), as RGB uint8 [3, H, W] tensors.
+    """Decode JPEG bytes on a CUDA device with nvJPEG (torchvision), in one call, as RGB uint8 [3, H, W] tensors.
 
-    Returns None, so the caller falls back to `decode_image` on the CPU, when CUDA or nvJPEG is unavailable,
-    when any item is not a plain RGB/grayscale JPEG within `limits` with EXIF orientation 1 or absent
-    (checked from the headers, without decoding), or when any decode fails or gives an unexpected size.
+    Call it on the thread that runs the model (torchvision's decoder does not order its output memory after
+    other threads' kernels: pytorch/vision#9606). Returns None, so the caller falls back to `decode_image` on
+    the CPU, when CUDA or nvJPEG is unavailable, when any item fails `jpeg_for_gpu`'s checks (without
+    decoding), or when any decode fails or gives an unexpected size.
     """
     device = torch.device(device)
     if device.type != "cuda" or not datas or not torch.cuda.is_available():
         return None
     sizes: list[tuple[int, int]] = []
     for data in datas:
-        if not data or len(data) > limits.max_bytes:
+        jpeg = jpeg_for_gpu(data, limits)
+        if jpeg is None:
             return None
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                with Image.open(io.BytesIO(data)) as header:
-                    if not _gpu_decodable(header):
-                        return None
-                    width, height = header.size
-        except Exception:
-            return None
-        if width * height > limits.max_pixels:
-            return None
-        sizes.append((width, height))
+        sizes.append((jpeg.width, jpeg.height))
     try:
         from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -195,6 +200,20 @@ def resize_for_model(pixels: torch.Tensor, size: tuple[int, int], interpolation:
     return torch.from_numpy(np.clip(resized / np.float32(255.0), 0.0, 1.0, dtype=np.float32))
 
 
+def resize_to_model(pixels: torch.Tensor, size: tuple[int, int], interpolation: str = "bilinear") -> torch.Tensor:
+    """uint8 [3, H, W] image on any device -> float32 [3, size[0], size[1]] in [0, 1] on the same device.
+
+    The whole image is resized (no crop, aspect ratio not kept) with antialias, as `preprocess` resizes;
+    the worker calls it right after decoding on the GPU, so full-size pixels never wait in a queue.
+    """
+    _pil_filter(interpolation)  # refuses a filter that `resize_for_model` cannot match
+    height, width = int(size[0]), int(size[1])
+    x = pixels.unsqueeze(0).to(torch.float32).div_(255.0)
+    if tuple(x.shape[-2:]) != (height, width):
+        x = F.interpolate(x, size=(height, width), mode=interpolation, align_corners=False, antialias=True)
+    return x.clamp_(0.0, 1.0).squeeze(0)
+
+
 def preprocess(
     images: Sequence[torch.Tensor],
     size: tuple[int, int],
@@ -206,10 +225,11 @@ def preprocess(
 ) -> torch.Tensor:
     """Images -> `dtype` [B, 3, size[0], size[1]] on `device`, normalized as (x - mean) / std.
 
-    Each image is either uint8 [3, H, W], whose WHOLE image is resized to `size` (no crop, aspect ratio not
-    kept; `interpolation` "bilinear" or "bicubic", with antialias) and scaled to [0, 1], or float32
-    [3, size[0], size[1]] in [0, 1] from `resize_for_model`. Images move to `device` first, so resizing runs
-    there (on the GPU when `device` is CUDA); the arithmetic is float32 and the result is cast to `dtype`.
+    Each image is either uint8 [3, H, W], whose WHOLE image is resized to `size` (`resize_to_model`;
+    `interpolation` "bilinear" or "bicubic", with antialias), or float32 [3, size[0], size[1]] in [0, 1] from
+    `resize_for_model` or `resize_to_model`. Images move to `device` first (on CUDA: the CPU ones staged in one
+    pinned buffer per dtype, one upload each), so resizing runs there; the arithmetic is float32 and the
+    result is cast to `dtype`.
     """
     if len(images) == 0:
         raise ValueError("preprocess needs at least one image")
@@ -218,26 +238,55 @@ def preprocess(
     _pil_filter(interpolation)  # refuses a filter that `resize_for_model` cannot match
     height, width = int(size[0]), int(size[1])
     device = torch.device(device)
-    mean_t = torch.tensor([float(m) for m in mean], dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    std_t = torch.tensor([float(s) for s in std], dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    batch = []
     for i, pixels in enumerate(images):
         if pixels.dim() != 3 or pixels.shape[0] != 3:
             raise ValueError(f"images[{i}] must be [3, H, W], got {pixels.dtype} {list(pixels.shape)}")
-        if pixels.dtype == torch.float32 and tuple(pixels.shape[-2:]) == (height, width):
-            batch.append(pixels.to(device, non_blocking=True).unsqueeze(0))
-            continue
-        if pixels.dtype != torch.uint8:
+        at_size = pixels.dtype == torch.float32 and tuple(pixels.shape[-2:]) == (height, width)
+        if not at_size and pixels.dtype != torch.uint8:
             raise ValueError(
                 f"images[{i}] must be uint8 [3, H, W] or float32 [3, {height}, {width}], "
                 f"got {pixels.dtype} {list(pixels.shape)}"
             )
-        x = pixels.to(device, non_blocking=True).unsqueeze(0).to(torch.float32).div_(255.0)
-        if tuple(x.shape[-2:]) != (height, width):
-            x = F.interpolate(x, size=(height, width), mode=interpolation, align_corners=False, antialias=True)
-        batch.append(x)
-    out = (torch.cat(batch).clamp_(0.0, 1.0) - mean_t) / std_t
+    on_device = upload(images, device, pin=device.type == "cuda")
+    batch = [x if x.dtype == torch.float32 else resize_to_model(x, (height, width), interpolation) for x in on_device]
+    mean_t = torch.tensor([float(m) for m in mean], dtype=torch.float32).view(1, 3, 1, 1).to(device)
+    std_t = torch.tensor([float(s) for s in std], dtype=torch.float32).view(1, 3, 1, 1).to(device)
+    out = (torch.stack(batch).clamp_(0.0, 1.0) - mean_t) / std_t
     return out.to(dtype)
+
+
+def upload(images: Sequence[torch.Tensor], device: torch.device, pin: bool) -> list[torch.Tensor]:
+    """`images` on `device`. Without `pin`, each moves as it is (a no-op for those already there). With `pin`,
+    the others are copied into one pinned host buffer per dtype, which moves in one asynchronous copy and
+    is split on the device."""
+    moved: list[torch.Tensor | None] = [x if _is_on(x, device) else None for x in images]
+    if not pin:
+        return [x if x is not None else images[i].to(device) for i, x in enumerate(moved)]
+    for dtype in dict.fromkeys(images[i].dtype for i, x in enumerate(moved) if x is None):
+        rows = [i for i, x in enumerate(moved) if x is None and images[i].dtype == dtype]
+        total = sum(images[i].numel() for i in rows)
+        staging = torch.empty(total, dtype=dtype, pin_memory=True)
+        start = 0
+        for i in rows:
+            count = images[i].numel()
+            staging[start : start + count].view(images[i].shape).copy_(images[i])
+            start += count
+        flat = staging.to(device, non_blocking=True)  # the caching host allocator keeps `staging` until it is read
+        start = 0
+        for i in rows:
+            count = images[i].numel()
+            moved[i] = flat[start : start + count].view(images[i].shape)
+            start += count
+    return [x for x in moved if x is not None]
+
+
+def _is_on(tensor: torch.Tensor, device: torch.device) -> bool:
+    """Whether `tensor` is on `device` ("cuda" means the current CUDA device, as `Tensor.to` reads it)."""
+    if tensor.device.type != device.type:
+        return False
+    if device.index is None and device.type == "cuda":
+        return tensor.device.index == torch.cuda.current_device()
+    return device.index is None or tensor.device.index == device.index
 
 
 # -- helpers -----------------------------------------------------------------------------------------------
@@ -361,6 +410,20 @@ def _exif_orientation(image: Image.Image) -> int | None:
 def _gpu_decodable(image: Image.Image) -> bool:
     """A JPEG nvJPEG decodes to the same picture as the CPU path: RGB or grayscale, not rotated."""
     return image.format in ("JPEG", "MPO") and image.mode in ("RGB", "L") and _exif_orientation(image) == 1
+
+
+def _gpu_jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the header of a JPEG that `_gpu_decodable` accepts; None for anything else."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as header:
+                if not _gpu_decodable(header):
+                    return None
+                width, height = header.size
+    except Exception:
+        return None
+    return (int(width), int(height)) if width >= 1 and height >= 1 else None
 
 
 def _decode_rgb(image: Image.Image, fmt: str, limits: ImageLimits) -> np.ndarray:

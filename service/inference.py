@@ -2,9 +2,11 @@
 
 `InferenceService.infer` takes one typed `InferenceRequest` (whatever protocol it came in by), validates its
 parameters once against the served model; decodes images (and resizes large ones for the model) on worker
-threads; sends one work item per image to the model's worker queue; waits (bounded by the request timeout,
-abandoning work when the client goes away); renders heatmaps and overlays and PNG-encodes them on worker
-threads again, into a typed `InferenceResult`. The torch thread runs only the batch itself. Knows nothing of
+threads, except that on a CUDA model JPEGs up to `GPU_DECODE_MAX_PIXELS` stay encoded for the batch to decode
+with nvJPEG on the torch thread (never beside its kernels on another thread); sends one work item per image to
+the model's worker queue; waits (bounded by the request timeout, abandoning work when the client goes away);
+renders heatmaps and overlays and PNG-encodes them on worker threads again, into a typed `InferenceResult`.
+The torch thread runs only the batch itself. Knows nothing of
 HTTP or of any protocol's response shape; nothing of gradients.
 """
 
@@ -24,10 +26,10 @@ from torch import Tensor
 from service.cam import render
 from service.cam.methods import get_method
 from service.errors import InvalidParameterError, NotReadyError, PayloadTooLargeError, RequestTimeoutError
-from service.images import ImageLimits, check_media_type, decode_image, resize_for_model
+from service.images import EncodedJpeg, ImageLimits, check_media_type, decode_image, jpeg_for_gpu, resize_for_model
 from service.models import ModelRegistry, ServedModel
 from service.settings import Settings
-from service.worker import BatchObserver, BatchWorker, ExplainOptions, ItemOutput, WorkItem
+from service.worker import BatchObserver, BatchWorker, ExplainOptions, FatalObserver, ItemOutput, WorkItem
 
 DisconnectCheck = Callable[[], Awaitable[bool]]
 MAX_TARGETS = 20  # classes explained per image: each costs a backward round and a PNG per image
@@ -36,6 +38,9 @@ MAX_LAYERS = 8
 # torch thread as part of the batch. Measured on 2 vCPUs: torch's antialiased resize takes 2 ms for a
 # 0.3-megapixel photo, PIL's 3-4.5 ms; at 2 MP torch takes 28 ms, PIL 13 ms; at 12 MP 282 vs 199 ms.
 RESIZE_WHILE_DECODING_ABOVE = 1_000_000
+# On a CUDA model, JPEGs up to this many pixels stay encoded until the batch decodes them on the GPU (and resizes
+# them at once); larger ones are decoded and resized here on the CPU, so the device never holds a 40 MP image.
+GPU_DECODE_MAX_PIXELS = 12_000_000
 
 
 class ClientDisconnectedError(Exception):
@@ -61,7 +66,7 @@ class Decoded:
 
     width: int
     height: int
-    model_input: Tensor
+    model_input: Tensor | EncodedJpeg
     pixels: Tensor | None = None
 
 
@@ -145,7 +150,13 @@ class _Validated:
 class InferenceService:
     """Owns one BatchWorker per served model."""
 
-    def __init__(self, registry: ModelRegistry, settings: Settings, on_batch: BatchObserver | None = None) -> None:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        settings: Settings,
+        on_batch: BatchObserver | None = None,
+        on_fatal: FatalObserver | None = None,
+    ) -> None:
         self.registry = registry
         self.settings = settings
         self.limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
@@ -156,6 +167,7 @@ class InferenceService:
                 max_queue=settings.max_queue,
                 max_wait_ms=settings.max_wait_ms,
                 on_batch=on_batch,
+                on_fatal=on_fatal,
             )
             for m in registry
         }
@@ -248,11 +260,15 @@ class InferenceService:
         for payload in images:
             check_media_type(payload.content_type)
 
+        gpu_decode = served.device.type == "cuda" and not keep_pixels  # overlays need the pixels on the CPU
+
         def decode_one(payload: ImagePayload) -> Decoded:
-            image = decode_image(payload.data, self.limits, served.device)
-            small = image.width * image.height <= RESIZE_WHILE_DECODING_ABOVE
+            jpeg = jpeg_for_gpu(payload.data, self.limits) if gpu_decode else None
+            if jpeg is not None and jpeg.width * jpeg.height <= GPU_DECODE_MAX_PIXELS:
+                return Decoded(jpeg.width, jpeg.height, jpeg)  # decoded in the batch, on the torch thread
+            image = decode_image(payload.data, self.limits)
             kept = image.pixels if keep_pixels else None
-            if small or image.pixels.device.type != "cpu":  # resized on the torch thread (on the GPU if there)
+            if image.width * image.height <= RESIZE_WHILE_DECODING_ABOVE:  # resized in the batch
                 return Decoded(image.width, image.height, image.pixels, kept)
             resized = resize_for_model(image.pixels, served.input_size, served.interpolation)
             return Decoded(image.width, image.height, resized, kept)
@@ -331,7 +347,7 @@ class InferenceService:
         level = self.settings.png_compress_level
         encode = _b64 if options.encoding == "base64" else _same
         size = (image.height, image.width)
-        pixels = image.pixels.cpu().permute(1, 2, 0).numpy() if image.pixels is not None else None
+        pixels = image.pixels.permute(1, 2, 0).numpy() if image.pixels is not None else None
         explanations = []
         for row, index in enumerate(output.classes):
             cam = output.maps[row].numpy()

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from service.errors import NotReadyError, OverloadedError
-from service.images import preprocess
+from service.device_faults import as_service_error
+from service.errors import DeviceFailedError, NotReadyError, OverloadedError
+from service.images import EncodedJpeg, ImageLimits, decode_image, decode_jpeg_batch_cuda, preprocess, resize_to_model
 from service.models import ServedModel
 
 log = logging.getLogger(__name__)
@@ -39,10 +40,11 @@ class WorkItem:
     """One image waiting for the worker. `options` None means predict only.
 
     `pixels` is what `preprocess` takes: float32 [3, h, w] at the model's input size from
-    `resize_for_model` (resized where it was decoded), or a uint8 [3, H, W] image resized here.
+    `resize_for_model` (resized where it was decoded), or a uint8 [3, H, W] CPU image resized here; or an
+    `EncodedJpeg` that the batch decodes on the GPU, on the torch thread, and resizes at once.
     """
 
-    pixels: Tensor
+    pixels: Tensor | EncodedJpeg
     options: ExplainOptions | None
     targets: list[int] | None
     future: asyncio.Future[ItemOutput]
@@ -65,6 +67,11 @@ class ItemOutput:
 
 
 BatchObserver = Callable[[str, int, float], None]
+FatalObserver = Callable[[BaseException], None]
+
+# Pixels one nvJPEG call decodes at most (24 MP: 72 MB of uint8 at once, plus one image's float copy while it
+# is resized); a batch's JPEGs are decoded in as few calls as fit.
+GPU_DECODE_BUDGET_PIXELS = 24_000_000
 
 _TORCH_THREAD: ThreadPoolExecutor | None = None
 
@@ -94,12 +101,14 @@ class BatchWorker:
         max_queue: int,
         max_wait_ms: float = 0.0,
         on_batch: BatchObserver | None = None,
+        on_fatal: FatalObserver | None = None,
     ) -> None:
         self.model = model
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.max_wait_s = max_wait_ms / 1000.0
         self._on_batch = on_batch
+        self._on_fatal = on_fatal
         self._pending: deque[WorkItem] = deque()
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
@@ -166,11 +175,14 @@ class BatchWorker:
                 outputs = await loop.run_in_executor(self._executor, self.compute, batch)
             except Exception as exc:  # a failure of the whole batch reaches every caller
                 log.exception("worker %s: batch of %d failed", self.model.name, len(batch))
-                outputs = [exc] * len(batch)
+                outputs = [as_service_error(exc)] * len(batch)
             finally:
                 self._computing = 0
             if self._on_batch is not None:
                 self._on_batch(self.model.name, len(batch), time.perf_counter() - started)
+            failed = next((o for o in outputs if isinstance(o, DeviceFailedError)), None)
+            if failed is not None and self._on_fatal is not None:
+                self._on_fatal(failed)
             for item, output in zip(batch, outputs, strict=True):
                 if item.future.done():
                     continue
@@ -202,61 +214,121 @@ class BatchWorker:
 
     # -- compute thread --------------------------------------------------------------------
     def compute(self, batch: list[WorkItem]) -> list[ItemOutput | BaseException]:
-        """Run a batch: one engine call per distinct ExplainOptions; predict items join the first."""
+        """Run a batch: decode its JPEGs, then one engine call per distinct ExplainOptions; predict items join the
+        first. Device out-of-memory and sticky device errors come back as `as_service_error` words them."""
+        outputs: list[ItemOutput | BaseException] = [RuntimeError("not computed")] * len(batch)
+        inputs = self._decode_jpegs(batch, outputs)
         groups: dict[ExplainOptions | None, list[int]] = {}
         for index, item in enumerate(batch):
-            groups.setdefault(item.options, []).append(index)
+            if inputs[index] is not None:
+                groups.setdefault(item.options, []).append(index)
         predict_only = groups.pop(None, [])
-        outputs: list[ItemOutput | BaseException] = [RuntimeError("not computed")] * len(batch)
         for n, (options, indices) in enumerate(groups.items()):
             members = indices + (predict_only if n == 0 else [])
             try:
-                self._explain_group(batch, members, options, outputs)
+                self._explain_group(batch, inputs, members, options, outputs)
             except Exception as exc:
                 for i in members:
-                    outputs[i] = exc
+                    outputs[i] = as_service_error(exc)
         if predict_only and not groups:
             try:
-                x = self._inputs(batch, predict_only)
+                x = self._inputs(inputs, predict_only)
                 probabilities = torch.softmax(self.model.engine.predict(x), dim=1).cpu()
                 for row, i in enumerate(predict_only):
                     outputs[i] = ItemOutput(probabilities=probabilities[row])
             except Exception as exc:
                 for i in predict_only:
-                    outputs[i] = exc
+                    outputs[i] = as_service_error(exc)
         return outputs
 
-    def _inputs(self, batch: list[WorkItem], indices: list[int]) -> Tensor:
+    def _decode_jpegs(self, batch: list[WorkItem], outputs: list[ItemOutput | BaseException]) -> list[Tensor | None]:
+        """Each item's model input. The batch's `EncodedJpeg`s are decoded here, on the torch thread, in one
+        nvJPEG call per `GPU_DECODE_BUDGET_PIXELS` (stream-ordered after the previous batch's kernels), and each
+        is resized at once; when nvJPEG declines, on the CPU. A JPEG that cannot be decoded fails alone
+        (None, its error in `outputs`)."""
+        inputs: list[Tensor | None] = [None if isinstance(item.pixels, EncodedJpeg) else item.pixels for item in batch]
+        pending = [i for i, item in enumerate(batch) if isinstance(item.pixels, EncodedJpeg)]
         model = self.model
-        pixels = [batch[i].pixels for i in indices]
+        for chunk in _chunks(pending, [_jpeg(batch[i]).width * _jpeg(batch[i]).height for i in pending]):
+            decoded = decode_jpeg_batch_cuda([_jpeg(batch[i]).data for i in chunk], model.device)
+            for n, i in enumerate(chunk):
+                jpeg = _jpeg(batch[i])
+                try:
+                    if decoded is not None:
+                        inputs[i] = resize_to_model(decoded[n], model.input_size, model.interpolation)
+                    else:
+                        limits = ImageLimits(max_bytes=len(jpeg.data), max_pixels=jpeg.width * jpeg.height)
+                        inputs[i] = decode_image(jpeg.data, limits).pixels
+                except Exception as exc:
+                    outputs[i] = as_service_error(exc)
+            del decoded
+        return inputs
+
+    def _inputs(self, inputs: list[Tensor | None], indices: list[int]) -> Tensor:
+        model = self.model
+        pixels = [inputs[i] for i in indices]
         return preprocess(
-            pixels, model.input_size, model.mean, model.std, model.device, interpolation=model.interpolation
+            pixels,  # type: ignore[arg-type]  # only items that have an input are grouped
+            model.input_size,
+            model.mean,
+            model.std,
+            device=model.device,
+            interpolation=model.interpolation,
         )
 
     def _explain_group(
         self,
         batch: list[WorkItem],
+        inputs: list[Tensor | None],
         members: list[int],
         options: ExplainOptions,
         outputs: list[ItemOutput | BaseException],
     ) -> None:
-        x = self._inputs(batch, members)
+        """One engine call; its probabilities, maps and (for top-1 targets) classes come to the host once each,
+        and are split per image on the host by the rows each image's targets give (the engine's order)."""
+        x = self._inputs(inputs, members)
         targets = [batch[i].targets if batch[i].options is not None else [] for i in members]
         result = self.model.engine.explain(
             x, targets, method=options.method, layers=options.layers, counterfactual=options.counterfactual
         )
+        counts = [1 if t is None else len(t) for t in targets]
         probabilities = torch.softmax(result.logits, dim=1).cpu()
-        image_index = result.image_index.tolist()
-        classes = result.class_index.tolist()
-        for row, i in enumerate(members):
+        maps = result.maps.float().cpu()
+        if maps.shape[0] != sum(counts):
+            raise RuntimeError(f"the engine gave {maps.shape[0]} maps for {sum(counts)} (image, class) pairs")
+        top1 = any(t is None for t in targets)
+        classes = result.class_index.cpu().tolist() if top1 else [c for t in targets for c in t or ()]
+        start = 0
+        for row, (i, count) in enumerate(zip(members, counts, strict=True)):
             if batch[i].options is None:
                 outputs[i] = ItemOutput(probabilities=probabilities[row])
                 continue
-            rows = [p for p, image in enumerate(image_index) if image == row]
+            rows = slice(start, start + count)
+            start += count
             outputs[i] = ItemOutput(
                 probabilities=probabilities[row],
                 layers=result.layers,
                 method=result.method,
-                classes=[classes[p] for p in rows],
-                maps=result.maps[rows].float().cpu() if rows else None,
+                classes=classes[rows],
+                maps=maps[rows] if count else None,
             )
+
+
+def _jpeg(item: WorkItem) -> EncodedJpeg:
+    assert isinstance(item.pixels, EncodedJpeg)
+    return item.pixels
+
+
+def _chunks(indices: list[int], pixels: list[int], budget: int | None = None) -> list[list[int]]:
+    """`indices` in order, grouped so that each group's `pixels` sum stays within `budget` (an image larger
+    than the budget goes alone)."""
+    budget = GPU_DECODE_BUDGET_PIXELS if budget is None else budget
+    chunks: list[list[int]] = []
+    total = 0
+    for index, size in zip(indices, pixels, strict=True):
+        if not chunks or total + size > budget:
+            chunks.append([])
+            total = 0
+        chunks[-1].append(index)
+        total += size
+    return chunks

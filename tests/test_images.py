@@ -19,12 +19,16 @@ from service.images import (
     SUPPORTED_FORMATS,
     SUPPORTED_MEDIA_TYPES,
     DecodedImage,
+    EncodedJpeg,
     ImageLimits,
     check_media_type,
     decode_image,
     decode_jpeg_batch_cuda,
+    jpeg_for_gpu,
     preprocess,
     resize_for_model,
+    resize_to_model,
+    upload,
 )
 
 RED, GREEN, BLUE, YELLOW = (220, 20, 30), (10, 200, 40), (20, 40, 210), (240, 230, 20)
@@ -559,8 +563,6 @@ def test_cuda_jpeg_batch_declines_without_cuda():
     assert decode_jpeg_batch_cuda([data], torch.device("cpu")) is None
     if not torch.cuda.is_available():
         assert decode_jpeg_batch_cuda([data], torch.device("cuda")) is None
-        decoded = decode_image(data, ImageLimits(), "cuda")  # asks for the GPU, gets the CPU path
-        assert decoded.pixels.device.type == "cpu" and decoded.width == 8
 
 
 @pytest.fixture
@@ -603,18 +605,74 @@ def test_cuda_jpeg_batch_falls_back_when_the_decoder_fails(monkeypatch):
     monkeypatch.setattr(torchvision.io, "decode_jpeg", broken)
     data = encode(Image.new("RGB", (8, 8), RED), "JPEG")
     assert decode_jpeg_batch_cuda([data], torch.device("cuda")) is None
-    decoded = decode_image(data, ImageLimits(), "cuda")
-    assert decoded.pixels.device.type == "cpu" and max_difference(decoded.pixels[:, 4, 4], torch.tensor(RED)) <= 6
 
 
-def test_decode_image_uses_the_gpu_path_only_for_unrotated_jpegs(fake_nvjpeg):
+def test_jpeg_for_gpu_takes_only_unrotated_jpegs_within_the_limits(fake_nvjpeg):
+    """The header decides; nothing is decoded (the fake decoder is never called)."""
     plain = encode(Image.fromarray(quadrants()), "JPEG", quality=95)
-    decoded = decode_image(plain, ImageLimits(), "cuda")
-    assert fake_nvjpeg == [1] and decoded.format == "JPEG" and (decoded.width, decoded.height) == (64, 48)
-    rotated = decode_image(jpeg_with_orientation(quadrants(), 8), ImageLimits(), "cuda")
-    assert fake_nvjpeg == [1] and (rotated.width, rotated.height) == (48, 64)  # CPU path applied the EXIF turn
-    decode_image(encode(Image.fromarray(quadrants()), "PNG"), ImageLimits(), "cuda")
-    assert fake_nvjpeg == [1]
+    jpeg = jpeg_for_gpu(plain)
+    assert jpeg is not None and (jpeg.width, jpeg.height) == (64, 48) and jpeg.data is plain
+    gray = encode(Image.new("L", (9, 7), 80), "JPEG")
+    assert jpeg_for_gpu(gray) == EncodedJpeg(gray, 9, 7)
+    for other in (
+        jpeg_with_orientation(quadrants(), 8),
+        encode(Image.new("CMYK", (8, 8)), "JPEG"),
+        encode(Image.fromarray(quadrants()), "PNG"),
+        b"garbage",
+        b"",
+    ):
+        assert jpeg_for_gpu(other) is None
+    assert jpeg_for_gpu(plain, ImageLimits(max_pixels=64 * 48 - 1)) is None
+    assert jpeg_for_gpu(plain, ImageLimits(max_bytes=len(plain) - 1)) is None
+    assert fake_nvjpeg == []
+
+
+def test_decode_image_never_uses_the_gpu(fake_nvjpeg):
+    decoded = decode_image(encode(Image.fromarray(quadrants()), "JPEG", quality=95))
+    assert fake_nvjpeg == [] and decoded.pixels.device.type == "cpu" and (decoded.width, decoded.height) == (64, 48)
+
+
+def test_resize_to_model_matches_preprocess(chelsea):
+    pixels = chw(chelsea)
+    resized = resize_to_model(pixels, (224, 224), "bicubic")
+    assert resized.dtype == torch.float32 and tuple(resized.shape) == (3, 224, 224)
+    assert float(resized.min()) >= 0.0 and float(resized.max()) <= 1.0
+    direct = preprocess([pixels], (224, 224), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), interpolation="bicubic")
+    via = preprocess([resized], (224, 224), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), interpolation="bicubic")
+    torch.testing.assert_close(via, direct, atol=0, rtol=0)
+    assert torch.equal(resize_to_model(pixels, (300, 451)), pixels.float() / 255)  # same size: only scaled
+
+
+def test_upload_stages_host_images_in_one_buffer_per_dtype(monkeypatch, chelsea):
+    """On CUDA, the host images go through one pinned buffer per dtype and one copy each. Simulated with the
+    "meta" device as the target and `pin_memory` recorded instead of honoured (no CUDA here)."""
+    pinned: list[torch.Tensor] = []
+    real_empty = torch.empty
+
+    def empty(*size, dtype=None, pin_memory=False, **kwargs):
+        buffer = real_empty(*size, dtype=dtype, **kwargs)
+        if pin_memory:
+            pinned.append(buffer)
+        return buffer
+
+    monkeypatch.setattr(torch, "empty", empty)
+    meta = torch.device("meta")
+    images = [
+        chw(chelsea),
+        torch.rand(3, 8, 8),
+        chw(chelsea[:10, :20]),
+        torch.rand(3, 8, 8),
+        torch.rand(3, 2, 2, device=meta),
+    ]
+    moved = upload(images, meta, pin=True)
+    assert [b.dtype for b in pinned] == [torch.uint8, torch.float32]
+    torch.testing.assert_close(pinned[0], torch.cat([images[0].flatten(), images[2].flatten()]), atol=0, rtol=0)
+    torch.testing.assert_close(pinned[1], torch.cat([images[1].flatten(), images[3].flatten()]), atol=0, rtol=0)
+    assert [(m.device, m.dtype, m.shape) for m in moved] == [(meta, i.dtype, i.shape) for i in images]
+    assert moved[4] is images[4]  # already there: not staged
+    pinned.clear()
+    cpu = upload(images[:4], torch.device("cpu"), pin=False)
+    assert pinned == [] and all(a is b for a, b in zip(cpu, images[:4], strict=True))  # nothing moves on the CPU
 
 
 @pytest.mark.gpu
@@ -628,14 +686,19 @@ def test_gpu_jpeg_decode_matches_cpu(chelsea, coffee):
         assert pixels.device.type == "cuda" and pixels.shape == cpu.shape and pixels.dtype == torch.uint8
         difference = (pixels.cpu().int() - cpu.int()).abs().float()
         assert difference.mean() < 1.0 and difference.max() <= 16  # IDCT implementations differ slightly
-    decoded = decode_image(datas[0], ImageLimits(), "cuda")
-    assert decoded.pixels.device.type == "cuda" and (decoded.width, decoded.height) == (451, 300)
+    resized = resize_to_model(on_gpu[0], (224, 224))
+    assert resized.device.type == "cuda"
+    torch.testing.assert_close(
+        resized.cpu(), resize_to_model(decode_image(datas[0]).pixels, (224, 224)), atol=0.07, rtol=0
+    )
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_preprocess_on_gpu_matches_cpu(chelsea):
     cpu = preprocess([chw(chelsea)], (224, 224), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-    gpu = preprocess([chw(chelsea)], (224, 224), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), device="cuda")
-    assert gpu.device.type == "cuda"
-    torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=0)
+    mixed = [chw(chelsea), resize_to_model(chw(chelsea), (224, 224)), chw(chelsea).cuda()]
+    gpu = preprocess(mixed, (224, 224), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), device="cuda")  # pinned staging
+    assert gpu.device.type == "cuda" and gpu.shape[0] == 3
+    for row in gpu.cpu():
+        torch.testing.assert_close(row.unsqueeze(0), cpu, atol=1e-4, rtol=0)

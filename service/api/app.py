@@ -78,7 +78,7 @@ def create_app(
                 loaded = await asyncio.get_running_loop().run_in_executor(torch_executor(), load, settings)
             for model in loaded:
                 metrics_.model_load_seconds.labels(model.name).set(model.load_seconds)
-            service = InferenceService(loaded, settings, on_batch=metrics_.observe_batch)
+            service = InferenceService(loaded, settings, on_batch=metrics_.observe_batch, on_fatal=lifecycle.broken)
             service.start()
             app.state.service = service
             lifecycle.loaded()

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import errors
+from service.device_faults import is_out_of_memory
 from service.models.errors import ModelConfigError
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,9 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    if is_out_of_memory(exc):  # the worker words its own; this catches one raised anywhere else
+        log.warning("out of memory: %s", exc)
+        return error_response(503, "out of memory; retry shortly", {"Retry-After": "1"}, path=request.url.path)
     log.exception("unhandled error", exc_info=exc)
     if isinstance(exc, ModelConfigError):
         return error_response(503, "the service is not ready: a model failed to load", path=request.url.path)

@@ -10,16 +10,24 @@ from service.api.schemas import ErrorResponse, HealthResponse
 router = APIRouter(prefix="/health", tags=["health"])
 
 
-@router.get("/live", response_model=HealthResponse, summary="Liveness: 200 while the process runs")
-async def live() -> HealthResponse:
+@router.get(
+    "/live",
+    response_model=HealthResponse,
+    summary="Liveness: 200 while the process can serve, 503 after a fatal device error (restart it)",
+    responses={503: {"model": ErrorResponse, "description": "the device failed: restart the process"}},
+)
+async def live(request: Request) -> HealthResponse | JSONResponse:
+    lifecycle = request.app.state.lifecycle
+    if not lifecycle.is_alive:
+        return JSONResponse({"detail": lifecycle.not_ready_reason()}, status_code=503)
     return HealthResponse(status="ok")
 
 
 @router.get(
     "/ready",
     response_model=HealthResponse,
-    summary="Readiness: 200 once every model is loaded and warmed up, 503 before and while draining",
-    responses={503: {"model": ErrorResponse, "description": "loading, failed or shutting down"}},
+    summary="Readiness: 200 once every model is loaded and warmed up, 503 before, while draining and once broken",
+    responses={503: {"model": ErrorResponse, "description": "loading, failed, shutting down or device failed"}},
 )
 async def ready(request: Request) -> HealthResponse | JSONResponse:
     lifecycle = request.app.state.lifecycle

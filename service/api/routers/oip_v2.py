@@ -111,8 +111,11 @@ async def server_metadata() -> V2ServerMetadata:
     return V2ServerMetadata(name="camserve", version=__version__, extensions=["binary_tensor_data"])
 
 
-@health.get("/health/live", summary="OIP v2: liveness (200 while the process runs)")
-async def live() -> Response:
+@health.get("/health/live", summary="OIP v2: liveness (200 while the process can serve; 503 once its device failed)")
+async def live(request: Request) -> Response:
+    lifecycle = request.app.state.lifecycle
+    if not lifecycle.is_alive:
+        raise NotReadyError(f"not live: {lifecycle.not_ready_reason()}")
     return Response(status_code=200)
 
 
