@@ -131,7 +131,14 @@ def step_environment(args: argparse.Namespace) -> dict:
         )
         info["nvidia_smi"] = smi.stdout.strip()
     missing = []
-    for module in ("fastapi", "uvicorn", "pydantic", "pydantic_settings", "multipart", "efficientnet_lite_pytorch"):
+    for module in (
+        "fastapi",
+        "uvicorn",
+        "pydantic",
+        "pydantic_settings",
+        "python_multipart",
+        "efficientnet_lite_pytorch",
+    ):
         try:
             __import__(module)
         except ImportError:
