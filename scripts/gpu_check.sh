@@ -46,7 +46,7 @@ case "$mode" in
     if [ "$part" = cpu ]; then
       device=cpu
       set -- --part all --race-seconds 2 --concurrency 4 --max-mp 1 --memory-requests 4 --methods gradcam \
-        --dtypes float32 bfloat16 "$@"
+        --dtypes float32 "$@"
     else
       device=cuda
       set -- --part "$part" "$@"
