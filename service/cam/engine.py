@@ -19,14 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from service.cam import scaling
 from service.cam.capture import ActivationCapture, guided_backprop
 from service.cam.errors import CamError, InvalidTargetError
 from service.cam.layers import LayerTrace, choose_default_layer, resolve_layer, trace_layers
 from service.cam.methods import CamMethod, get_method
+from service.cam.pairs import PairPlan, TargetSpec, plan_pairs
 from service.cam.render import minmax_normalize, resize_maps
-
-#: Per image: None (top-1 prediction), one class index, or a list of class indices (may be empty).
-TargetSpec = Sequence[int | Sequence[int] | None] | None
 
 
 @dataclass
@@ -47,6 +46,8 @@ class Explanation:
     maps: Tensor
     layer_maps: dict[str, Tensor] = field(default_factory=dict)
     guided: Tensor | None = None
+    #: (image, class) of each row on the host, the same as image_index/class_index without a device sync.
+    pairs: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def scores(self) -> Tensor:
@@ -63,7 +64,9 @@ class CamEngine:
         *,
         autocast_dtype: torch.dtype | None = None,
         default_layer: str | None = None,
+        gradient_scale: float | None = None,
     ) -> None:
+        """`gradient_scale`: a power of two for the backward's gradient output (None: 2**12 in float16, else 1)."""
         model.eval()
         for parameter in model.parameters():
             parameter.requires_grad_(False)
@@ -72,6 +75,7 @@ class CamEngine:
         self.device = first.device if first is not None else torch.device("cpu")
         self.autocast_dtype = autocast_dtype
         self._default_layer = default_layer
+        self.gradient_scale = None if gradient_scale is None else scaling.check_scale(gradient_scale)
         self._trace: LayerTrace | None = None
         self._trace_lock = threading.Lock()
 
@@ -152,22 +156,22 @@ class CamEngine:
                 logits = self.model(images)
             capture.check_complete()
             activations = [capture.activations[name] for name in names]
-            image_index, class_index, rounds = self._pairs(targets, logits.detach())
+            plan = self._pairs(targets, logits.detach())
             sign = -1.0 if counterfactual else 1.0
-            grads = self._gradients(logits, activations, image_index, class_index, rounds, sign)
+            grads = self._gradients(logits, activations, plan, sign)
             logits = logits.detach().float()
             del capture
 
             layer_maps = {}
             for name, act, grad in zip(names, activations, grads, strict=True):
                 layout = trace.layouts[name]
-                feature = layout.to_nchw(act.detach()[image_index].float(), name)
+                feature = layout.to_nchw(act.detach()[plan.image_index].float(), name)
                 layer_maps[name] = cam(feature, layout.to_nchw(grad, name))
             del activations, grads
             maps = self._fuse(layer_maps) if len(names) > 1 else layer_maps[names[0]]
             guided = None
             if cam.needs_input_gradient:
-                guided = self._guided(images, image_index, class_index, rounds, sign, maps)
+                guided = self._guided(images, plan, sign, maps)
                 maps = guided.abs().amax(dim=1)
 
         return Explanation(
@@ -175,79 +179,57 @@ class CamEngine:
             layers=names,
             counterfactual=counterfactual,
             logits=logits,
-            image_index=image_index,
-            class_index=class_index,
+            image_index=plan.image_index,
+            class_index=plan.class_index,
             maps=maps,
             layer_maps=layer_maps,
             guided=guided,
+            pairs=list(zip(plan.images, plan.classes, strict=True)),
         )
 
     # -- helpers -----------------------------------------------------------------------------
-    def _pairs(self, targets: TargetSpec, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Flatten per-image targets into (image, class, round) rows; validate against the logits."""
-        batch, num_classes = logits.shape
-        if targets is None:
-            per_image: list[list[int] | None] = [None] * batch
-        else:
-            if isinstance(targets, (int, str)) or not isinstance(targets, Sequence):
-                raise InvalidTargetError("targets must be a sequence with one entry per image")
-            if len(targets) != batch:
-                raise InvalidTargetError(f"got {len(targets)} target entries for a batch of {batch} images")
-            per_image = [self._as_list(t, i) for i, t in enumerate(targets)]
-        top1 = logits.argmax(dim=1).tolist()
-        images, classes, rounds = [], [], []
-        for i, wanted in enumerate(per_image):
-            chosen = [top1[i]] if wanted is None else wanted
-            for r, c in enumerate(chosen):
-                if not 0 <= c < num_classes:
-                    raise InvalidTargetError(
-                        f"class index {c} for image {i} is out of range: the model has {num_classes} classes"
-                    )
-                images.append(i)
-                classes.append(c)
-                rounds.append(r)
+    def _pairs(self, targets: TargetSpec, logits: Tensor) -> PairPlan:
+        """Flatten per-image targets into (image, class) rows grouped by round; validate against the logits."""
+        return plan_pairs(targets, logits)
 
-        def as_tensor(values: list[int]) -> Tensor:
-            return torch.tensor(values, dtype=torch.long, device=logits.device)
+    def _gradient_scales(self, logits: Tensor) -> list[float]:
+        """Scales to try for one backward: see service.cam.scaling (float16 only, unless configured)."""
+        if self.gradient_scale is not None:
+            return scaling.scales(self.gradient_scale)
+        half = self.autocast_dtype == torch.float16 or logits.dtype == torch.float16
+        return scaling.scales(scaling.default_scale(torch.float16 if half else None))
 
-        return as_tensor(images), as_tensor(classes), as_tensor(rounds)
+    def _gradients(self, logits: Tensor, inputs: Sequence[Tensor], plan: PairPlan, sign: float) -> list[Tensor]:
+        """d(sign * logit[image, class]) / d input for every pair (float32), one backward per target round.
 
-    @staticmethod
-    def _as_list(target: int | Sequence[int] | None, image: int) -> list[int] | None:
-        if target is None:
-            return None
-        items = [target] if isinstance(target, (int, Tensor)) else list(target)
-        out = []
-        for item in items:
-            if isinstance(item, bool) or not isinstance(item, (int, Tensor)):
-                raise InvalidTargetError(f"target {item!r} for image {image} is not a class index")
-            out.append(int(item))
-        return out
-
-    @staticmethod
-    def _gradients(
-        logits: Tensor,
-        inputs: Sequence[Tensor],
-        image_index: Tensor,
-        class_index: Tensor,
-        rounds: Tensor,
-        sign: float,
-    ) -> list[Tensor]:
-        """d(sign * logit[image, class]) / d input for every pair, one backward per target round.
-
-        Images of a batch are independent in eval mode, so one backward gives every image's
-        gradient for the class it asks for in that round.
+        Images of a batch are independent in eval mode, so one backward gives every image's gradient for
+        the class it asks for in that round. Under float16 the backward runs on a scaled gradient output,
+        retried at lower scales while the result is not finite, and is unscaled exactly in float32.
         """
-        count = image_index.numel()
+        tries = self._gradient_scales(logits)
+        for attempt, scale in enumerate(tries):
+            last = attempt == len(tries) - 1
+            out = self._backward(logits, inputs, plan, sign * scale, retain=not last)
+            if scale == 1:
+                return out
+            if last or scaling.all_finite(out):
+                return [buffer.mul_(1.0 / scale) for buffer in out]
+        raise AssertionError("unreachable: the last scale always returns")
+
+    @staticmethod
+    def _backward(
+        logits: Tensor, inputs: Sequence[Tensor], plan: PairPlan, fill: float, *, retain: bool
+    ) -> list[Tensor]:
+        """One backward per round with `fill` at each row's logit; gradients gathered into float32 buffers."""
+        count = len(plan)
         out = [torch.empty((count, *t.shape[1:]), dtype=torch.float32, device=t.device) for t in inputs]
-        num_rounds = int(rounds.max()) + 1 if count else 0
-        for r in range(num_rounds):
-            rows = (rounds == r).nonzero().squeeze(1)
+        for r, rnd in enumerate(plan.rounds):
             grad_output = torch.zeros_like(logits)
-            grad_output[image_index[rows], class_index[rows]] = sign
-            grads = torch.autograd.grad(logits, list(inputs), grad_outputs=grad_output, retain_graph=r < num_rounds - 1)
+            grad_output[rnd.images, rnd.classes] = fill
+            keep = retain or r < len(plan.rounds) - 1
+            grads = torch.autograd.grad(logits, list(inputs), grad_outputs=grad_output, retain_graph=keep)
             for buffer, grad in zip(out, grads, strict=True):
-                buffer[rows] = grad[image_index[rows]].float()
+                buffer[rnd.rows] = grad[rnd.images].float()
         return out
 
     @staticmethod
@@ -260,9 +242,7 @@ class CamEngine:
     def _guided(
         self,
         images: Tensor,
-        image_index: Tensor,
-        class_index: Tensor,
-        rounds: Tensor,
+        plan: PairPlan,
         sign: float,
         cam_maps: Tensor,
     ) -> Tensor:
@@ -275,7 +255,7 @@ class CamEngine:
                 "guided-gradcam needs activation functions (ReLU, GELU, SiLU, ...) to guide, and this model "
                 "runs none that can be intercepted; use gradcam or another method"
             )
-        (gradient,) = self._gradients(logits, [inputs], image_index, class_index, rounds, sign)
+        (gradient,) = self._gradients(logits, [inputs], plan, sign)
         weights = F.interpolate(
             minmax_normalize(cam_maps).unsqueeze(1), size=images.shape[-2:], mode="bilinear", align_corners=False
         )

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from service.cam.capture import ActivationCapture
 from service.cam.errors import UnknownLayerError
 from service.cam.layouts import FeatureLayout, detect_layout
+from service.cam.scaling import FLOAT16_SCALE
 
 #: How many of the deepest feature layers the default-layer probe looks at.
 DEFAULT_PROBE_LAYERS = 48
@@ -136,10 +137,11 @@ def choose_default_layer(
         captured = [n for n in names if n in capture.activations]
         if not captured:
             return None
-        top = logits.float().max(dim=1).values.sum()
+        # scaled so that float16 gradients do not flush to zero; only "any non-zero" is read (inf and nan count)
+        top = logits.float().max(dim=1).values.sum() * FLOAT16_SCALE
         grads = torch.autograd.grad(top, [capture.activations[n] for n in captured], allow_unused=True)
     for name, grad in reversed(list(zip(captured, grads, strict=True))):
-        if grad is not None and trace.layouts[name].to_nchw(grad, name).abs().amax() > 0:
+        if grad is not None and bool(trace.layouts[name].to_nchw(grad, name).ne(0).any()):
             return name
     return None
 
