@@ -296,8 +296,7 @@ class BatchWorker:
         maps = result.maps.float().cpu()
         if maps.shape[0] != sum(counts):
             raise RuntimeError(f"the engine gave {maps.shape[0]} maps for {sum(counts)} (image, class) pairs")
-        top1 = any(t is None for t in targets)
-        classes = result.class_index.cpu().tolist() if top1 else [c for t in targets for c in t or ()]
+        classes = [c for _, c in result.pairs]  # host lists from the engine: no device copy
         start = 0
         for row, (i, count) in enumerate(zip(members, counts, strict=True)):
             if batch[i].options is None:
