@@ -262,6 +262,9 @@ def upload(images: Sequence[torch.Tensor], device: torch.device, pin: bool) -> l
     moved: list[torch.Tensor | None] = [x if _is_on(x, device) else None for x in images]
     if not pin:
         return [x if x is not None else images[i].to(device) for i, x in enumerate(moved)]
+    for i, x in enumerate(images):
+        if moved[i] is None and x.is_pinned():  # staged ahead (`stage_pinned`): moves as it is, asynchronously
+            moved[i] = x.to(device, non_blocking=True)
     for dtype in dict.fromkeys(images[i].dtype for i, x in enumerate(moved) if x is None):
         rows = [i for i, x in enumerate(moved) if x is None and images[i].dtype == dtype]
         total = sum(images[i].numel() for i in rows)
@@ -278,6 +281,12 @@ def upload(images: Sequence[torch.Tensor], device: torch.device, pin: bool) -> l
             moved[i] = flat[start : start + count].view(images[i].shape)
             start += count
     return [x for x in moved if x is not None]
+
+
+def stage_pinned(images: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """CPU images copied into pinned host memory (others, and None, as they are): the host half of `upload`,
+    done ahead for a batch that waits while another computes, so its upload is one asynchronous copy."""
+    return [x.pin_memory() if x is not None and x.device.type == "cpu" and not x.is_pinned() else x for x in images]
 
 
 def _is_on(tensor: torch.Tensor, device: torch.device) -> bool:

@@ -20,7 +20,15 @@ from torch import Tensor
 
 from service.device_faults import as_service_error
 from service.errors import DeviceFailedError, NotReadyError, OverloadedError
-from service.images import EncodedJpeg, ImageLimits, decode_image, decode_jpeg_batch_cuda, preprocess, resize_to_model
+from service.images import (
+    EncodedJpeg,
+    ImageLimits,
+    decode_image,
+    decode_jpeg_batch_cuda,
+    preprocess,
+    resize_to_model,
+    stage_pinned,
+)
 from service.models import ServedModel
 
 log = logging.getLogger(__name__)
@@ -102,7 +110,10 @@ class BatchWorker:
         max_wait_ms: float = 0.0,
         on_batch: BatchObserver | None = None,
         on_fatal: FatalObserver | None = None,
+        overlap: bool | None = None,
     ) -> None:
+        """`overlap` (default: on CUDA models): under a backlog, batch n+1 is taken while batch n computes and
+        its images are staged in pinned memory on another thread, so its upload does not wait for them."""
         self.model = model
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
@@ -117,11 +128,13 @@ class BatchWorker:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._computing = 0
+        self._staged_items = 0
+        self._overlap = model.device.type == "cuda" if overlap is None else overlap
 
     @property
     def in_flight(self) -> int:
-        """Items in the batch being computed now."""
-        return self._computing
+        """Items in the batch being computed now, and in the next one while it is staged."""
+        return self._computing + self._staged_items
 
     @property
     def depth(self) -> int:
@@ -158,21 +171,36 @@ class BatchWorker:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        ahead: tuple[list[WorkItem], asyncio.Future[list[Tensor | None]]] | None = None
         while True:
-            if not self._pending:
-                self._idle.set()
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            if self.max_wait_s and len(self._pending) < self.max_batch_size:
-                await self._hold_for_more()
-            batch = self._take_batch()
+            if ahead is not None:
+                (batch, staging), ahead = ahead, None
+                try:
+                    staged = await staging
+                except Exception:  # staging is an optimisation: the batch then uploads as it is
+                    log.exception("worker %s: staging a batch in pinned memory failed", self.model.name)
+                    staged = None
+                self._staged_items = 0
+            else:
+                if not self._pending:
+                    self._idle.set()
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                if self.max_wait_s and len(self._pending) < self.max_batch_size:
+                    await self._hold_for_more()
+                batch, staged = self._take_batch(), None
             if not batch:
                 continue
             started = time.perf_counter()
             self._computing = len(batch)
+            computing = loop.run_in_executor(self._executor, self.compute, batch, staged)
+            if self._overlap and len(self._pending) >= self.max_batch_size:  # a full next batch waits anyway
+                following = self._take_batch()
+                self._staged_items = len(following)
+                ahead = (following, loop.run_in_executor(None, self.stage, following))
             try:
-                outputs = await loop.run_in_executor(self._executor, self.compute, batch)
+                outputs = await computing
             except Exception as exc:  # a failure of the whole batch reaches every caller
                 log.exception("worker %s: batch of %d failed", self.model.name, len(batch))
                 outputs = [as_service_error(exc)] * len(batch)
@@ -213,11 +241,20 @@ class BatchWorker:
         return batch
 
     # -- compute thread --------------------------------------------------------------------
-    def compute(self, batch: list[WorkItem]) -> list[ItemOutput | BaseException]:
+    def stage(self, batch: list[WorkItem]) -> list[Tensor | None]:
+        """The host half of a batch's upload, run off the torch thread: its CPU images in pinned memory."""
+        return stage_pinned([item.pixels if isinstance(item.pixels, Tensor) else None for item in batch])
+
+    def compute(
+        self, batch: list[WorkItem], staged: list[Tensor | None] | None = None
+    ) -> list[ItemOutput | BaseException]:
         """Run a batch: decode its JPEGs, then one engine call per distinct ExplainOptions; predict items join the
-        first. Device out-of-memory and sticky device errors come back as `as_service_error` words them."""
+        first. `staged` holds inputs `stage` prepared ahead (None where there is none). Device out-of-memory and
+        sticky device errors come back as `as_service_error` words them."""
         outputs: list[ItemOutput | BaseException] = [RuntimeError("not computed")] * len(batch)
         inputs = self._decode_jpegs(batch, outputs)
+        if staged is not None:
+            inputs = [s if s is not None else x for s, x in zip(staged, inputs, strict=True)]
         groups: dict[ExplainOptions | None, list[int]] = {}
         for index, item in enumerate(batch):
             if inputs[index] is not None:

@@ -328,9 +328,9 @@ async def test_32_concurrent_explains_batch_and_match_one_by_one(registry, cat_j
 def slow_compute(seconds: float):
     original = BatchWorker.compute
 
-    def compute(self, batch):
+    def compute(self, batch, *staged):
         time.sleep(seconds)
-        return original(self, batch)
+        return original(self, batch, *staged)
 
     return compute
 
@@ -368,10 +368,10 @@ async def test_timed_out_items_that_have_not_started_are_dropped(registry, cat_j
     seen: list[int] = []
     original = BatchWorker.compute
 
-    def counting(self, batch):
+    def counting(self, batch, *staged):
         seen.append(len(batch))
         time.sleep(0.6)
-        return original(self, batch)
+        return original(self, batch, *staged)
 
     monkeypatch.setattr(BatchWorker, "compute", counting)
     async with running_app(registry, request_timeout_s=0.3, max_batch_size=1) as (client, _app):
@@ -514,9 +514,9 @@ async def test_all_torch_work_runs_on_the_one_torch_thread(registry, cat_jpeg, m
     threads: list[str] = []
     original = BatchWorker.compute
 
-    def recording(self, batch):
+    def recording(self, batch, *staged):
         threads.append(threading.current_thread().name)
-        return original(self, batch)
+        return original(self, batch, *staged)
 
     monkeypatch.setattr(BatchWorker, "compute", recording)
 

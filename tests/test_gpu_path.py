@@ -12,6 +12,7 @@ import dataclasses
 import io
 import logging
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -69,9 +70,9 @@ def batches(monkeypatch) -> list[list[object]]:
     seen: list[list[object]] = []
     real = BatchWorker.compute
 
-    def spy(self, batch):
+    def spy(self, batch, *staged):
         seen.append([item.pixels for item in batch])
-        return real(self, batch)
+        return real(self, batch, *staged)
 
     monkeypatch.setattr(BatchWorker, "compute", spy)
     return seen
@@ -290,3 +291,58 @@ def test_a_batch_copies_each_result_tensor_to_the_host_once(registry, chelsea, c
 @pytest.fixture(scope="module")
 def cat_jpeg_bytes(chelsea) -> bytes:
     return jpeg_bytes(chelsea)
+
+
+# -- item 7: preparing batch n+1 while batch n computes ---------------------------------------------------------
+@pytest.mark.anyio
+@pytest.mark.parametrize("staging_fails", [False, True])
+async def test_a_backlog_stages_the_next_batch_during_compute(registry, chelsea, coffee, monkeypatch, staging_fails):
+    """Under a backlog the worker takes batch n+1 while batch n computes and stages its images (pinned memory on
+    CUDA; a copy here) on another thread; the staged inputs are what batch n+1 computes on, and the results equal
+    a direct forward. A staging failure only costs the head start."""
+    served = registry.get()
+    photos = [torch.from_numpy(np.ascontiguousarray(p.transpose(2, 0, 1))) for p in (chelsea, coffee)] * 3
+    computing = threading.Event()
+    events: list[tuple[str, str, bool]] = []
+    observed: list[tuple[int, int]] = []
+    real_compute = BatchWorker.compute
+
+    def stage(images):
+        events.append(("stage", threading.current_thread().name, computing.is_set()))
+        if staging_fails:
+            raise RuntimeError("no pinned memory")
+        return [None if x is None else x.clone() for x in images]
+
+    def compute(self, batch, *staged):
+        events.append(("compute", threading.current_thread().name, bool(staged and staged[0] is not None)))
+        computing.set()
+        time.sleep(0.3)  # long enough for the loop to take and stage the next batch
+        observed.append((self.in_flight, self.depth))
+        computing.clear()
+        return real_compute(self, batch, *staged)
+
+    monkeypatch.setattr(worker_module, "stage_pinned", stage)
+    monkeypatch.setattr(BatchWorker, "compute", compute)
+    worker = BatchWorker(served, max_batch_size=2, max_queue=16, overlap=True)
+    worker.start()
+    loop = asyncio.get_running_loop()
+    items = [WorkItem(p, None, None, loop.create_future()) for p in photos]
+    worker.submit(items)
+    outputs = await asyncio.gather(*(item.future for item in items))
+    await worker.close()
+    assert [e[0] for e in events] == ["compute", "stage", "compute", "stage", "compute"]
+    stages = [e for e in events if e[0] == "stage"]
+    assert all(during and thread != "camserve-torch" for _, thread, during in stages)
+    assert [e[2] for e in events if e[0] == "compute"] == [False, not staging_fails, not staging_fails]
+    assert observed[0] == (4, 2)  # 2 computing + 2 staged ahead; 2 still queued
+    x = worker_module.preprocess(photos[:2], served.input_size, served.mean, served.std, interpolation="bilinear")
+    expected = torch.softmax(served.engine.predict(x), dim=1)
+    for i, output in enumerate(outputs):
+        torch.testing.assert_close(output.probabilities, expected[i % 2], atol=1e-5, rtol=1e-4)
+
+
+def test_overlap_is_on_by_default_only_for_cuda_models(registry):
+    served = registry.get()
+    assert BatchWorker(served, max_batch_size=2, max_queue=4)._overlap is False
+    on_cuda = dataclasses.replace(served, device=torch.device("cuda"))
+    assert BatchWorker(on_cuda, max_batch_size=2, max_queue=4)._overlap is True

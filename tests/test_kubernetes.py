@@ -204,9 +204,9 @@ async def test_pending_images_gauges_count_queued_and_computing_images(registry,
     release = threading.Event()
     original = BatchWorker.compute
 
-    def held(self, batch):
+    def held(self, batch, *staged):
         release.wait(30)
-        return original(self, batch)
+        return original(self, batch, *staged)
 
     monkeypatch.setattr(BatchWorker, "compute", held)
     photo = jpeg_bytes(chelsea)

@@ -348,10 +348,10 @@ def test_v2_goes_through_the_batching_queue(registry, cat, monkeypatch):
     sizes: list[int] = []
     original = BatchWorker.compute
 
-    def counting(self, batch):
+    def counting(self, batch, *staged):
         sizes.append(len(batch))
         time.sleep(0.3)
-        return original(self, batch)
+        return original(self, batch, *staged)
 
     monkeypatch.setattr(BatchWorker, "compute", counting)
     body = {"inputs": [{"name": "images", "shape": [2], "datatype": "BYTES", "data": [b64(cat), b64(cat)]}]}

@@ -173,10 +173,10 @@ def test_client_that_disconnects_has_its_waiting_items_dropped(registry, chelsea
     seen: list[int] = []
     original = BatchWorker.compute
 
-    def slow(self, batch):
+    def slow(self, batch, *staged):
         seen.append(len(batch))
         time.sleep(1.0)
-        return original(self, batch)
+        return original(self, batch, *staged)
 
     monkeypatch.setattr(BatchWorker, "compute", slow)
     port = free_port()
