@@ -290,6 +290,15 @@ def test_explorer_in_a_real_browser(browser, registry, chelsea, tmp_path):
         page.wait_for_function("() => document.querySelectorAll('.card .maps .map').length === 2")
         assert card.locator(".maps .map .title").all_inner_texts() == ["Egyptian cat", second_label]
 
+        screenshot = os.environ.get("CAMSERVE_SCREENSHOT")  # the README's picture: `make screenshot`
+        if screenshot:
+            before = len(requests)
+            page.select_option("#colormap", "jet")
+            page.locator("#opacity").fill("0.5")
+            assert requests[before:] == []
+            page.evaluate("window.scrollTo(0, 0)")
+            page.screenshot(path=screenshot, full_page=True)
+
         # a class typed by label, suggested from the model's labels
         field = card.locator("input[name=target]")
         field.focus()
@@ -298,10 +307,6 @@ def test_explorer_in_a_real_browser(browser, registry, chelsea, tmp_path):
         field.press("Enter")
         page.wait_for_function("() => document.querySelectorAll('.card .maps .map').length === 3")
         assert card.locator(".maps .map .title").all_inner_texts()[2] == "golden retriever"
-
-        if os.environ.get("CAMSERVE_SCREENSHOT"):
-            page.evaluate("window.scrollTo(0, 0)")
-            page.screenshot(path=os.environ["CAMSERVE_SCREENSHOT"], full_page=True)
 
         # non-images, two at once: the server's own messages on their cards and in the alert. A text file is refused
         # by its media type (415); text under a .jpg name is refused when decoding fails (400)

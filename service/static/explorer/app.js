@@ -128,7 +128,10 @@ async function loadModels() {
     return false;
   }
   el.model.replaceChildren(
-    ...state.models.map((m) => new Option(`${m.name} (${m.architecture}, ${m.device})`, m.name, m.default, m.default)),
+    ...state.models.map((m) => {
+      const text = m.architecture === m.name ? `${m.name} (${m.device})` : `${m.name} (${m.architecture}, ${m.device})`;
+      return new Option(text, m.name, m.default, m.default);
+    }),
   );
   await loadLayers();
   setStatus(`${state.models.length} model${state.models.length === 1 ? "" : "s"} served. Choose, drop or paste images.`);
