@@ -241,6 +241,11 @@ def test_explorer_in_a_real_browser(browser, registry, chelsea, tmp_path):
         # the map's value under the pointer
         first.locator("canvas").hover(position={"x": 10, "y": 10})
         assert re.fullmatch(r"value: [01]\.\d\d at \(\d+, \d+\)", first.locator(".value").inner_text())
+        hovered = first.locator(".value").inner_text()
+        first.locator("canvas").focus()  # and by keyboard: arrows move the probe
+        first.locator("canvas").press("ArrowRight")
+        moved = first.locator(".value").inner_text()
+        assert re.fullmatch(r"value: [01]\.\d\d at \(\d+, \d+\)", moved) and moved != hovered
 
         # opacity and colormap: new pixels, no request
         before_pixels = canvas_pixels(page, ".card .maps .map canvas")
@@ -273,6 +278,25 @@ def test_explorer_in_a_real_browser(browser, registry, chelsea, tmp_path):
         heatmap = Image.open(download.value.path())
         assert heatmap.size == (width, height) and heatmap.mode == "L"
         assert download.value.suggested_filename == "chelsea-jpg-egyptian-cat-gradcampp-heatmap.png"
+
+        # layer and counterfactual: the classes shown again, one request per change
+        idle = "() => !document.body.hasAttribute('data-busy')"
+        before = len(requests)
+        page.select_option("#layer", "_blocks.10")
+        page.wait_for_function(idle)
+        page.check("#counterfactual")
+        page.wait_for_function(idle)
+        assert requests[before:] == [
+            "POST /explain?model=efficientnet-lite0&method=gradcampp&top_k=5&layer=_blocks.10&target=285",
+            "POST /explain?model=efficientnet-lite0&method=gradcampp&top_k=5&layer=_blocks.10&counterfactual=true"
+            "&target=285",
+        ]
+        assert first.locator(".meta").inner_text().endswith("· _blocks.10 · counterfactual")
+        page.select_option("#layer", "_swish")
+        page.wait_for_function(idle)
+        page.uncheck("#counterfactual")
+        page.wait_for_function(idle)
+        assert first.locator(".meta").inner_text().endswith("· gradcampp · _swish")
 
         # compare methods: one picture per method
         before = len(requests)

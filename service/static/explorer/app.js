@@ -67,13 +67,17 @@ async function api(path, { params = [], file = null } = {}) {
     init.body = form;
   }
   const started = performance.now();
+  busy(+1);
   let response;
+  let text;
   try {
     response = await fetch(url, init);
+    text = await response.text();
   } catch (error) {
     throw new ApiError("network", `the server cannot be reached (${error.message})`);
+  } finally {
+    busy(-1);
   }
-  const text = await response.text();
   const ms = performance.now() - started;
   const curl = curlFor(init.method || "GET", url, headers, file ? file.name || "image" : null);
   let data = null;
@@ -91,6 +95,14 @@ async function api(path, { params = [], file = null } = {}) {
     throw error;
   }
   return { data, ms, curl };
+}
+
+let inFlight = 0;
+
+/** `data-busy` on the body while requests are in flight (a progress cursor; tests wait for it to go). */
+function busy(change) {
+  inFlight += change;
+  document.body.toggleAttribute("data-busy", inFlight > 0);
 }
 
 function seconds(ms) {
@@ -291,15 +303,32 @@ class MapFigure {
 
   wire() {
     const value = $(".value", this.node);
+    const show = (x, y) => {
+      const { width, height } = this.card;
+      this.probe = [Math.min(width - 1, Math.max(0, Math.round(x))), Math.min(height - 1, Math.max(0, Math.round(y)))];
+      const [px, py] = this.probe;
+      value.textContent = `value: ${(this.heat[py * width + px] / 255).toFixed(2)} at (${px}, ${py})`;
+    };
     this.canvas.addEventListener("pointermove", (event) => {
       if (!this.heat) return;
       const box = this.canvas.getBoundingClientRect();
-      const x = Math.min(this.card.width - 1, Math.max(0, Math.floor(((event.clientX - box.left) / box.width) * this.card.width)));
-      const y = Math.min(this.card.height - 1, Math.max(0, Math.floor(((event.clientY - box.top) / box.height) * this.card.height)));
-      value.textContent = `value: ${(this.heat[y * this.card.width + x] / 255).toFixed(2)} at (${x}, ${y})`;
+      show(
+        Math.floor(((event.clientX - box.left) / box.width) * this.card.width),
+        Math.floor(((event.clientY - box.top) / box.height) * this.card.height),
+      );
     });
     this.canvas.addEventListener("pointerleave", () => {
       value.textContent = "value: –";
+    });
+    // by keyboard: focus the map, arrows move the probe (Shift: bigger steps)
+    this.canvas.tabIndex = 0;
+    this.canvas.addEventListener("keydown", (event) => {
+      const moves = { ArrowLeft: [-1, 0], ArrowRight: [1, 0], ArrowUp: [0, -1], ArrowDown: [0, 1] };
+      if (!this.heat || !(event.key in moves)) return;
+      event.preventDefault();
+      const step = Math.max(1, Math.round(Math.max(this.card.width, this.card.height) / (event.shiftKey ? 10 : 50)));
+      const [x, y] = this.probe || [this.card.width / 2, this.card.height / 2];
+      show(x + moves[event.key][0] * step, y + moves[event.key][1] * step);
     });
     const name = `${slug(this.card.name)}-${slug(this.explanation.label)}-${this.context.method}`;
     $(".download-overlay", this.node).addEventListener("click", () => {
