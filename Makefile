@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 HOST ?= 0.0.0.0
 PORT ?= 8000
 
-.PHONY: install install-test serve test lint openapi bench bench-transformers bench-load evaluate container-test container-lint clean
+.PHONY: install install-test serve test lint openapi screenshot bench bench-transformers bench-load evaluate container-test container-lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ lint:
 
 openapi:
 	$(PY) -m service.openapi_export openapi/openapi.json
+
+# the README's picture of the explorer page, taken by its browser test (needs chromium: apt-get install chromium)
+screenshot: install-test
+	CAMSERVE_SCREENSHOT=docs/images/explorer.png $(PY) -m pytest -q tests/test_explorer.py -k real_browser
 
 bench: install-test
 	$(PY) -m bench.bench_engine --batches 1 8 32 --json docs/bench_engine_cpu.json

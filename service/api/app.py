@@ -18,7 +18,7 @@ from service import __version__
 from service.api.errors import install_error_handlers
 from service.api.metrics import Metrics
 from service.api.middleware import BodyLimitMiddleware, MetricsMiddleware
-from service.api.routers import health, inference, kserve_v1, metrics, models, oip_v2
+from service.api.routers import explorer, health, inference, kserve_v1, metrics, models, oip_v2
 from service.api.schemas import JsonImagesRequest
 from service.api.schemas_v2 import V2InferenceRequest, V2Parameters
 from service.inference import ClientDisconnectedError, InferenceService
@@ -118,6 +118,7 @@ def create_app(
     app.include_router(kserve_v1.router)
     app.include_router(oip_v2.health)
     app.include_router(oip_v2.router)
+    app.include_router(explorer.router)
 
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.cors_origins:

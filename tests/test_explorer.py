@@ -1,0 +1,380 @@
+"""The explorer page (`GET /`): served from the package with no external resources, and driven in a real browser
+(Playwright for Python on the system's Chromium) against a live server with the embedded EfficientNet-Lite0."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import threading
+import time
+import tomllib
+from contextlib import contextmanager
+from fnmatch import fnmatch
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.api.routers.explorer import static_files
+from service.cam.methods import METHOD_NAMES
+from service.cam.render import COLORMAPS
+from tests.apphelpers import running_app
+from tests.conftest import jpeg_bytes
+from tests.test_server import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+STATIC = ROOT / "service" / "static" / "explorer"
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+# ---------------------------------------------------------------- plain HTTP
+
+
+@pytest.mark.anyio
+async def test_root_serves_the_page_and_its_files_without_a_key_while_the_api_needs_one(registry):
+    async with running_app(registry, api_key="s3cret") as (client, _):
+        page = await client.get("/")
+        assert page.status_code == 200
+        assert page.headers["content-type"].startswith("text/html")
+        policy = page.headers["content-security-policy"]
+        assert "default-src 'self'" in policy and "script-src 'self'" in policy and "connect-src 'self'" in policy
+        assert '<script type="module" src="/explorer/app.js">' in page.text
+        assets = re.findall(r'(?:src|href)="(/explorer/[^"]+)"', page.text)
+        assert set(assets) == {"/explorer/app.js", "/explorer/style.css"}
+        for path, media in [
+            ("/explorer/app.js", "text/javascript"),
+            ("/explorer/colormaps.js", "text/javascript"),
+            ("/explorer/style.css", "text/css"),
+        ]:
+            response = await client.get(path)
+            assert response.status_code == 200, path
+            assert response.headers["content-type"].startswith(media)
+            assert response.headers["x-content-type-options"] == "nosniff"
+        assert (await client.get("/models")).status_code == 401  # the API keeps its key; the page asks for it
+        missing = await client.get("/explorer/../settings.py")
+        assert missing.status_code == 404
+        assert (await client.get("/explorer/nothing.js")).json() == {"detail": "no explorer file 'nothing.js'"}
+        assert (await client.get("/docs")).status_code == 200
+        document = (await client.get("/openapi.json")).json()
+        assert "/" not in document["paths"] and not any(p.startswith("/explorer") for p in document["paths"])
+
+
+def test_the_page_loads_nothing_from_elsewhere():
+    """No CDN, no external fonts, scripts or styles: every URL in the files is relative to this origin."""
+    assert set(static_files()) == {"index.html", "app.js", "colormaps.js", "style.css"}
+    for name, body in static_files().items():
+        text = body.decode("utf-8")
+        assert not re.search(r"https?://", text), name
+        assert "@import" not in text and "url(" not in text.replace("URL(", ""), name
+        assert not re.search(r"""(?:src|href)=["']//""", text), name
+
+
+def test_package_data_ships_every_explorer_file():
+    """The wheel and the container image carry the page: pyproject's package-data globs match every file."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    patterns = config["tool"]["setuptools"]["package-data"]["service"]
+    files = sorted(p.relative_to(ROOT / "service").as_posix() for p in STATIC.iterdir() if p.is_file())
+    assert files and all(any(fnmatch(f, pattern) for pattern in patterns) for f in files), (files, patterns)
+
+
+def test_the_colormap_tables_are_the_servers():
+    """The page colorizes heatmaps itself with the server's tables (matplotlib's), to within rounding."""
+    import matplotlib
+
+    text = (STATIC / "colormaps.js").read_text(encoding="utf-8")
+    for name in COLORMAPS:
+        found = re.search(rf"  {name}:\n((?:\s+\"[0-9a-f]+\"(?: \+|,)\n)+)", text)
+        assert found, f"colormaps.js lacks {name}"
+        table = np.frombuffer(bytes.fromhex("".join(re.findall(r'"([0-9a-f]+)"', found.group(1)))), np.uint8)
+        expected = matplotlib.colormaps[name](np.linspace(0.0, 1.0, 256))[:, :3] * 255
+        assert np.abs(table.reshape(256, 3) - expected).max() <= 0.5
+
+
+def test_the_openapi_document_lists_the_methods_and_colormaps_the_way_the_page_reads_them():
+    """app.js reads `/explain`'s `method` and `colormap` parameters: 'text: a, b, c (remark)'."""
+    from service.api import create_app
+    from service.settings import Settings
+
+    parameters = {p["name"]: p for p in create_app(Settings()).openapi()["paths"]["/explain"]["post"]["parameters"]}
+
+    def listed(name: str) -> list[str]:
+        return [s.strip() for s in re.search(r":\s*([^()]+)", parameters[name]["description"]).group(1).split(",")]
+
+    assert listed("method") == list(METHOD_NAMES)
+    assert listed("colormap") == list(COLORMAPS)
+    assert parameters["method"]["schema"]["default"] in METHOD_NAMES
+
+
+# ---------------------------------------------------------------- the browser
+
+
+def chromium_path() -> str:
+    """The system Chromium (Debian's `chromium`); skipped without one, except in CI where that is a failure."""
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    reason = "no chromium on PATH: apt-get install chromium (.ci/run installs it)"
+    if IN_CI:
+        pytest.fail(f"CI=true and {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    path = chromium_path()
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        if IN_CI:
+            pytest.fail("CI=true and playwright is not installed: pip install -e '.[test]'")
+        pytest.skip("playwright is not installed: pip install -e '.[test]'")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=path, headless=True, args=["--no-sandbox"])
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@contextmanager
+def live_server(registry, **settings):
+    """A real uvicorn serving the app (the session's model) on a free port, in a thread; yields its base URL."""
+    import uvicorn
+
+    from service.api import create_app
+    from service.settings import Settings
+
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(Settings(**settings), registry=registry), port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+class Console:
+    """Every console error and uncaught exception of a page; `expect` allows a known failed request's line."""
+
+    def __init__(self, page) -> None:
+        self.errors: list[str] = []
+        self.allowed: list[str] = []
+        page.on("console", lambda m: m.type == "error" and self.errors.append(m.text))
+        page.on("pageerror", lambda e: self.errors.append(f"uncaught: {e}"))
+
+    def unexpected(self) -> list[str]:
+        left = list(self.errors)
+        for allowed in self.allowed:
+            match = next((e for e in left if allowed in e), None)
+            if match is not None:
+                left.remove(match)
+        return left
+
+
+def canvas_pixels(page, selector: str) -> list[int]:
+    return page.eval_on_selector(
+        selector, "c => Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)"
+    )
+
+
+def test_explorer_in_a_real_browser(browser, registry, chelsea, tmp_path):
+    """Upload a real photo: "Egyptian cat" and its overlay at the photo's aspect ratio; the opacity slider changes
+    the canvas with no request; compare methods shows one picture per method; a second class is explained beside
+    the first; a text file gets the server's own 400 message; and the console stays free of errors."""
+    photo = tmp_path / "chelsea.jpg"
+    photo.write_bytes(jpeg_bytes(chelsea))
+    height, width = chelsea.shape[:2]
+    text_file = tmp_path / "notes.txt"
+    text_file.write_text("not an image at all\n")
+
+    with live_server(registry) as url:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        console = Console(page)
+        requests: list[str] = []
+        page.on("request", lambda r: requests.append(f"{r.method} {r.url.removeprefix(url)}"))
+        page.set_default_timeout(30_000)
+        page.goto(url + "/")
+        page.wait_for_selector("body[data-ready=true]")
+        assert page.locator("#model option").count() == 1
+        methods = page.eval_on_selector_all("#method option", "options => options.map(o => o.value)")
+        assert methods == list(METHOD_NAMES)
+        assert page.eval_on_selector("#method", "s => s.value") == "gradcampp"
+        layers = page.eval_on_selector_all("#layer option", "options => options.map(o => o.value)")
+        assert len(layers) > 5 and page.eval_on_selector("#layer", "s => s.value") == "_swish"
+        colormaps = page.eval_on_selector_all("#colormap option", "options => options.map(o => o.value)")
+        assert colormaps == list(COLORMAPS)
+
+        # upload: top-5 and the top-1 map with no further click, from one /explain call
+        before = len(requests)
+        page.set_input_files("#files", str(photo))
+        card = page.locator(".card").first
+        first = card.locator(".maps .map").first
+        first.locator("canvas").wait_for()
+        page.wait_for_function("() => !document.querySelector('.card[aria-busy]')")
+        assert [r for r in requests[before:] if "/explain" in r or "/predict" in r] == [
+            "POST /explain?model=efficientnet-lite0&method=gradcampp&top_k=5"
+        ]
+        predictions = card.locator(".prediction .label").all_inner_texts()
+        assert len(predictions) == 5 and predictions[0] == "Egyptian cat"
+        assert first.locator(".title").inner_text() == "Egyptian cat"
+        size = first.locator("canvas").evaluate("c => [c.width, c.height, c.clientWidth, c.clientHeight]")
+        assert abs(size[0] / size[1] - width / height) < 0.01 and abs(size[2] / size[3] - width / height) < 0.02
+        assert card.locator(".size").inner_text() == f"{width} × {height}"
+        assert re.fullmatch(r"gradcampp: \d+ ms|gradcampp: \d+\.\d\d s", first.locator(".time").inner_text())
+
+        # the map's value under the pointer
+        first.locator("canvas").hover(position={"x": 10, "y": 10})
+        assert re.fullmatch(r"value: [01]\.\d\d at \(\d+, \d+\)", first.locator(".value").inner_text())
+        hovered = first.locator(".value").inner_text()
+        first.locator("canvas").focus()  # and by keyboard: arrows move the probe
+        first.locator("canvas").press("ArrowRight")
+        moved = first.locator(".value").inner_text()
+        assert re.fullmatch(r"value: [01]\.\d\d at \(\d+, \d+\)", moved) and moved != hovered
+
+        # opacity and colormap: new pixels, no request
+        before_pixels = canvas_pixels(page, ".card .maps .map canvas")
+        before = len(requests)
+        page.locator("#opacity").fill("0.9")
+        after_pixels = canvas_pixels(page, ".card .maps .map canvas")
+        assert page.locator("#opacity-value").inner_text() == "90%"
+        changed = sum(a != b for a, b in zip(before_pixels, after_pixels, strict=True))
+        assert changed > len(before_pixels) // 4, changed
+        page.select_option("#colormap", "viridis")
+        assert canvas_pixels(page, ".card .maps .map canvas") != after_pixels
+        assert requests[before:] == []
+
+        # copy as curl: the exact request, reproducible here
+        page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+        first.locator(".copy-curl").click()
+        curl = first.locator(".curl").inner_text()
+        assert curl == (
+            f"curl -sS -F 'image=@chelsea.jpg' '{url}/explain?model=efficientnet-lite0&method=gradcampp&top_k=5'"
+        )
+        assert page.evaluate("navigator.clipboard.readText()") == curl
+
+        # downloads: the overlay at the photo's size, the server's grayscale heatmap
+        with page.expect_download() as download:
+            first.locator(".download-overlay").click()
+        overlay = Image.open(download.value.path())
+        assert overlay.size == (width, height) and overlay.mode in {"RGB", "RGBA"}
+        with page.expect_download() as download:
+            first.locator(".download-heatmap").click()
+        heatmap = Image.open(download.value.path())
+        assert heatmap.size == (width, height) and heatmap.mode == "L"
+        assert download.value.suggested_filename == "chelsea-jpg-egyptian-cat-gradcampp-heatmap.png"
+
+        # layer and counterfactual: the classes shown again, one request per change
+        idle = "() => !document.body.hasAttribute('data-busy')"
+        before = len(requests)
+        page.select_option("#layer", "_blocks.10")
+        page.wait_for_function(idle)
+        page.check("#counterfactual")
+        page.wait_for_function(idle)
+        assert requests[before:] == [
+            "POST /explain?model=efficientnet-lite0&method=gradcampp&top_k=5&layer=_blocks.10&target=285",
+            "POST /explain?model=efficientnet-lite0&method=gradcampp&top_k=5&layer=_blocks.10&counterfactual=true"
+            "&target=285",
+        ]
+        assert first.locator(".meta").inner_text().endswith("· _blocks.10 · counterfactual")
+        page.select_option("#layer", "_swish")
+        page.wait_for_function(idle)
+        page.uncheck("#counterfactual")
+        page.wait_for_function(idle)
+        assert first.locator(".meta").inner_text().endswith("· gradcampp · _swish")
+
+        # compare methods: one picture per method
+        before = len(requests)
+        card.locator("button.compare").click()
+        grid = card.locator(".compare-grid")
+        page.wait_for_function(
+            "n => document.querySelectorAll('.compare-grid .map canvas').length === n", arg=len(METHOD_NAMES)
+        )
+        assert grid.locator(".map").evaluate_all("nodes => nodes.map(n => n.dataset.method)") == list(METHOD_NAMES)
+        assert len([r for r in requests[before:] if r.startswith("POST /explain")]) == len(METHOD_NAMES)
+
+        # a second class, side by side with the first
+        second_label = predictions[1]
+        card.locator(".prediction").nth(1).click()
+        page.wait_for_function("() => document.querySelectorAll('.card .maps .map').length === 2")
+        assert card.locator(".maps .map .title").all_inner_texts() == ["Egyptian cat", second_label]
+
+        screenshot = os.environ.get("CAMSERVE_SCREENSHOT")  # the README's picture: `make screenshot`
+        if screenshot:
+            before = len(requests)
+            page.select_option("#colormap", "jet")
+            page.locator("#opacity").fill("0.5")
+            assert requests[before:] == []
+            page.evaluate("window.scrollTo(0, 0)")
+            page.screenshot(path=screenshot, full_page=True)
+
+        # a class typed by label, suggested from the model's labels
+        field = card.locator("input[name=target]")
+        field.focus()
+        page.wait_for_function("() => document.querySelectorAll('#labels option').length === 1000")
+        field.fill("golden retriever")
+        field.press("Enter")
+        page.wait_for_function("() => document.querySelectorAll('.card .maps .map').length === 3")
+        assert card.locator(".maps .map .title").all_inner_texts()[2] == "golden retriever"
+
+        # non-images, two at once: the server's own messages on their cards and in the alert. A text file is refused
+        # by its media type (415); text under a .jpg name is refused when decoding fails (400)
+        fake = tmp_path / "fake.jpg"
+        fake.write_text("not a JPEG either\n")
+        with (
+            page.expect_response(lambda r: "/explain" in r.url and r.status == 415) as refused,
+            page.expect_response(lambda r: "/explain" in r.url and r.status == 400) as undecodable,
+        ):
+            page.set_input_files("#files", [str(text_file), str(fake)])
+        console.allowed += ["status of 415", "status of 400"]  # Chromium logs the failed requests themselves
+        for name, response in [("notes.txt", refused.value), ("fake.jpg", undecodable.value)]:
+            message = response.json()["detail"]
+            error = page.locator(".card", has=page.locator("h2", has_text=name)).locator(".card-error")
+            error.wait_for()
+            assert error.inner_text() == f"{response.status}: {message}"
+        assert "unsupported media type 'text/plain'" in refused.value.json()["detail"]
+        assert re.fullmatch(r"(notes\.txt|fake\.jpg): (400|415): .+", page.locator("#error").inner_text())
+        assert page.locator(".card").count() == 3
+
+        # phone width: one column, nothing wider than the screen
+        page.set_viewport_size({"width": 390, "height": 844})
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+
+        assert console.unexpected() == [], console.errors
+        page.close()
+
+
+def test_explorer_asks_for_the_key_when_the_server_wants_one(browser, registry):
+    with live_server(registry, api_key="s3cret") as url:
+        page = browser.new_page()
+        console = Console(page)
+        page.goto(url + "/")
+        page.wait_for_selector("body[data-ready=true]")
+        key = page.get_by_label("API key")
+        assert key.is_visible() and page.locator("#model option").count() == 0
+        console.allowed.append("status of 401")
+        key.fill("wrong")
+        key.press("Enter")
+        page.wait_for_function("() => document.querySelector('#key-help').textContent.includes('refused')")
+        console.allowed.append("status of 401")
+        key.fill("s3cret")
+        key.press("Enter")
+        page.wait_for_selector("#key-form[hidden]", state="attached")
+        assert page.locator("#model option").count() == 1
+        assert console.unexpected() == [], console.errors
+        page.close()
