@@ -302,23 +302,22 @@ async def test_a_backlog_stages_the_next_batch_during_compute(registry, chelsea,
     a direct forward. A staging failure only costs the head start."""
     served = registry.get()
     photos = [torch.from_numpy(np.ascontiguousarray(p.transpose(2, 0, 1))) for p in (chelsea, coffee)] * 3
-    computing = threading.Event()
-    events: list[tuple[str, str, bool]] = []
+    stages: list[tuple[str, float]] = []  # (thread, when)
+    computes: list[tuple[float, float, bool]] = []  # (start, end, had staged inputs)
     observed: list[tuple[int, int]] = []
     real_compute = BatchWorker.compute
 
     def stage(images):
-        events.append(("stage", threading.current_thread().name, computing.is_set()))
+        stages.append((threading.current_thread().name, time.perf_counter()))
         if staging_fails:
             raise RuntimeError("no pinned memory")
         return [None if x is None else x.clone() for x in images]
 
     def compute(self, batch, *staged):
-        events.append(("compute", threading.current_thread().name, bool(staged and staged[0] is not None)))
-        computing.set()
+        started = time.perf_counter()
         time.sleep(0.3)  # long enough for the loop to take and stage the next batch
         observed.append((self.in_flight, self.depth))
-        computing.clear()
+        computes.append((started, time.perf_counter(), bool(staged and staged[0] is not None)))
         return real_compute(self, batch, *staged)
 
     monkeypatch.setattr(worker_module, "stage_pinned", stage)
@@ -330,10 +329,11 @@ async def test_a_backlog_stages_the_next_batch_during_compute(registry, chelsea,
     worker.submit(items)
     outputs = await asyncio.gather(*(item.future for item in items))
     await worker.close()
-    assert [e[0] for e in events] == ["compute", "stage", "compute", "stage", "compute"]
-    stages = [e for e in events if e[0] == "stage"]
-    assert all(during and thread != "camserve-torch" for _, thread, during in stages)
-    assert [e[2] for e in events if e[0] == "compute"] == [False, not staging_fails, not staging_fails]
+    assert len(stages) == 2 and len(computes) == 3
+    assert all(thread != "camserve-torch" for thread, _ in stages)
+    for (_, staged_at), (_, running_until, _) in zip(stages, computes, strict=False):
+        assert staged_at < running_until  # batch n+1 was staged while batch n was still computing
+    assert [had for _, _, had in computes] == [False, not staging_fails, not staging_fails]
     assert observed[0] == (4, 2)  # 2 computing + 2 staged ahead; 2 still queued
     x = worker_module.preprocess(photos[:2], served.input_size, served.mean, served.std, interpolation="bilinear")
     expected = torch.softmax(served.engine.predict(x), dim=1)
