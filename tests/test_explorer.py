@@ -6,14 +6,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import threading
-import time
 import tomllib
-from contextlib import contextmanager
 from fnmatch import fnmatch
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -21,9 +17,8 @@ from PIL import Image
 from service.api.routers.explorer import static_files
 from service.cam.methods import METHOD_NAMES
 from service.cam.render import COLORMAPS
-from tests.apphelpers import running_app
+from tests.apphelpers import live_server, running_app
 from tests.conftest import jpeg_bytes
-from tests.test_server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 STATIC = ROOT / "service" / "static" / "explorer"
@@ -138,35 +133,6 @@ def browser():
             yield browser
         finally:
             browser.close()
-
-
-@contextmanager
-def live_server(registry, **settings):
-    """A real uvicorn serving the app (the session's model) on a free port, in a thread; yields its base URL."""
-    import uvicorn
-
-    from service.api import create_app
-    from service.settings import Settings
-
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(Settings(**settings), registry=registry), port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    try:
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 class Console:

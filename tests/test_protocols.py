@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.apphelpers import live_server
 from tests.conftest import jpeg_bytes
-from tests.test_server import free_port
 
 try:
     import tritonclient.http as tritonclient_http
@@ -34,32 +34,8 @@ EGYPTIAN_CAT, TABBY = 285, 281
 @pytest.fixture(scope="module")
 def live(registry):
     """A real uvicorn serving the app (the session's model) on a free port, in a thread; yields its base URL."""
-    import uvicorn
-
-    from service.api import create_app
-    from service.settings import Settings
-
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(Settings(max_images_per_request=4), registry=registry), port=port, log_level="warning"
-        )
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    try:
+    with live_server(registry, max_images_per_request=4) as url:
         yield url
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 @pytest.fixture(scope="module")
