@@ -101,6 +101,9 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+_SUFFIXES = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}
+
+
 def _explain(args: argparse.Namespace) -> int:
     params = [("method", args.method), ("top_k", str(args.top_k)), ("overlay", "true"), ("colormap", args.colormap)]
     params += [("target", t) for t in args.target or []] + [("layer", layer) for layer in args.layer or []]
@@ -108,6 +111,7 @@ def _explain(args: argparse.Namespace) -> int:
         params.append(("model", args.model))
     if args.counterfactual:
         params.append(("counterfactual", "true"))
+    params += [("overlay_format", args.overlay_format), ("size", args.size)]
     body = _post(args, "/explain", params)
     if body is None:
         return 1
@@ -118,8 +122,9 @@ def _explain(args: argparse.Namespace) -> int:
         for e in result["explanations"]:
             base = out / f"{stem}_{body['method']}_{e['index']}"
             Path(f"{base}_heatmap.png").write_bytes(base64.b64decode(e["heatmap"]))
-            Path(f"{base}_overlay.png").write_bytes(base64.b64decode(e["overlay"]))
-            print(f"{name}: {e['label']} ({e['score']:.4f}) -> {base}_heatmap.png, {base}_overlay.png")
+            suffix = _SUFFIXES.get(e.get("overlay_media_type", "image/png"), ".png")
+            Path(f"{base}_overlay{suffix}").write_bytes(base64.b64decode(e["overlay"]))
+            print(f"{name}: {e['label']} ({e['score']:.4f}) -> {base}_heatmap.png, {base}_overlay{suffix}")
     return 0
 
 
@@ -152,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--layer", action="append", help="dotted module path (repeatable)")
     explain.add_argument("--counterfactual", action="store_true")
     explain.add_argument("--colormap", default="jet")
+    explain.add_argument("--overlay-format", default="png", help="overlay file format: png, jpeg or webp")
+    explain.add_argument("--size", default="original", help="picture size: original, model or a maximum side in pixels")
     explain.add_argument("--out", default="camserve-out", help="output folder")
     explain.set_defaults(func=_explain)
     return parser

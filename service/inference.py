@@ -50,6 +50,8 @@ class ClientDisconnectedError(Exception):
 @dataclass(frozen=True)
 class RenderOptions:
     """How explained maps turn into pictures, and how pictures are encoded (`png`: bytes, `base64`: text).
+    `overlay_format`: the overlay's file format (`png`, `jpeg`, `webp`; heatmaps are always PNG). `size`:
+    the pictures' size, `original` (the image's), `model` (the model input's) or a maximum side in pixels.
     The raw maps always come back (`ClassMap.cam`); whether a protocol returns them is its own choice."""
 
     overlay: bool = False
@@ -57,6 +59,8 @@ class RenderOptions:
     alpha: float = 0.5
     heatmap: bool = True
     encoding: Literal["png", "base64"] = "base64"
+    overlay_format: str = "png"
+    size: str | int = "original"
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,7 @@ class ClassMap:
     cam: np.ndarray
     heatmap: bytes | str | None = None
     overlay: bytes | str | None = None
+    overlay_media_type: str | None = None
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,7 @@ class ImageResult:
     probabilities: np.ndarray  # float32 [num_classes]
     predictions: list[Prediction]  # the top-k
     explanations: list[ClassMap] = field(default_factory=list)
+    picture_size: tuple[int, int] | None = None  # (height, width) of heatmaps/overlays when not the image's
 
 
 @dataclass(frozen=True)
@@ -194,7 +200,7 @@ class InferenceService:
         keep_pixels = checked.options is not None and options.overlay
         decoded = await self._decode(request.images, served, keep_pixels=keep_pixels)
         if checked.options is not None:
-            self._check_render_budget(decoded, checked.classes, options)
+            self._check_render_budget(served, decoded, checked.classes, options)
         outputs = await self._run(served, decoded, checked.options, checked.classes, is_disconnected)
         images = await asyncio.to_thread(self._encode_all, served, decoded, outputs, checked.top_k, options)
         if checked.options is None:
@@ -222,6 +228,8 @@ class InferenceService:
         cam = get_method(explain.method)
         options = request.render
         render.check_colormap(options.colormap)
+        render.check_overlay_format(options.overlay_format)
+        render.parse_picture_size(options.size)
         if not 0.0 <= options.alpha <= 1.0:
             raise InvalidParameterError(f"alpha must be between 0 and 1, got {options.alpha}")
         targets, layers = explain.targets, explain.layers
@@ -235,9 +243,13 @@ class InferenceService:
         return _Validated(served, top_k, explain_options, classes)
 
     # -- steps ----------------------------------------------------------------------------
-    def _check_render_budget(self, decoded: list[Decoded], classes: list[int] | None, options: RenderOptions) -> None:
+    def _check_render_budget(
+        self, served: ServedModel, decoded: list[Decoded], classes: list[int] | None, options: RenderOptions
+    ) -> None:
         per_pixel = (len(classes) if classes else 1) * (4 if options.overlay else 1)
-        rendered = sum(d.width * d.height for d in decoded) * per_pixel
+        size = render.parse_picture_size(options.size)
+        sizes = [render.picture_size(size, (d.height, d.width), served.input_size) for d in decoded]
+        rendered = sum(height * width for height, width in sizes) * per_pixel
         if rendered > self.settings.max_render_pixels:
             raise PayloadTooLargeError(
                 f"this request would render {rendered / 1e6:.1f} megapixels of heatmaps"
@@ -335,6 +347,7 @@ class InferenceService:
                 probabilities=output.probabilities.numpy(),
                 predictions=self._top_k(served, output.probabilities, top_k),
                 explanations=self._encode(served, image, output, options),
+                picture_size=self._resized(served, image, output, options),
             )
             for image, output in zip(images, outputs, strict=True)
         ]
@@ -346,22 +359,38 @@ class InferenceService:
             return []
         level = self.settings.png_compress_level
         encode = _b64 if options.encoding == "base64" else _same
-        size = (image.height, image.width)
+        size = self._picture_size(served, image, options)
         pixels = image.pixels.permute(1, 2, 0).numpy() if image.pixels is not None else None
+        if pixels is not None:
+            pixels = render.resize_pixels(pixels, size)
+        fmt = options.overlay_format
         explanations = []
         for row, index in enumerate(output.classes):
             cam = output.maps[row].numpy()
-            heatmap = overlay = None
+            heatmap = overlay = media_type = None
             if options.heatmap or pixels is not None:
-                picture = render.heatmap_image(cam, size)
+                picture = render.heatmap_image(cam, size)  # the raw map resized straight to the picture size
                 if options.heatmap:
                     heatmap = encode(render.encode_png(picture, level))
                 if pixels is not None:
                     blended = render.overlay_image(pixels, picture, options.colormap, options.alpha)
-                    overlay = encode(render.encode_png(blended, level))
+                    overlay = encode(render.encode_picture(blended, fmt, level))
+                    media_type = render.OVERLAY_FORMATS[fmt]
             label, score = served.labels[index], float(output.probabilities[index])
-            explanations.append(ClassMap(index, label, score, cam, heatmap, overlay))
+            explanations.append(ClassMap(index, label, score, cam, heatmap, overlay, media_type))
         return explanations
+
+    def _resized(
+        self, served: ServedModel, image: Decoded, output: ItemOutput, options: RenderOptions
+    ) -> tuple[int, int] | None:
+        if output.maps is None or options.size == "original":
+            return None
+        return self._picture_size(served, image, options)
+
+    @staticmethod
+    def _picture_size(served: ServedModel, image: Decoded, options: RenderOptions) -> tuple[int, int]:
+        size = render.parse_picture_size(options.size)
+        return render.picture_size(size, (image.height, image.width), served.input_size)
 
 
 def _abandon(gathered: asyncio.Future) -> None:

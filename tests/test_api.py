@@ -703,3 +703,81 @@ async def test_full_pixels_are_kept_only_for_overlays(registry, chelsea):
     assert dropped.pixels is None and tuple(dropped.model_input.shape) == (3, 224, 224)
     assert kept.pixels is not None and tuple(kept.pixels.shape) == (3, 1064, 1600)
     assert torch.equal(kept.model_input, dropped.model_input)
+
+
+# -- picture format and size ----------------------------------------------------------------------
+async def test_overlay_formats_and_picture_sizes(registry, cat_jpeg):
+    from service.cam.render import heatmap_image
+
+    jpeg = {"content-type": "image/jpeg"}
+
+    async def explain(**params: str) -> dict:
+        response = await client.post(
+            "/explain", params={"overlay": "true", "raw": "true", **params}, content=cat_jpeg, headers=jpeg
+        )
+        assert response.status_code == 200, response.text
+        return response.json()["results"][0]
+
+    async with running_app(registry) as (client, _app):
+        default = await explain()
+        as_jpeg = await explain(overlay_format="jpeg")
+        as_webp = await explain(overlay_format="webp", size="model")
+        capped = await explain(size="200")
+        uncapped = await explain(size="1000")
+        body = {"images": [base64.b64encode(cat_jpeg).decode()], "overlay": True, "overlay_format": "jpeg", "size": 90}
+        from_json = (await client.post("/explain", json=body)).json()["results"][0]
+    original = default["explanations"][0]
+    assert original["overlay_media_type"] == "image/png" and "picture_width" not in default
+    assert png(original["overlay"]).format == "PNG" and png(original["overlay"]).size == (451, 300)
+
+    entry = as_jpeg["explanations"][0]
+    assert entry["overlay_media_type"] == "image/jpeg"
+    assert png(entry["overlay"]).format == "JPEG" and png(entry["overlay"]).size == (451, 300)
+    assert png(entry["heatmap"]).format == "PNG" and png(entry["heatmap"]).size == (451, 300)
+    assert entry["heatmap"] == original["heatmap"]  # heatmaps stay lossless PNG
+    # lossy but close to the PNG overlay
+    difference = np.abs(np.asarray(png(entry["overlay"]), np.int16) - np.asarray(png(original["overlay"]), np.int16))
+    assert difference.mean() < 4
+
+    entry = as_webp["explanations"][0]
+    assert entry["overlay_media_type"] == "image/webp"
+    assert png(entry["overlay"]).format == "WEBP" and png(entry["overlay"]).size == (224, 224)
+    assert png(entry["heatmap"]).format == "PNG" and png(entry["heatmap"]).size == (224, 224)
+    assert (as_webp["picture_width"], as_webp["picture_height"]) == (224, 224)
+    assert (as_webp["width"], as_webp["height"]) == (451, 300)  # the image's own size is still reported
+
+    # size=N caps the longer side at N, aspect ratio kept; the heatmap is the raw map resized straight to it
+    entry = capped["explanations"][0]
+    assert (capped["picture_width"], capped["picture_height"]) == (200, 133)
+    assert png(entry["overlay"]).size == (200, 133) and png(entry["heatmap"]).size == (200, 133)
+    expected = heatmap_image(np.asarray(entry["cam"], np.float32), (133, 200))
+    assert np.array_equal(np.asarray(png(entry["heatmap"])), expected)
+    # ... and within a grey level or so of the full-size heatmap resized
+    full = png(original["heatmap"]).resize((200, 133), Image.Resampling.BILINEAR)
+    assert np.abs(np.asarray(full, np.int16) - np.asarray(png(entry["heatmap"]), np.int16)).mean() < 1.0
+    # never enlarged
+    assert png(uncapped["explanations"][0]["overlay"]).size == (451, 300)
+    assert (uncapped["picture_width"], uncapped["picture_height"]) == (451, 300)
+
+    entry = from_json["explanations"][0]
+    assert entry["overlay_media_type"] == "image/jpeg" and png(entry["overlay"]).size == (90, 60)
+
+
+@pytest.mark.parametrize(
+    ("params", "named"),
+    [
+        ({"overlay_format": "gif"}, "overlay_format"),
+        ({"overlay_format": "PNG"}, "overlay_format"),
+        ({"size": "0"}, "size"),
+        ({"size": "-5"}, "size"),
+        ({"size": "8193"}, "size"),
+        ({"size": "1.5"}, "size"),
+        ({"size": "thumbnail"}, "size"),
+    ],
+)
+async def test_bad_overlay_format_or_size_is_a_422_naming_it(registry, cat_jpeg, params, named):
+    async with running_app(registry) as (client, _app):
+        response = await client.post(
+            "/explain", params={"overlay": "true", **params}, content=cat_jpeg, headers={"content-type": "image/jpeg"}
+        )
+    assert response.status_code == 422 and named in response.json()["detail"], response.text

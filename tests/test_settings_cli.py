@@ -57,3 +57,28 @@ def test_server_runs_on_the_compiled_http_parser_and_event_loop():
         assert isinstance(loop, uvloop.Loop)
     finally:
         loop.close()
+
+
+def test_explain_passes_overlay_format_and_size_and_names_the_file_by_format(tmp_path, monkeypatch, capsys):
+    import base64
+
+    import service.cli as cli
+
+    sent: list = []
+
+    def fake_post(args, path, params):
+        sent.append((path, params))
+        picture = base64.b64encode(b"bytes").decode()
+        explanation = {"index": 285, "label": "Egyptian cat", "score": 0.9, "heatmap": picture, "overlay": picture}
+        explanation["overlay_media_type"] = "image/jpeg"
+        return {"method": "gradcam", "results": [{"explanations": [explanation]}]}
+
+    monkeypatch.setattr(cli, "_post", fake_post)
+    out = tmp_path / "out"
+    argv = ["explain", "cat.jpg", "--method", "gradcam", "--overlay-format", "jpeg", "--size", "256", "--out", str(out)]
+    assert main(argv) == 0
+    ((path, params),) = sent
+    assert path == "/explain" and ("overlay_format", "jpeg") in params and ("size", "256") in params
+    assert sorted(p.name for p in out.iterdir()) == ["cat_gradcam_285_heatmap.png", "cat_gradcam_285_overlay.jpg"]
+    defaults = build_parser().parse_args(["explain", "cat.jpg"])
+    assert (defaults.overlay_format, defaults.size) == ("png", "original")

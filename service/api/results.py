@@ -18,13 +18,17 @@ def explanation(entry: ClassMap, raw: bool) -> dict:
     body: dict = {"index": entry.index, "label": entry.label, "score": entry.score, "heatmap": entry.heatmap}
     if entry.overlay is not None:
         body["overlay"] = entry.overlay
+        body["overlay_media_type"] = entry.overlay_media_type
     if raw:
         body["cam"] = entry.cam.tolist()
     return body
 
 
 def explain_result(image: ImageResult, raw: bool) -> dict:
-    return {**predict_result(image), "explanations": [explanation(e, raw) for e in image.explanations]}
+    body = {**predict_result(image), "explanations": [explanation(e, raw) for e in image.explanations]}
+    if image.picture_size is not None:  # heatmaps and overlays resized by `size`
+        body["picture_width"], body["picture_height"] = image.picture_size[1], image.picture_size[0]
+    return body
 
 
 def predict_response(result: InferenceResult) -> dict:

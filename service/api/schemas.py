@@ -35,8 +35,18 @@ class Explanation(BaseModel):
     index: int = Field(description="explained class index", examples=[285])
     label: str = Field(examples=["Egyptian cat"])
     score: float = Field(description="softmax probability of the explained class")
-    heatmap: str = Field(description="base64 PNG, 8-bit grayscale, width x height of the original image")
-    overlay: str | None = Field(None, description="base64 PNG, RGB: colormap blended over the image (overlay=true)")
+    heatmap: str = Field(
+        description="base64 PNG (always lossless), 8-bit grayscale, width x height of the original image, or "
+        "picture_width x picture_height when `size` resizes"
+    )
+    overlay: str | None = Field(
+        None,
+        description="base64 RGB picture in `overlay_format` (PNG by default): colormap blended over the image "
+        "(overlay=true); same size as the heatmap",
+    )
+    overlay_media_type: str | None = Field(
+        None, description="media type of the overlay: image/png, image/jpeg or image/webp", examples=["image/png"]
+    )
     cam: list[list[float]] | None = Field(
         None, description="raw map at feature resolution after ReLU, before normalization (raw=true)"
     )
@@ -44,6 +54,8 @@ class Explanation(BaseModel):
 
 class ExplainResult(PredictResult):
     explanations: list[Explanation]
+    picture_width: int | None = Field(None, description="width of heatmaps and overlays, only when `size` resizes")
+    picture_height: int | None = Field(None, description="height of heatmaps and overlays, only when `size` resizes")
 
 
 class ExplainResponse(BaseModel):
@@ -110,4 +122,6 @@ class JsonImagesRequest(BaseModel):
     overlay: bool | None = None
     colormap: str | None = None
     alpha: float | None = None
+    overlay_format: str | None = Field(None, description="png (default), jpeg or webp")
+    size: int | str | None = Field(None, description="original (default), model or a maximum side in pixels")
     raw: bool | None = None

@@ -20,6 +20,11 @@ from torch import Tensor
 from service.errors import InvalidParameterError
 
 COLORMAPS: tuple[str, ...] = ("jet", "turbo", "viridis", "inferno", "magma")
+OVERLAY_FORMATS: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}  # -> media type
+PICTURE_SIZES: tuple[str, ...] = ("original", "model")  # or a maximum side in pixels, 1..MAX_PICTURE_SIDE
+MAX_PICTURE_SIDE = 8192
+JPEG_QUALITY = 90
+WEBP_QUALITY = 85
 
 
 def minmax_normalize(maps: Tensor) -> Tensor:
@@ -123,4 +128,65 @@ def encode_png(pixels: Tensor | np.ndarray, compress_level: int = 1) -> bytes:
         array = np.ascontiguousarray(pixels)
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG", compress_level=compress_level)
+    return buffer.getvalue()
+
+
+def check_overlay_format(name: str) -> str:
+    """Return the overlay format or raise InvalidParameterError naming `overlay_format`."""
+    if name not in OVERLAY_FORMATS:
+        raise InvalidParameterError(f"unknown overlay_format {name!r}; use one of: {', '.join(OVERLAY_FORMATS)}")
+    return name
+
+
+def parse_picture_size(value: str | int) -> str | int:
+    """`original`, `model` or a maximum side in pixels (1..MAX_PICTURE_SIDE); anything else raises
+    InvalidParameterError naming `size`."""
+    if isinstance(value, str) and value in PICTURE_SIZES:
+        return value
+    side: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        side = value
+    elif isinstance(value, str) and value.strip().isdigit():
+        side = int(value.strip())
+    if side is None or not 1 <= side <= MAX_PICTURE_SIDE:
+        raise InvalidParameterError(
+            f"invalid size {value!r}; use original, model or a maximum side in pixels from 1 to {MAX_PICTURE_SIDE}"
+        )
+    return side
+
+
+def picture_size(size: str | int, image: tuple[int, int], model: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) of the pictures: the image's (`original`), the model input's (`model`), or the image's
+    with its longer side capped at `size` pixels, aspect ratio kept (never enlarged)."""
+    if size == "original":
+        return image
+    if size == "model":
+        return model
+    height, width = image
+    longer = max(height, width)
+    if longer <= int(size):
+        return image
+    scale = int(size) / longer
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def resize_pixels(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 RGB [H, W, 3] -> [height, width, 3] (PIL bilinear, antialiased when shrinking)."""
+    height, width = size
+    if pixels.shape[:2] == (height, width):
+        return pixels
+    image = Image.fromarray(np.ascontiguousarray(pixels))
+    return np.asarray(image.resize((width, height), Image.Resampling.BILINEAR))
+
+
+def encode_picture(pixels: np.ndarray, fmt: str = "png", compress_level: int = 1) -> bytes:
+    """Encode a uint8 array [H, W] or [H, W, 3] as `png` (lossless), `jpeg` or `webp` (lossy)."""
+    if fmt == "png":
+        return encode_png(pixels, compress_level)
+    buffer = io.BytesIO()
+    image = Image.fromarray(np.ascontiguousarray(pixels))
+    if check_overlay_format(fmt) == "jpeg":
+        image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    else:
+        image.save(buffer, format="WEBP", quality=WEBP_QUALITY, method=0)
     return buffer.getvalue()

@@ -14,7 +14,7 @@ from service.api.results import explain_response, predict_response
 from service.api.schemas import ErrorResponse, ExplainResponse, PredictResponse
 from service.api.security import check_api_key
 from service.cam.methods import METHOD_NAMES
-from service.cam.render import COLORMAPS
+from service.cam.render import COLORMAPS, MAX_PICTURE_SIDE, OVERLAY_FORMATS
 from service.inference import ExplainRequest, InferenceRequest, InferenceService, RenderOptions
 
 router = APIRouter(tags=["inference"], dependencies=[Depends(check_api_key)])
@@ -125,6 +125,21 @@ async def explain(
     ] = False,
     colormap: Annotated[str, Query(description=f"overlay colormap: {', '.join(COLORMAPS)}", examples=["jet"])] = "jet",
     alpha: Annotated[float, Query(ge=0.0, le=1.0, description="overlay opacity of the heatmap", examples=[0.5])] = 0.5,
+    overlay_format: Annotated[
+        str,
+        Query(
+            description=f"overlay file format: {', '.join(OVERLAY_FORMATS)} (heatmaps are always PNG)",
+            examples=["jpeg"],
+        ),
+    ] = "png",
+    size: Annotated[
+        str,
+        Query(
+            description="size of heatmaps and overlays: original (the image's), model (the model input's) or a "
+            f"maximum side in pixels (1-{MAX_PICTURE_SIDE}, aspect ratio kept, never enlarged)",
+            examples=["original", "model", "512"],
+        ),
+    ] = "original",
     raw: Annotated[bool, Query(description="also return the raw map at feature resolution", examples=[False])] = False,
 ) -> dict:
     images, body = await read_images(request, service.settings.max_images_per_request)
@@ -137,6 +152,7 @@ async def explain(
             _pick(body.colormap, colormap),
             _pick(body.alpha, alpha),
         )
+        overlay_format, size = _pick(body.overlay_format, overlay_format), _pick(body.size, size)
         targets = _pick(_as_list(body.target), targets)
         layers = _pick(_as_list(body.layer), layers)
     explain_request = InferenceRequest(
@@ -144,7 +160,7 @@ async def explain(
         model=model,
         top_k=top_k,
         explain=ExplainRequest(method=method, targets=targets, layers=layers, counterfactual=counterfactual),
-        render=RenderOptions(overlay=overlay, colormap=colormap, alpha=alpha),
+        render=RenderOptions(overlay=overlay, colormap=colormap, alpha=alpha, overlay_format=overlay_format, size=size),
     )
     result = await service.infer(explain_request, request.is_disconnected)
     return await asyncio.to_thread(explain_response, result, raw)  # raw maps as lists: not on the event loop
