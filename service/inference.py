@@ -5,9 +5,9 @@ parameters once against the served model; decodes images (and resizes large ones
 threads, except that on a CUDA model JPEGs up to `GPU_DECODE_MAX_PIXELS` stay encoded for the batch to decode
 with nvJPEG on the torch thread (never beside its kernels on another thread); sends one work item per image to
 the model's worker queue; waits (bounded by the request timeout, abandoning work when the client goes away);
-renders heatmaps and overlays and PNG-encodes them on worker threads again, into a typed `InferenceResult`.
-The torch thread runs only the batch itself. Knows nothing of
-HTTP or of any protocol's response shape; nothing of gradients.
+renders heatmaps and overlays and encodes them (PNG; overlays optionally JPEG or WebP) on worker threads again,
+into a typed `InferenceResult`. The torch thread runs only the batch itself. Knows nothing of HTTP or of any
+protocol's response shape; nothing of gradients.
 """
 
 from __future__ import annotations
