@@ -45,9 +45,17 @@ class Settings(BaseSettings):
     keep_freed_memory: bool = Field(
         True, description="glibc: keep freed tensor memory for reuse instead of page-faulting it in every batch"
     )
+    compile: Literal["auto", "off"] = Field(
+        "auto",
+        description="auto: predictions and the default layer's maps run compiled (torch.compile) where that works "
+        "and is faster, compiled during warm-up; off: eager. A model's `compile` in the models file overrides it",
+    )
+    compile_cache_dir: Path | None = Field(
+        None, description="inductor's on-disk cache of compiled graphs, reused by restarts; unset = inductor's default"
+    )
     torch_threads: int = Field(0, ge=0, description="intra-op threads of the torch thread; 0 = torch's default")
 
-    @field_validator("models_file", "api_key", mode="before")
+    @field_validator("models_file", "api_key", "compile_cache_dir", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         """An empty variable (as compose files pass through) means unset."""

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+
+# Apps in tests serve eagerly unless a test asks for the compiled fast path (tests/test_fastpath.py does):
+# compiling costs ~20 s per model on two cores.
+os.environ.setdefault("CAMSERVE_COMPILE", "off")
 
 
 def efficientnet_lite0() -> torch.nn.Module:

@@ -76,6 +76,11 @@ class ModelInfo(BaseModel):
     interpolation: str = Field(description="resampling filter of the resize: bilinear or bicubic (antialiased)")
     num_classes: int
     default_layer: str | None = Field(description="CAM layer used by default; null when the model cannot explain")
+    execution: str = Field(
+        description="`compiled`: predictions and the default layer's maps run compiled (CAMSERVE_COMPILE); "
+        "otherwise `eager: <why not compiled>`",
+        examples=["compiled", "eager: compile is off"],
+    )
     default: bool
 
 

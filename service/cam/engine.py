@@ -22,10 +22,12 @@ from torch import Tensor, nn
 from service.cam import scaling
 from service.cam.capture import ActivationCapture, guided_backprop
 from service.cam.errors import CamError, InvalidTargetError
+from service.cam.fastpath import CompiledSplit
 from service.cam.layers import LayerTrace, choose_default_layer, resolve_layer, trace_layers
 from service.cam.methods import CamMethod, get_method
 from service.cam.pairs import PairPlan, TargetSpec, plan_pairs
 from service.cam.render import minmax_normalize, resize_maps
+from service.cam.split import export_model, split_model
 
 
 @dataclass
@@ -78,6 +80,8 @@ class CamEngine:
         self.gradient_scale = None if gradient_scale is None else scaling.check_scale(gradient_scale)
         self._trace: LayerTrace | None = None
         self._trace_lock = threading.Lock()
+        #: The compiled split at the default layer, once `compile` kept it (predictions and that layer's maps).
+        self.fast: CompiledSplit | None = None
 
     # -- structure ---------------------------------------------------------------------------
     def trace(self, example: Tensor | None = None) -> LayerTrace:
@@ -125,9 +129,36 @@ class CamEngine:
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
     def predict(self, images: Tensor) -> Tensor:
-        """Logits [B, C] (float32) of a plain inference forward."""
+        """Logits [B, C] (float32) of a plain inference forward (compiled when the fast path is on)."""
+        if self.fast is not None:
+            return self.fast.logits(images.to(self.device)).float()
+        return self.predict_eager(images)
+
+    def predict_eager(self, images: Tensor) -> Tensor:
+        """Logits [B, C] (float32) of the eager model."""
         with torch.inference_mode(), self._autocast():
             return self.model(images.to(self.device)).float()
+
+    def compile(self, example: Tensor, *, max_batch: int, channels_last: bool | None = None) -> CompiledSplit:
+        """The fast path at the default layer, compiled and warmed up (its `report` says how it did); serve through
+        it with `use_fast_path`. Raises SplitError when the model does not export or split there.
+
+        `channels_last` (default: models with convolutions past their first layer) feeds the prefix NHWC inputs.
+        """
+        layer = self.default_layer
+        example = example.to(self.device)
+        split = split_model(export_model(self.model, example.expand(2, *example.shape[1:]).clone()), layer)
+        if channels_last is None:
+            channels_last = sum(isinstance(m, nn.Conv2d) for m in self.model.modules()) > 2
+        compiled = CompiledSplit(split, autocast=self._autocast, channels_last=channels_last)
+        compiled.warm_up(example, max_batch, self.predict_eager)
+        return compiled
+
+    def use_fast_path(self, fast: CompiledSplit | None) -> None:
+        """Serve predictions and the default layer's maps through `fast` (None: eagerly)."""
+        if fast is not None and fast.layer != self.default_layer:
+            raise ValueError(f"the fast path splits at {fast.layer!r}, not at the default layer {self.default_layer!r}")
+        self.fast = fast
 
     def explain(
         self,
@@ -152,15 +183,11 @@ class CamEngine:
         modules = {name: resolve_layer(self.model, name) for name in names}
 
         with torch.inference_mode(False), torch.no_grad():
-            with ActivationCapture(modules, trace.calls, trace.layouts) as capture, self._autocast():
-                logits = self.model(images)
-            capture.check_complete()
-            activations = [capture.activations[name] for name in names]
+            logits, activations = self._forward(images, names, modules, trace)
             plan = self._pairs(targets, logits.detach())
             sign = -1.0 if counterfactual else 1.0
             grads = self._gradients(logits, activations, plan, sign)
             logits = logits.detach().float()
-            del capture
 
             layer_maps = {}
             for name, act, grad in zip(names, activations, grads, strict=True):
@@ -188,6 +215,26 @@ class CamEngine:
         )
 
     # -- helpers -----------------------------------------------------------------------------
+    def _forward(
+        self, images: Tensor, names: tuple[str, ...], modules: dict[str, nn.Module], trace: LayerTrace
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Logits, with autograd recorded from the layers' activations on, and those activations.
+
+        At the fast path's layer: its compiled prefix, then its suffix with autograd. Elsewhere: the eager model
+        with hooks that switch autograd on at the first target layer.
+        """
+        if self.fast is not None and names == (self.fast.layer,):
+            activation, carried = self.fast.prefix(images)
+            trace.layouts[names[0]].check(activation.shape, names[0])
+            activation = activation.detach().requires_grad_(True)
+            with torch.enable_grad():  # a clone, so in-place operations of the suffix leave the activation intact
+                logits = self.fast.suffix(activation.clone(), carried)
+            return logits, [activation]
+        with ActivationCapture(modules, trace.calls, trace.layouts) as capture, self._autocast():
+            logits = self.model(images)
+        capture.check_complete()
+        return logits, [capture.activations[name] for name in names]
+
     def _pairs(self, targets: TargetSpec, logits: Tensor) -> PairPlan:
         """Flatten per-image targets into (image, class) rows grouped by round; validate against the logits."""
         return plan_pairs(targets, logits)

@@ -14,10 +14,12 @@ from torch import nn
 from service.cam import CamEngine, UnknownLayerError
 from service.device import configure_device, no_cuda_message
 from service.errors import InvalidParameterError, UnknownModelError
+from service.models.compiling import CompileMode, choose_execution, set_cache_dir
 from service.models.errors import ModelConfigError
 from service.models.loader import build_model
 from service.models.preprocessing import Preprocessing
 from service.models.spec import ModelsFile, ModelSpec, default_models, read_models_file
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,8 @@ class ServedModel:
     load_seconds: float
     preprocessing: Preprocessing
     architecture: str
+    #: "compiled" (the fast path at the default layer) or "eager: <why not compiled>"
+    execution: str = "eager"
 
     @property
     def explainable(self) -> bool:
@@ -102,8 +106,11 @@ class ServedModel:
             self._label_index.setdefault(label, i)
 
 
-def load_model(spec: ModelSpec, device: torch.device, warmup: bool = True) -> ServedModel:
-    """Build, move, freeze and (optionally) warm up one model."""
+def load_model(
+    spec: ModelSpec, device: torch.device, warmup: bool = True, compile: CompileMode = "off", max_batch: int = 16
+) -> ServedModel:
+    """Build, move, freeze and (optionally) warm up one model; compile its fast path as `compile` (or the
+    spec's own `compile`) says, for batches up to `max_batch`."""
     started = time.perf_counter()
     built = build_model(spec)
     module = built.module.to(device).eval()
@@ -144,6 +151,11 @@ def load_model(spec: ModelSpec, device: torch.device, warmup: bool = True) -> Se
     labels = built.labels or [str(i) for i in range(num_classes)]
     if len(labels) != num_classes:
         raise ModelConfigError(f"model {spec.name!r}: {len(labels)} labels for a model with {num_classes} outputs")
+    execution = "eager: TorchScript (predict only)"
+    if explainable:
+        execution = choose_execution(
+            spec.name, engine, example, mode=spec.compile or compile, max_batch=max_batch, warmup=warmup
+        )
     if warmup and explainable:
         engine.explain(example, method="gradcampp")
     return ServedModel(
@@ -156,6 +168,7 @@ def load_model(spec: ModelSpec, device: torch.device, warmup: bool = True) -> Se
         load_seconds=time.perf_counter() - started,
         preprocessing=built.preprocessing,
         architecture=built.architecture,
+        execution=execution,
     )
 
 
@@ -168,18 +181,41 @@ class ModelRegistry:
 
     @classmethod
     def load(
-        cls, models_file: Path | None, device: str = "auto", warmup: bool = True, allow_tf32: bool = False
+        cls,
+        models_file: Path | None,
+        device: str = "auto",
+        warmup: bool = True,
+        allow_tf32: bool = False,
+        *,
+        compile: CompileMode = "off",
+        max_batch: int = 16,
+        compile_cache_dir: Path | None = None,
     ) -> ModelRegistry:
-        """Read the models file, set up the device (TF32 as configured, logged once) and load every model."""
+        """Read the models file, set up the device (TF32 as configured, logged once) and load every model,
+        compiled as `compile` and each model's own setting say."""
         config: ModelsFile = read_models_file(models_file) if models_file else default_models()
         target = resolve_device(device)
         configure_device(target, allow_tf32)
+        set_cache_dir(compile_cache_dir)
         loaded = []
         for spec in config.models:
-            served = load_model(spec, target, warmup=warmup)
+            served = load_model(spec, target, warmup=warmup, compile=compile, max_batch=max_batch)
             log.info("loaded model %s on %s in %.2fs", spec.name, target, served.load_seconds)
             loaded.append(served)
         return cls(loaded, config.default_name)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ModelRegistry:
+        """`load` with the service's settings."""
+        return cls.load(
+            settings.models_file,
+            settings.device,
+            settings.warmup,
+            settings.allow_tf32,
+            compile=settings.compile,
+            max_batch=settings.max_batch_size,
+            compile_cache_dir=settings.compile_cache_dir,
+        )
 
     def get(self, name: str | None = None) -> ServedModel:
         """The named model (default when None) or UnknownModelError listing what is served."""

@@ -32,6 +32,8 @@ class ModelSpec(BaseModel):
     interpolation: Interpolation | None = None
     default_layer: str | None = None
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    #: the compiled fast path for this model: None follows CAMSERVE_COMPILE
+    compile: Literal["auto", "off"] | None = None
     default: bool = False
 
     @model_validator(mode="before")

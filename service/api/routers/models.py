@@ -34,6 +34,7 @@ async def list_models(service: Annotated[InferenceService, Depends(get_service)]
                 interpolation=m.interpolation,
                 num_classes=m.num_classes,
                 default_layer=m.default_layer,
+                execution=m.execution,
                 default=m.name == registry.default_name,
             )
             for m in registry

@@ -1,0 +1,140 @@
+"""The compiled fast path: a model's split at one layer, with the prefix (and, for predictions, the suffix)
+compiled by `torch.compile` for inference.
+
+Explaining at that layer runs the compiled prefix without autograd, then the suffix eagerly with autograd
+from the activation to the logits (torch.compile gives no gradient for activations inside a compiled
+region, so the cut is at the target layer). Predicting runs both halves compiled. Everything a batch can
+hit is compiled in `warm_up`: batch 1, and one graph with a dynamic batch dimension for 2..max; afterwards
+a call that would need a new compilation runs eagerly instead (never waits for a compiler) and is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from service.cam.split import ModelSplit
+
+log = logging.getLogger(__name__)
+
+#: Inductor options: weights are constants of an inference graph (folded, pre-packed for oneDNN on CPU).
+COMPILE_OPTIONS = {"freezing": True}
+
+Autocast = Callable[[], AbstractContextManager[object]]
+
+
+@dataclass(frozen=True)
+class WarmUpReport:
+    """What warm-up measured: compile seconds, and median eager / compiled predict times per batch size."""
+
+    compile_s: float
+    eager_ms: dict[int, float]
+    compiled_ms: dict[int, float]
+    max_logit_error: float
+
+    @property
+    def slower(self) -> bool:
+        """True when the compiled predict is slower than eager at every measured batch size."""
+        return all(self.compiled_ms[b] >= self.eager_ms[b] for b in self.eager_ms)
+
+
+class CompiledSplit:
+    """The compiled halves of a `ModelSplit`; call `warm_up` before serving."""
+
+    def __init__(self, split: ModelSplit, *, autocast: Autocast, channels_last: bool) -> None:
+        self.split = split
+        self.layer = split.layer
+        self.channels_last = channels_last
+        self._autocast = autocast
+        self._prefix = torch.compile(split.prefix, options=COMPILE_OPTIONS)
+        self._suffix = torch.compile(split.suffix, options=COMPILE_OPTIONS)
+        self._warm = False
+        self.eager_calls = 0
+        self.report: WarmUpReport | None = None
+
+    def _input(self, images: Tensor) -> Tensor:
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+
+    def prefix(self, images: Tensor) -> tuple[Tensor, tuple[object, ...]]:
+        """The layer's activation and the values the suffix also reads (no autograd)."""
+        with torch.no_grad(), self._autocast():
+            outputs = self._guarded(self._prefix, self.split.prefix, self._input(images))
+        activation, *carried = outputs
+        return activation, tuple(carried)
+
+    def suffix(self, activation: Tensor, carried: tuple[object, ...]) -> Tensor:
+        """Logits from an activation, eagerly, recording autograd when grad mode is on."""
+        with self._autocast():
+            return self.split.suffix(activation, *carried)
+
+    def logits(self, images: Tensor) -> Tensor:
+        """Logits of a plain forward through both compiled halves."""
+        with torch.no_grad(), self._autocast():
+            activation, *carried = self._guarded(self._prefix, self.split.prefix, self._input(images))
+            return self._guarded(self._suffix, self.split.suffix, activation, *carried)
+
+    def _guarded(self, compiled: Callable[..., object], eager: Callable[..., object], *args: object) -> object:
+        """The compiled call; after warm-up, a call that would compile again runs `eager` instead."""
+        if not self._warm:
+            return compiled(*args)
+        try:
+            with torch.compiler.set_stance("fail_on_recompile"):
+                return compiled(*args)
+        except RuntimeError as exc:
+            if "recompil" not in str(exc).lower():
+                raise
+            self.eager_calls += 1
+            if self.eager_calls == 1:
+                log.warning("layer %s: an input the warm-up did not compile ran eagerly: %s", self.layer, exc)
+            return eager(*args)
+
+    def warm_up(self, example: Tensor, max_batch: int, eager: Callable[[Tensor], Tensor]) -> WarmUpReport:
+        """Compile batch 1 and the dynamic batch graph (2..max_batch), check the logits against `eager` and
+        time both at batch 1 and 8 (or max_batch when smaller)."""
+        started = time.perf_counter()
+        batches = [1] + ([2, min(max_batch, 8)] if max_batch > 1 else [])
+        error = 0.0
+        for size in batches:
+            images = _noise(example, size)
+            if size == 2:
+                torch._dynamo.mark_dynamic(images, 0, min=2, max=max(max_batch, 3))
+            compiled = self.logits(images).float()
+            with torch.no_grad():
+                reference = eager(images).float()
+            error = max(error, (compiled - reference).abs().max().item())
+        compile_s = time.perf_counter() - started
+        self._warm = True
+        eager_ms: dict[int, float] = {}
+        compiled_ms: dict[int, float] = {}
+        for size in sorted({1, min(max_batch, 8)}):
+            eager_ms[size], compiled_ms[size] = _medians_ms([eager, self.logits], _noise(example, size))
+        self.report = WarmUpReport(compile_s, eager_ms, compiled_ms, error)
+        return self.report
+
+
+def _noise(example: Tensor, batch: int) -> Tensor:
+    generator = torch.Generator().manual_seed(batch)
+    return torch.randn((batch, *example.shape[1:]), generator=generator).to(example.device)
+
+
+def _medians_ms(functions: list[Callable[[Tensor], Tensor]], images: Tensor, repeats: int = 5) -> list[float]:
+    """Median milliseconds of each function on `images`, timed in turns so that a busy host slows all alike."""
+    times: list[list[float]] = [[] for _ in functions]
+    with torch.no_grad():
+        for fn in functions:
+            fn(images)
+        for _ in range(repeats):
+            for fn, spent in zip(functions, times, strict=True):
+                started = time.perf_counter()
+                fn(images)
+                if images.device.type == "cuda":
+                    torch.cuda.synchronize(images.device)
+                spent.append((time.perf_counter() - started) * 1000)
+    return [statistics.median(spent) for spent in times]
