@@ -189,3 +189,35 @@ def test_split_halves_give_the_model_logits() -> None:
     torch.testing.assert_close(split.suffix(activation, *carried), model(x))
     with pytest.raises(SplitError, match="runs no operation"):
         split_model(export_model(model, torch.zeros(2, 3, 8, 8)), "missing")
+
+
+@pytest.mark.anyio
+async def test_service_with_compile_auto_serves_compiled_maps(registry, chelsea) -> None:
+    """The app as configured by default (CAMSERVE_COMPILE=auto) compiles the default model during warm-up;
+    its answers equal the eager registry's."""
+    import numpy as np
+
+    from tests.apphelpers import running_app
+    from tests.conftest import jpeg_bytes
+
+    cat_jpeg = jpeg_bytes(chelsea)
+    eager = registry.get()
+    async with running_app(None, compile="auto", max_batch_size=MAX_BATCH) as (client, app):
+        listed = (await client.get("/models")).json()["models"][0]
+        assert listed["execution"] == "compiled"
+        assert app.state.service.registry.get().engine.fast is not None
+        files = [("image", ("cat.jpg", cat_jpeg, "image/jpeg"))]
+        explained = await client.post("/explain", params={"method": "gradcampp", "raw": "true"}, files=files)
+        predicted = await client.post("/predict", files=files)
+    assert explained.status_code == predicted.status_code == 200, explained.text
+    from service.images import decode_image, preprocess
+
+    x = preprocess([decode_image(cat_jpeg).pixels], eager.input_size, eager.mean, eager.std)
+    direct = eager.engine.explain(x, method="gradcampp")
+    (result,) = explained.json()["results"]
+    cam = np.array(result["explanations"][0]["cam"])
+    reference = direct.maps[0].numpy()
+    np.testing.assert_allclose(cam / cam.max(), reference / reference.max(), atol=1e-4)
+    top = predicted.json()["results"][0]["predictions"][0]
+    assert top["index"] == 285
+    assert abs(top["score"] - torch.softmax(direct.logits, 1)[0, 285].item()) < 1e-4
