@@ -190,7 +190,7 @@ def bench_model(
     if engine.default_layer != setup.layer:
         raise SystemExit(f"{setup.name}: engine's default layer is {engine.default_layer}, expected {setup.layer}")
     if compiled:  # the fast path: predictions and the default layer's maps through the compiled split
-        engine.use_fast_path(engine.compile(x[:1], max_batch=max(batches + [check_batch])))
+        engine.use_fast_path(engine.compile(x[:1], max_batch=max(*batches, check_batch)))
     layout = engine.trace().layouts[setup.layer]
     contenders, cams = contenders_for(x)
     check: dict[str, object] = {"batch": check_batch, "layer": setup.layer, "layout": str(layout)}
