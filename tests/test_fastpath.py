@@ -221,3 +221,35 @@ async def test_service_with_compile_auto_serves_compiled_maps(registry, chelsea)
     top = predicted.json()["results"][0]["predictions"][0]
     assert top["index"] == 285
     assert abs(top["score"] - torch.softmax(direct.logits, 1)[0, 285].item()) < 1e-4
+
+
+class Tiny(nn.Module):
+    """conv -> bn -> relu (the default layer) -> pool -> fc."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.relu(self.bn(self.conv(x))).mean(dim=(2, 3)))
+
+
+def test_a_cut_in_the_wrong_place_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Equal logits do not prove the cut: compile compares the split's activation with the hooked layer's."""
+    import dataclasses
+
+    from service.cam import engine as engine_module
+
+    torch.manual_seed(0)
+    engine = CamEngine(Tiny().eval(), default_layer="relu")
+    example = torch.zeros(1, 3, 16, 16)
+    engine.trace(example)
+    assert engine.compile(example, max_batch=4).layer == "relu"  # the true cut passes
+    wrong = lambda graph, layer: dataclasses.replace(split_model(graph, "bn"), layer=layer)  # noqa: E731
+    monkeypatch.setattr(engine_module, "split_model", wrong)
+    with pytest.raises(SplitError, match="differs from the layer's output"):
+        engine.compile(example, max_batch=4)
+    assert "cannot be compiled" in choose_execution("tiny", engine, example, mode="auto", max_batch=4, warmup=True)

@@ -27,7 +27,7 @@ from service.cam.layers import LayerTrace, choose_default_layer, resolve_layer, 
 from service.cam.methods import CamMethod, get_method
 from service.cam.pairs import PairPlan, TargetSpec, plan_pairs
 from service.cam.render import minmax_normalize, resize_maps
-from service.cam.split import export_model, split_model
+from service.cam.split import SplitError, export_model, split_model
 
 
 @dataclass
@@ -152,7 +152,27 @@ class CamEngine:
             channels_last = sum(isinstance(m, nn.Conv2d) for m in self.model.modules()) > 2
         compiled = CompiledSplit(split, autocast=self._autocast, channels_last=channels_last)
         compiled.warm_up(example, max_batch, self.predict_eager)
+        self._check_split_activation(compiled, example)
         return compiled
+
+    def _check_split_activation(self, compiled: CompiledSplit, example: Tensor) -> None:
+        """Raise SplitError unless the split's activation is the layer's output as the hooks see it (equal logits
+        alone would not tell a cut in the wrong place)."""
+        images = torch.randn((2, *example.shape[1:]), generator=torch.Generator().manual_seed(1)).to(self.device)
+        layer = compiled.layer
+        trace = self.trace()
+        with torch.inference_mode(False), torch.no_grad():
+            _, (reference,) = self._forward(images, (layer,), {layer: resolve_layer(self.model, layer)}, trace)
+        activation, _ = compiled.prefix(images)
+        reference = reference.detach().float()
+        if activation.shape != reference.shape:
+            raise SplitError(
+                f"the split at {layer!r} gives shape {tuple(activation.shape)}, the layer {tuple(reference.shape)}"
+            )
+        error = (activation.float() - reference).abs().max().item()
+        tolerance = (1e-3 if self.autocast_dtype is None else 5e-2) * max(1.0, reference.abs().max().item())
+        if error > tolerance:
+            raise SplitError(f"the split's activation at {layer!r} differs from the layer's output by {error:.3g}")
 
     def use_fast_path(self, fast: CompiledSplit | None) -> None:
         """Serve predictions and the default layer's maps through `fast` (None: eagerly)."""

@@ -65,21 +65,17 @@ def split_model(graph_module: fx.GraphModule, layer: str) -> ModelSplit:
 
 
 def _layer_output(nodes: list[fx.Node], layer: str) -> fx.Node:
-    """The last node of the last call of module `layer`, from export's `nn_module_stack` metadata."""
-    last: fx.Node | None = None
-    call_key: str | None = None
-    for node in nodes:
-        stack = node.meta.get("nn_module_stack") or {}
-        keys = [key for key, (path, _type) in stack.items() if _plain_path(path) == layer]
-        if keys:
-            if call_key is None or keys[-1] != call_key:
-                call_key = keys[-1]
-            last = node
-    if last is None:
+    """The last node run inside module `layer` (so, of its last call), from export's `nn_module_stack`."""
+    inside = [
+        node
+        for node in nodes
+        if any(_plain_path(path) == layer for path, _type in (node.meta.get("nn_module_stack") or {}).values())
+    ]
+    if not inside:
         raise SplitError(f"layer {layer!r} runs no operation of its own in the exported graph")
-    if not isinstance(last.meta.get("val"), Tensor):
+    if not isinstance(inside[-1].meta.get("val"), Tensor):
         raise SplitError(f"layer {layer!r} does not end in a tensor")
-    return last
+    return inside[-1]
 
 
 def _plain_path(path: str) -> str:
