@@ -96,15 +96,17 @@ class CompiledSplit:
             return eager(*args)
 
     def warm_up(self, example: Tensor, max_batch: int, eager: Callable[[Tensor], Tensor]) -> WarmUpReport:
-        """Compile batch 1 and the dynamic batch graph (2..max_batch), check the logits against `eager` and
-        time both at batch 1 and 8 (or max_batch when smaller)."""
+        """Compile every graph a batch of 1..max_batch needs, check the logits against `eager` and time both at
+        batch 1 and 8 (or max_batch when smaller).
+
+        Batch 1 gets its own graph, 2 and 3 make the batch dimension dynamic; kernels may still guard on ranges
+        of it (oneDNN choices at 16, say), so the warm-up also runs the sizes around each power of two and
+        max_batch, where such thresholds sit, and compiles whatever graph they ask for.
+        """
         started = time.perf_counter()
-        batches = [1] + ([2, min(max_batch, 8)] if max_batch > 1 else [])
         error = 0.0
-        for size in batches:
+        for size in warm_up_sizes(max_batch):
             images = _noise(example, size)
-            if size == 2:
-                torch._dynamo.mark_dynamic(images, 0, min=2, max=max(max_batch, 3))
             compiled = self.logits(images).float()
             with torch.no_grad():
                 reference = eager(images).float()
@@ -117,6 +119,16 @@ class CompiledSplit:
             eager_ms[size], compiled_ms[size] = _medians_ms([eager, self.logits], _noise(example, size))
         self.report = WarmUpReport(compile_s, eager_ms, compiled_ms, error)
         return self.report
+
+
+def warm_up_sizes(max_batch: int) -> list[int]:
+    """1, 2, 3, each power of two up to max_batch with its neighbours, and max_batch."""
+    sizes = {1, 2, 3, max_batch}
+    power = 4
+    while power <= max_batch:
+        sizes |= {power - 1, power, power + 1}
+        power *= 2
+    return sorted(size for size in sizes if size <= max_batch)
 
 
 def _noise(example: Tensor, batch: int) -> Tensor:
