@@ -112,6 +112,10 @@ def _explain(args: argparse.Namespace) -> int:
     if args.counterfactual:
         params.append(("counterfactual", "true"))
     params += [("overlay_format", args.overlay_format), ("size", args.size)]
+    if args.faithfulness:
+        params.append(("faithfulness", "true"))
+    if args.faithfulness_steps is not None:
+        params.append(("faithfulness_steps", str(args.faithfulness_steps)))
     body = _post(args, "/explain", params)
     if body is None:
         return 1
@@ -125,7 +129,16 @@ def _explain(args: argparse.Namespace) -> int:
             suffix = _SUFFIXES.get(e.get("overlay_media_type", "image/png"), ".png")
             Path(f"{base}_overlay{suffix}").write_bytes(base64.b64decode(e["overlay"]))
             print(f"{name}: {e['label']} ({e['score']:.4f}) -> {base}_heatmap.png, {base}_overlay{suffix}")
+            if "faithfulness" in e:
+                print(f"  faithfulness: {_faithfulness_line(e['faithfulness'])}")
     return 0
+
+
+def _faithfulness_line(scores: dict) -> str:
+    return (
+        f"drop {scores['drop']:.4f}, increase {scores['increase']:.0f}, deletion AUC {scores['deletion_auc']:.4f}, "
+        f"insertion AUC {scores['insertion_auc']:.4f} ({scores['steps']} steps)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,6 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--colormap", default="jet")
     explain.add_argument("--overlay-format", default="png", help="overlay file format: png, jpeg or webp")
     explain.add_argument("--size", default="original", help="picture size: original, model or a maximum side in pixels")
+    explain.add_argument(
+        "--faithfulness", action="store_true", help="also print each map's drop, increase, deletion and insertion AUC"
+    )
+    explain.add_argument(
+        "--faithfulness-steps", type=int, default=None, help="deletion/insertion steps (2-64; server default 16)"
+    )
     explain.add_argument("--out", default="camserve-out", help="output folder")
     explain.set_defaults(func=_explain)
     return parser

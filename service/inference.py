@@ -24,11 +24,12 @@ import torch
 from torch import Tensor
 
 from service.cam import render
+from service.cam.faithfulness import forwards_per_explanation
 from service.cam.methods import get_method
 from service.errors import InvalidParameterError, NotReadyError, PayloadTooLargeError, RequestTimeoutError
 from service.images import EncodedJpeg, ImageLimits, check_media_type, decode_image, jpeg_for_gpu, resize_for_model
 from service.models import ModelRegistry, ServedModel
-from service.settings import Settings
+from service.settings import MAX_FAITHFULNESS_STEPS, MIN_FAITHFULNESS_STEPS, Settings
 from service.worker import BatchObserver, BatchWorker, ExplainOptions, FatalObserver, ItemOutput, WorkItem
 
 DisconnectCheck = Callable[[], Awaitable[bool]]
@@ -84,12 +85,15 @@ class ImagePayload:
 
 @dataclass(frozen=True)
 class ExplainRequest:
-    """What to explain: the CAM method, classes (default the top-1), layers (default the model's) and sign."""
+    """What to explain: the CAM method, classes (default the top-1), layers (default the model's) and sign;
+    `faithfulness` scores each map (`faithfulness_steps` deletion/insertion steps, default the setting's)."""
 
     method: str = "gradcampp"
     targets: Sequence[int | str] | None = None
     layers: Sequence[str] | None = None
     counterfactual: bool = False
+    faithfulness: bool = False
+    faithfulness_steps: int | None = None
 
 
 @dataclass(frozen=True)
@@ -111,9 +115,21 @@ class Prediction:
 
 
 @dataclass(frozen=True)
+class FaithfulnessScores:
+    """How faithful one map is to the model (service.cam.faithfulness): drop = max(0, Y - O) / Y and increase =
+    1[Y < O] for the image masked by the map; deletion and insertion AUC over `steps` steps."""
+
+    drop: float
+    increase: float
+    deletion_auc: float
+    insertion_auc: float
+    steps: int
+
+
+@dataclass(frozen=True)
 class ClassMap:
-    """One explained class of one image: the raw map (float32 [h, w], after ReLU, before normalization) and
-    the pictures asked for (PNG bytes or base64 text, per `RenderOptions.encoding`)."""
+    """One explained class of one image: the raw map (float32 [h, w], after ReLU, before normalization),
+    the pictures asked for (PNG bytes or base64 text, per `RenderOptions.encoding`) and its faithfulness if asked."""
 
     index: int
     label: str
@@ -122,6 +138,7 @@ class ClassMap:
     heatmap: bytes | str | None = None
     overlay: bytes | str | None = None
     overlay_media_type: str | None = None
+    faithfulness: FaithfulnessScores | None = None
 
 
 @dataclass(frozen=True)
@@ -202,7 +219,8 @@ class InferenceService:
         if checked.options is not None:
             self._check_render_budget(served, decoded, checked.classes, options)
         outputs = await self._run(served, decoded, checked.options, checked.classes, is_disconnected)
-        images = await asyncio.to_thread(self._encode_all, served, decoded, outputs, checked.top_k, options)
+        steps = checked.options.faithfulness_steps if checked.options is not None else None
+        images = await asyncio.to_thread(self._encode_all, served, decoded, outputs, checked.top_k, options, steps)
         if checked.options is None:
             return InferenceResult(model=served.name, images=images)
         return InferenceResult(
@@ -237,12 +255,41 @@ class InferenceService:
             raise InvalidParameterError(f"{len(targets)} targets requested; at most {MAX_TARGETS} per request")
         if layers and len(layers) > MAX_LAYERS:
             raise InvalidParameterError(f"{len(layers)} layers requested; at most {MAX_LAYERS} per request")
+        steps = self._faithfulness_steps(explain)
         resolved_layers = served.engine.resolve_layers(list(layers), None) if layers else None
         classes = [served.class_index(t) for t in targets] if targets else None
-        explain_options = ExplainOptions(method=cam.name, layers=resolved_layers, counterfactual=explain.counterfactual)
+        if steps is not None:
+            self._check_faithfulness_budget(len(request.images), len(classes) if classes else 1, steps)
+        explain_options = ExplainOptions(
+            method=cam.name, layers=resolved_layers, counterfactual=explain.counterfactual, faithfulness_steps=steps
+        )
         return _Validated(served, top_k, explain_options, classes)
 
     # -- steps ----------------------------------------------------------------------------
+    def _faithfulness_steps(self, explain: ExplainRequest) -> int | None:
+        """The deletion/insertion steps when faithfulness is asked for, else None; a bad combination is a 422."""
+        steps = explain.faithfulness_steps
+        if not explain.faithfulness:
+            if steps is not None:
+                raise InvalidParameterError("faithfulness_steps is only meaningful with faithfulness=true")
+            return None
+        if steps is None:
+            return self.settings.faithfulness_steps
+        if isinstance(steps, bool) or not MIN_FAITHFULNESS_STEPS <= steps <= MAX_FAITHFULNESS_STEPS:
+            raise InvalidParameterError(
+                f"faithfulness_steps must be between {MIN_FAITHFULNESS_STEPS} and {MAX_FAITHFULNESS_STEPS}, got {steps}"
+            )
+        return steps
+
+    def _check_faithfulness_budget(self, images: int, targets: int, steps: int) -> None:
+        forwards = images * targets * forwards_per_explanation(steps)
+        if forwards > self.settings.max_faithfulness_forwards:
+            raise PayloadTooLargeError(
+                f"faithfulness scores for this request need {forwards} model forwards ({images} images x {targets} "
+                f"targets x (1 + 2 x {steps} steps)), above the limit of {self.settings.max_faithfulness_forwards}; "
+                "send fewer images or targets, or lower faithfulness_steps"
+            )
+
     def _check_render_budget(
         self, served: ServedModel, decoded: list[Decoded], classes: list[int] | None, options: RenderOptions
     ) -> None:
@@ -338,22 +385,24 @@ class InferenceService:
         outputs: list[ItemOutput],
         top_k: int,
         options: RenderOptions,
+        steps: int | None = None,
     ) -> list[ImageResult]:
-        """Render and encode the explanations (numpy and PIL only: no torch work off its thread)."""
+        """Render and encode the explanations (numpy and PIL only: no torch work off its thread); `steps`: those
+        of the faithfulness scores, when asked."""
         return [
             ImageResult(
                 width=image.width,
                 height=image.height,
                 probabilities=output.probabilities.numpy(),
                 predictions=self._top_k(served, output.probabilities, top_k),
-                explanations=self._encode(served, image, output, options),
+                explanations=self._encode(served, image, output, options, steps),
                 picture_size=self._resized(served, image, output, options),
             )
             for image, output in zip(images, outputs, strict=True)
         ]
 
     def _encode(
-        self, served: ServedModel, image: Decoded, output: ItemOutput, options: RenderOptions
+        self, served: ServedModel, image: Decoded, output: ItemOutput, options: RenderOptions, steps: int | None
     ) -> list[ClassMap]:
         if output.maps is None:
             return []
@@ -377,8 +426,16 @@ class InferenceService:
                     overlay = encode(render.encode_picture(blended, fmt, level))
                     media_type = render.OVERLAY_FORMATS[fmt]
             label, score = served.labels[index], float(output.probabilities[index])
-            explanations.append(ClassMap(index, label, score, cam, heatmap, overlay, media_type))
+            faithful = self._scores(output, row, steps)
+            explanations.append(ClassMap(index, label, score, cam, heatmap, overlay, media_type, faithful))
         return explanations
+
+    @staticmethod
+    def _scores(output: ItemOutput, row: int, steps: int | None) -> FaithfulnessScores | None:
+        if output.faithfulness is None or steps is None:
+            return None
+        drop, increase, deletion, insertion = output.faithfulness[row].tolist()
+        return FaithfulnessScores(drop, increase, deletion, insertion, steps)
 
     def _resized(
         self, served: ServedModel, image: Decoded, output: ItemOutput, options: RenderOptions

@@ -9,6 +9,9 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# `faithfulness_steps` (deletion/insertion steps of /explain?faithfulness=true) accepts these, bounds included
+MIN_FAITHFULNESS_STEPS, MAX_FAITHFULNESS_STEPS = 2, 64
+
 
 class Settings(BaseSettings):
     """Every field can be set as CAMSERVE_<FIELD NAME IN CAPITALS>."""
@@ -37,6 +40,18 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(100 * 1024 * 1024, ge=1, description="largest accepted request body")
     max_render_pixels: int = Field(
         400_000_000, ge=1, description="most output pixels one /explain may render (images x targets, overlays x4)"
+    )
+    faithfulness_steps: int = Field(
+        16,
+        ge=MIN_FAITHFULNESS_STEPS,
+        le=MAX_FAITHFULNESS_STEPS,
+        description="deletion/insertion steps of a faithfulness score when the request does not say",
+    )
+    max_faithfulness_forwards: int = Field(
+        2048,
+        ge=1,
+        description="most model forwards one request's faithfulness scores may take: images x targets x "
+        "(1 + 2 x steps); beyond it 413",
     )
     cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins; none by default")
     warmup: bool = Field(True, description="run a forward and an explain pass per model at start-up")

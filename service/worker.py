@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from service.cam import faithfulness
+from service.cam.engine import Explanation
 from service.device_faults import as_service_error
 from service.errors import DeviceFailedError, NotReadyError, OverloadedError
 from service.images import (
@@ -36,11 +38,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ExplainOptions:
-    """What to explain; items with equal options share one engine call."""
+    """What to explain; items with equal options share one engine call. `faithfulness_steps`: score every
+    explanation's faithfulness with that many deletion/insertion steps (None: not asked)."""
 
     method: str
     layers: tuple[str, ...] | None
     counterfactual: bool
+    faithfulness_steps: int | None = None
 
 
 @dataclass
@@ -64,7 +68,7 @@ class ItemOutput:
     """Per image: class probabilities and, for explain items, one raw map per explained class.
 
     `maps` is float32 [T, h, w] at the engine's resolution, on the CPU; pictures are rendered from it
-    off this thread.
+    off this thread. `faithfulness` is float32 [T, 4] (drop, increase, deletion AUC, insertion AUC) when asked.
     """
 
     probabilities: Tensor
@@ -72,6 +76,7 @@ class ItemOutput:
     method: str | None = None
     classes: list[int] = field(default_factory=list)
     maps: Tensor | None = None
+    faithfulness: Tensor | None = None
 
 
 BatchObserver = Callable[[str, int, float], None]
@@ -322,14 +327,19 @@ class BatchWorker:
         outputs: list[ItemOutput | BaseException],
     ) -> None:
         """One engine call; its probabilities, maps and (for top-1 targets) classes come to the host once each,
-        and are split per image on the host by the rows each image's targets give (the engine's order)."""
+        and are split per image on the host by the rows each image's targets give (the engine's order). With
+        `faithfulness_steps`, every map is scored too: its extra forwards run here, `max_batch_size` images each."""
         x = self._inputs(inputs, members)
         targets = [batch[i].targets if batch[i].options is not None else [] for i in members]
         result = self.model.engine.explain(
             x, targets, method=options.method, layers=options.layers, counterfactual=options.counterfactual
         )
         counts = [1 if t is None else len(t) for t in targets]
-        probabilities = torch.softmax(result.logits, dim=1).cpu()
+        probabilities = torch.softmax(result.logits, dim=1)
+        scores = None
+        if options.faithfulness_steps is not None and result.pairs:
+            scores = self._faithfulness(x, result, probabilities, options.faithfulness_steps)
+        probabilities = probabilities.cpu()
         maps = result.maps.float().cpu()
         if maps.shape[0] != sum(counts):
             raise RuntimeError(f"the engine gave {maps.shape[0]} maps for {sum(counts)} (image, class) pairs")
@@ -347,7 +357,29 @@ class BatchWorker:
                 method=result.method,
                 classes=classes[rows],
                 maps=maps[rows] if count else None,
+                faithfulness=scores[rows] if scores is not None and count else None,
             )
+
+    def _faithfulness(self, x: Tensor, result: Explanation, probabilities: Tensor, steps: int) -> Tensor:
+        """float32 [N, 4] on the host: each map's drop, increase, deletion and insertion AUC (service.cam.faithfulness);
+        Y is the class probability of the explanation's own forward, the rest are plain (compiled when the fast path
+        is on) forwards of at most `max_batch_size` images."""
+        return (
+            faithfulness.evaluate(
+                self.model.engine.predict,
+                x,
+                result.maps,
+                [i for i, _ in result.pairs],
+                [c for _, c in result.pairs],
+                probabilities[result.image_index, result.class_index],
+                mean=self.model.mean,
+                std=self.model.std,
+                steps=steps,
+                chunk=self.max_batch_size,
+            )
+            .table()
+            .cpu()
+        )
 
 
 def _jpeg(item: WorkItem) -> EncodedJpeg:

@@ -113,6 +113,7 @@ def test_triton_client_health_and_metadata(triton):
         "cam": ("FP32", [-1, -1, -1, -1]),
         "heatmap": ("BYTES", [-1, -1]),
         "overlay": ("BYTES", [-1, -1]),
+        "faithfulness": ("FP32", [-1, -1, 4]),
     }
 
 

@@ -82,3 +82,31 @@ def test_explain_passes_overlay_format_and_size_and_names_the_file_by_format(tmp
     assert sorted(p.name for p in out.iterdir()) == ["cat_gradcam_285_heatmap.png", "cat_gradcam_285_overlay.jpg"]
     defaults = build_parser().parse_args(["explain", "cat.jpg"])
     assert (defaults.overlay_format, defaults.size) == ("png", "original")
+
+
+def test_explain_faithfulness_flags_are_sent_and_the_scores_printed(tmp_path, monkeypatch, capsys):
+    import base64
+
+    import service.cli as cli
+
+    sent: list = []
+    scores = {"drop": 0.25, "increase": 0.0, "deletion_auc": 0.125, "insertion_auc": 0.75, "steps": 8}
+
+    def fake_post(args, path, params):
+        sent.append(params)
+        picture = base64.b64encode(b"bytes").decode()
+        explanation = {"index": 285, "label": "Egyptian cat", "score": 0.9, "heatmap": picture, "overlay": picture}
+        if ("faithfulness", "true") in params:
+            explanation["faithfulness"] = scores
+        return {"method": "gradcam", "results": [{"explanations": [explanation]}]}
+
+    monkeypatch.setattr(cli, "_post", fake_post)
+    out = str(tmp_path / "out")
+    assert main(["explain", "cat.jpg", "--faithfulness", "--faithfulness-steps", "8", "--out", out]) == 0
+    assert main(["explain", "cat.jpg", "--out", out]) == 0
+    scored, plain = sent
+    assert ("faithfulness", "true") in scored and ("faithfulness_steps", "8") in scored
+    assert not any(name.startswith("faithfulness") for name, _ in plain)
+    printed = capsys.readouterr().out
+    assert printed.count("faithfulness:") == 1
+    assert "drop 0.2500, increase 0, deletion AUC 0.1250, insertion AUC 0.7500 (8 steps)" in printed

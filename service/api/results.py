@@ -3,6 +3,8 @@ built from the service's typed results."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from service.inference import ClassMap, ImageResult, InferenceResult
 
 
@@ -21,6 +23,8 @@ def explanation(entry: ClassMap, raw: bool) -> dict:
         body["overlay_media_type"] = entry.overlay_media_type
     if raw:
         body["cam"] = entry.cam.tolist()
+    if entry.faithfulness is not None:
+        body["faithfulness"] = dataclasses.asdict(entry.faithfulness)
     return body
 
 

@@ -31,6 +31,24 @@ class PredictResponse(BaseModel):
     results: list[PredictResult] = Field(description="one result per image, in request order")
 
 
+class Faithfulness(BaseModel):
+    """How faithful the map is to the model (faithfulness=true). Y: the explained class's softmax probability
+    (`score`); O: the same on the image whose pixels in [0, 1] are multiplied by the map (upsampled to the model's
+    input, min-max normalized). Deletion / insertion: the most salient pixels first, `steps` steps."""
+
+    drop: float = Field(description="Average Drop term: max(0, Y - O) / Y (lower is better)", examples=[0.12])
+    increase: float = Field(description="Increase in Confidence term: 1 if Y < O else 0", examples=[0.0])
+    deletion_auc: float = Field(
+        description="area under the class probability as pixels are set to 0 in the normalized input (lower is better)",
+        examples=[0.08],
+    )
+    insertion_auc: float = Field(
+        description="area under the class probability as pixels are restored into a blurred copy (higher is better)",
+        examples=[0.71],
+    )
+    steps: int = Field(description="deletion/insertion steps (faithfulness_steps)", examples=[16])
+
+
 class Explanation(BaseModel):
     index: int = Field(description="explained class index", examples=[285])
     label: str = Field(examples=["Egyptian cat"])
@@ -50,6 +68,7 @@ class Explanation(BaseModel):
     cam: list[list[float]] | None = Field(
         None, description="raw map at feature resolution after ReLU, before normalization (raw=true)"
     )
+    faithfulness: Faithfulness | None = Field(None, description="faithfulness scores of the map (faithfulness=true)")
 
 
 class ExplainResult(PredictResult):
@@ -130,3 +149,5 @@ class JsonImagesRequest(BaseModel):
     overlay_format: str | None = Field(None, description="png (default), jpeg or webp")
     size: int | str | None = Field(None, description="original (default), model or a maximum side in pixels")
     raw: bool | None = None
+    faithfulness: bool | None = Field(None, description="score each map's faithfulness (explain only)")
+    faithfulness_steps: int | None = Field(None, description="deletion/insertion steps of the faithfulness scores")

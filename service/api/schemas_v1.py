@@ -56,6 +56,8 @@ class V1ExplainRequest(V1PredictRequest):
     colormap: str | None = None
     alpha: float | None = None
     raw: bool | None = Field(None, description="also return the raw map at feature resolution")
+    faithfulness: bool | None = Field(None, description="also score each map's faithfulness, as /explain does")
+    faithfulness_steps: int | None = Field(None, description="deletion/insertion steps (needs faithfulness)")
 
 
 class V1PredictResponse(BaseModel):

@@ -11,7 +11,8 @@ from service.cam.methods import METHOD_NAMES
 
 INPUT = "images"
 PROBABILITIES, EXPLAINED_CLASS, CAM, HEATMAP, OVERLAY = "probabilities", "explained_class", "cam", "heatmap", "overlay"
-EXPLANATION_OUTPUTS = (EXPLAINED_CLASS, CAM, HEATMAP, OVERLAY)
+FAITHFULNESS = "faithfulness"  # FP32 [N, T, 4]: drop, increase, deletion AUC, insertion AUC
+EXPLANATION_OUTPUTS = (EXPLAINED_CLASS, CAM, HEATMAP, OVERLAY, FAITHFULNESS)
 OUTPUTS = (PROBABILITIES, *EXPLANATION_OUTPUTS)
 
 
@@ -62,6 +63,10 @@ class V2Parameters(BaseModel):
     overlay: bool | None = Field(None, description="also return the `overlay` output (RGB PNG)")
     colormap: str | None = None
     alpha: float | None = None
+    faithfulness: bool | None = Field(
+        None, description="also return the `faithfulness` output (default: when that output is asked for)"
+    )
+    faithfulness_steps: int | None = Field(None, description="deletion/insertion steps of the faithfulness scores")
     binary_data_output: bool | None = Field(
         None, description="binary tensor extension: every output not saying otherwise comes as binary data"
     )

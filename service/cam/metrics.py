@@ -3,7 +3,8 @@
 Definitions follow the papers as summarised in the project's reference notes: pointing game (Zhang et
 al. 2018), energy-based pointing game (Score-CAM), Average Drop / Increase in Confidence (Grad-CAM++),
 deletion / insertion (Petsiuk et al., RISE 2018) and Spearman rank correlation for sanity checks
-(Adebayo et al. 2018).
+(Adebayo et al. 2018). The per-explanation pieces of the last two (masking, ranking, perturbing, AUC) live in
+`service.cam.faithfulness`, which the service uses to score single explanations; this module averages them.
 """
 
 from __future__ import annotations
@@ -13,7 +14,22 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
-from torchvision.transforms.functional import gaussian_blur
+
+from service.cam.faithfulness import auc, blurred, drop_increase, masked, perturb, pixel_ranks
+
+__all__ = [
+    "auc",
+    "average_drop_increase",
+    "box_to_mask",
+    "deletion_curve",
+    "deletion_insertion_auc",
+    "energy_pointing_game",
+    "insertion_curve",
+    "instance_coverage",
+    "pointing_game_accuracy",
+    "pointing_game_hit",
+    "spearman_rank_correlation",
+]
 
 ScoreFn = Callable[[Tensor], Tensor]  # normalized inputs [B, 3, H, W] -> class probabilities [B, C]
 
@@ -74,23 +90,25 @@ def _class_scores(score_fn: ScoreFn, inputs: Tensor, classes: Tensor) -> Tensor:
         return score_fn(inputs).gather(1, classes.view(-1, 1).to(inputs.device)).squeeze(1).float()
 
 
-def average_drop_increase(score_fn: ScoreFn, inputs: Tensor, saliency: Tensor, classes: Tensor) -> tuple[float, float]:
+def average_drop_increase(
+    score_fn: ScoreFn,
+    inputs: Tensor,
+    saliency: Tensor,
+    classes: Tensor,
+    mean: Sequence[float] = (0.0, 0.0, 0.0),
+    std: Sequence[float] = (1.0, 1.0, 1.0),
+) -> tuple[float, float]:
     """Average Drop % = mean(max(0, Y - O) / Y) * 100; Increase % = mean(1[Y < O]) * 100.
 
-    Y: class score on the input; O: on the input multiplied by the map (in [0, 1], [B, H, W]).
+    Y: class score on the input; O: on the input whose pixels (inputs * std + mean) are multiplied by the map
+    (in [0, 1], [B, H, W]) and normalized again. The default mean 0, std 1 multiplies the tensor as it is.
     """
     if inputs.dim() != 4 or saliency.shape != (inputs.shape[0], *inputs.shape[2:]):
         raise ValueError(f"saliency {tuple(saliency.shape)} must be [B, H, W] matching inputs {tuple(inputs.shape)}")
     y = _class_scores(score_fn, inputs, classes)
-    o = _class_scores(score_fn, inputs * saliency.unsqueeze(1).to(inputs), classes)
-    drop = (torch.clamp(y - o, min=0) / y).mean() * 100
-    increase = (y < o).float().mean() * 100
-    return float(drop), float(increase)
-
-
-def _ranking(saliency: Tensor) -> Tensor:
-    """Pixel indices per image, most salient first (stable: ties keep index order)."""
-    return torch.sort(saliency.flatten(1), dim=1, descending=True, stable=True).indices
+    o = _class_scores(score_fn, masked(inputs, saliency, mean, std), classes)
+    drop, increase = drop_increase(y, o)
+    return float(drop.mean() * 100), float(increase.mean() * 100)
 
 
 def _curve(
@@ -108,16 +126,12 @@ def _curve(
     batch, _channels, height, width = start.shape
     pixels = height * width
     steps = math.ceil(pixels / pixels_per_step)
-    order = _ranking(saliency)
+    ranks = pixel_ranks(saliency).to(start.device)
     curves = torch.empty(batch, steps + 1)
     for b in range(batch):
-        rank = torch.empty(pixels, dtype=torch.long)
-        rank[order[b]] = torch.arange(pixels)
-        rank = rank.view(1, 1, height, width).to(start.device)
         for first in range(0, steps + 1, batch_size):
             counts = torch.arange(first, min(steps + 1, first + batch_size), device=start.device) * pixels_per_step
-            moved = rank < counts.view(-1, 1, 1, 1)
-            images = torch.where(moved, finish[b : b + 1], start[b : b + 1])
+            images = perturb(start[b], finish[b], ranks[b], counts)
             scores = _class_scores(score_fn, images, classes[b].repeat(len(counts)))
             curves[b, first : first + len(counts)] = scores.cpu()
     return curves
@@ -144,14 +158,7 @@ def insertion_curve(
     batch_size: int = 64,
 ) -> Tensor:
     """From a blurred copy (Gaussian, kernel 11, sigma 5), most salient pixels restored first."""
-    blurred = gaussian_blur(inputs, kernel_size=[11, 11], sigma=[5.0, 5.0])
-    return _curve(score_fn, blurred, inputs, saliency, classes, pixels_per_step, batch_size)
-
-
-def auc(curve: Tensor) -> Tensor:
-    """Trapezoidal area under [B, n + 1] curves with x evenly spaced on [0, 1]."""
-    steps = curve.shape[-1] - 1
-    return (curve[..., :-1] + curve[..., 1:]).sum(-1) / 2 / steps
+    return _curve(score_fn, blurred(inputs), inputs, saliency, classes, pixels_per_step, batch_size)
 
 
 def deletion_insertion_auc(

@@ -16,6 +16,7 @@ from service.api.security import check_api_key
 from service.cam.methods import METHOD_NAMES
 from service.cam.render import COLORMAPS, MAX_PICTURE_SIDE, OVERLAY_FORMATS
 from service.inference import ExplainRequest, InferenceRequest, InferenceService, RenderOptions
+from service.settings import MAX_FAITHFULNESS_STEPS, MIN_FAITHFULNESS_STEPS
 
 router = APIRouter(tags=["inference"], dependencies=[Depends(check_api_key)])
 
@@ -141,6 +142,24 @@ async def explain(
         ),
     ] = "original",
     raw: Annotated[bool, Query(description="also return the raw map at feature resolution", examples=[False])] = False,
+    faithfulness: Annotated[
+        bool,
+        Query(
+            description="also score each map: Average Drop / Increase in Confidence and deletion / insertion AUC "
+            "(1 + 2 x faithfulness_steps extra forwards per map)",
+            examples=[True],
+        ),
+    ] = False,
+    faithfulness_steps: Annotated[
+        int | None,
+        Query(
+            ge=MIN_FAITHFULNESS_STEPS,
+            le=MAX_FAITHFULNESS_STEPS,
+            description="deletion/insertion steps of the faithfulness scores (needs faithfulness=true; default "
+            "CAMSERVE_FAITHFULNESS_STEPS, 16)",
+            examples=[16],
+        ),
+    ] = None,
 ) -> dict:
     images, body = await read_images(request, service.settings.max_images_per_request)
     targets, layers = target, layer
@@ -155,11 +174,20 @@ async def explain(
         overlay_format, size = _pick(body.overlay_format, overlay_format), _pick(body.size, size)
         targets = _pick(_as_list(body.target), targets)
         layers = _pick(_as_list(body.layer), layers)
+        faithfulness = _pick(body.faithfulness, faithfulness)
+        faithfulness_steps = _pick(body.faithfulness_steps, faithfulness_steps)
     explain_request = InferenceRequest(
         images,
         model=model,
         top_k=top_k,
-        explain=ExplainRequest(method=method, targets=targets, layers=layers, counterfactual=counterfactual),
+        explain=ExplainRequest(
+            method=method,
+            targets=targets,
+            layers=layers,
+            counterfactual=counterfactual,
+            faithfulness=faithfulness,
+            faithfulness_steps=faithfulness_steps,
+        ),
         render=RenderOptions(overlay=overlay, colormap=colormap, alpha=alpha, overlay_format=overlay_format, size=size),
     )
     result = await service.infer(explain_request, request.is_disconnected)

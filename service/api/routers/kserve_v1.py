@@ -105,6 +105,8 @@ async def explain(
             targets=_as_list(body.target),
             layers=_as_list(body.layer),
             counterfactual=bool(body.counterfactual),
+            faithfulness=bool(body.faithfulness),
+            faithfulness_steps=body.faithfulness_steps,
         ),
         render=RenderOptions(
             overlay=bool(body.overlay),

@@ -4,8 +4,9 @@ A thin adapter: the request's one BYTES input (encoded image files) and its `par
 become an InferenceRequest, which takes the one inference path (the same batching queue as `/predict`); the
 result becomes the requested outputs: `probabilities` FP32 [N, num_classes] and, with an explanation,
 `explained_class` INT64 [N, T], `cam` FP32 [N, T, h, w] (raw maps), `heatmap` and `overlay` BYTES [N, T] (PNG
-files). Errors are `{"error": ...}` with the statuses of the one table in service.api.errors: 400 unreadable
-request or image, 404 unknown model or version, 413 too large, 422 invalid parameter or output name, 503, 504.
+files) and `faithfulness` FP32 [N, T, 4] (drop, increase, deletion AUC, insertion AUC, as `/explain` gives them).
+Errors are `{"error": ...}` with the statuses of the one table in service.api.errors: 400 unreadable request or
+image, 404 unknown model or version, 413 too large, 422 invalid parameter or output name, 503, 504.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from service.api.schemas_v2 import (
     CAM,
     EXPLAINED_CLASS,
     EXPLANATION_OUTPUTS,
+    FAITHFULNESS,
     HEATMAP,
     INPUT,
     OUTPUTS,
@@ -56,6 +58,7 @@ from service.errors import (
     UnsupportedMediaError,
 )
 from service.inference import (
+    ClassMap,
     ExplainRequest,
     ImagePayload,
     InferenceRequest,
@@ -146,6 +149,7 @@ def _metadata(served: ServedModel) -> V2ModelMetadata:
             V2TensorMetadata(name=CAM, datatype="FP32", shape=[-1, -1, -1, -1]),
             V2TensorMetadata(name=HEATMAP, datatype="BYTES", shape=[-1, -1]),
             V2TensorMetadata(name=OVERLAY, datatype="BYTES", shape=[-1, -1]),
+            V2TensorMetadata(name=FAITHFULNESS, datatype="FP32", shape=[-1, -1, 4]),
         ]
     return V2ModelMetadata(
         name=served.name,
@@ -374,16 +378,30 @@ def _plan(parsed: V2InferenceRequest, images: list[ImagePayload], served: Served
             requested[output.name] = binary
     options_given = any(
         value is not None
-        for value in (parameters.method, parameters.target, parameters.layer, parameters.counterfactual)
-    ) or bool(parameters.overlay)
+        for value in (
+            parameters.method,
+            parameters.target,
+            parameters.layer,
+            parameters.counterfactual,
+            parameters.faithfulness_steps,
+        )
+    ) or bool(parameters.overlay or parameters.faithfulness)
     explanation_outputs = requested is not None and any(name in requested for name in EXPLANATION_OUTPUTS)
     explain = parameters.explain if parameters.explain is not None else options_given or explanation_outputs
-    if not explain and explanation_outputs:
-        raise InvalidParameterError("explanation outputs were requested with the parameter explain=false")
+    if not explain and (explanation_outputs or parameters.faithfulness):
+        raise InvalidParameterError(
+            "explanation outputs or faithfulness were requested with the parameter explain=false"
+        )
+    faithfulness = parameters.faithfulness
+    if faithfulness is None:
+        faithfulness = requested is not None and FAITHFULNESS in requested
+    elif not faithfulness and requested is not None and FAITHFULNESS in requested:
+        raise InvalidParameterError("the faithfulness output was requested with the parameter faithfulness=false")
     if requested is None:
         names = [PROBABILITIES]
         if explain:
             names += [EXPLAINED_CLASS, CAM, HEATMAP] + ([OVERLAY] if parameters.overlay else [])
+            names += [FAITHFULNESS] if faithfulness else []
         requested = dict.fromkeys(names, default_binary)
     defaults = RenderOptions()
     render = RenderOptions(
@@ -400,6 +418,8 @@ def _plan(parsed: V2InferenceRequest, images: list[ImagePayload], served: Served
             targets=_split_list(parameters.target),
             layers=_split_list(parameters.layer),
             counterfactual=bool(parameters.counterfactual),
+            faithfulness=faithfulness,
+            faithfulness_steps=parameters.faithfulness_steps,
         )
     inference = InferenceRequest(images, model=served.name, top_k=1, explain=explain_request, render=render)
     return _Plan(inference, requested)
@@ -423,11 +443,19 @@ def _tensors(result: InferenceResult, name: str) -> tuple[str, np.ndarray]:
         return "INT64", np.array([[e.index for e in image.explanations] for image in images], dtype=np.int64)
     if name == CAM:
         return "FP32", np.stack([np.stack([e.cam for e in image.explanations]) for image in images]).astype(np.float32)
+    if name == FAITHFULNESS:
+        return "FP32", np.array([[_scores(e) for e in image.explanations] for image in images], dtype=np.float32)
     pictures = [[getattr(e, name) for e in image.explanations] for image in images]
     array = np.empty((len(pictures), len(pictures[0])), dtype=object)
     for row, values in enumerate(pictures):
         array[row, :] = values
     return "BYTES", array
+
+
+def _scores(entry: ClassMap) -> list[float]:
+    scores = entry.faithfulness
+    assert scores is not None  # asking for the output turns faithfulness on
+    return [scores.drop, scores.increase, scores.deletion_auc, scores.insertion_auc]
 
 
 def _response(result: InferenceResult, outputs: dict[str, bool], request_id: str | None) -> Response:
