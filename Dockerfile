@@ -47,8 +47,14 @@ ARG TORCH_CUDA
 # The compiled fast path (CAMSERVE_COMPILE=auto) builds its kernels at start-up: inductor needs a C++ compiler
 # for CPU kernels (and Triton a C compiler for its GPU launchers). g++ costs ~210 MB beside torch's ~5 GB;
 # without it every model is served eagerly (1.8-3x slower predictions on CPU). See docs/deployment.md.
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends g++ \
+# The CPU kernels' Python bindings also include Python.h: python:*-slim ships it, a distribution's python3
+# does not (Debian: libpython3-dev, ~26 MB), and without it every compile fails ("Python.h: No such file").
+# hadolint ignore=SC2086
+RUN headers=""; \
+    python3 -c "import os, sys, sysconfig; sys.exit(not os.path.isfile(os.path.join(sysconfig.get_path('include'), 'Python.h')))" \
+        || headers=libpython3-dev; \
+    apt-get update \
+    && apt-get install -y --no-install-recommends g++ ${headers} \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=builder /opt/venv /opt/venv
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin camserve \
