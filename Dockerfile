@@ -45,7 +45,7 @@ RUN /opt/venv/bin/pip install ${PIP_EXTRA_ARGS} "/src[timm,hf]" \
 FROM base AS runtime
 ARG TORCH_CUDA
 # The compiled fast path (CAMSERVE_COMPILE=auto) builds its kernels at start-up: inductor needs a C++ compiler
-# for CPU kernels (and Triton a C compiler for its GPU launchers). g++ costs ~210 MB beside torch's ~5 GB;
+# for CPU kernels (and Triton a C compiler for its GPU launchers). g++ costs ~210-250 MB beside torch's ~5 GB;
 # without it every model is served eagerly (1.8-3x slower predictions on CPU). See docs/deployment.md.
 # The CPU kernels' Python bindings also include Python.h: python:*-slim ships it, a distribution's python3
 # does not (Debian: libpython3-dev, ~26 MB), and without it every compile fails ("Python.h: No such file").
@@ -75,7 +75,7 @@ ENV NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     NVIDIA_REQUIRE_CUDA="cuda>=${TORCH_CUDA}"
 USER 10001
 EXPOSE 8000
-HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 \
+HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
     CMD ["python3", "-c", "import os, sys, urllib.request; port = os.environ.get('CAMSERVE_PORT', '8000'); sys.exit(0 if urllib.request.urlopen(f'http://127.0.0.1:{port}/health/ready', timeout=4).status == 200 else 1)"]
 ENTRYPOINT ["camserve"]
 CMD ["serve"]

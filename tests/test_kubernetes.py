@@ -113,7 +113,7 @@ def test_probes_security_and_shutdown_budget(overlay):
     camserve = container(objects)
     assert camserve["startupProbe"]["httpGet"]["path"] == "/health/ready"
     startup = camserve["startupProbe"]
-    assert startup["periodSeconds"] * startup["failureThreshold"] >= 180  # the image's HEALTHCHECK start period
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300  # the image's HEALTHCHECK start period
     assert camserve["readinessProbe"]["httpGet"]["path"] == "/health/ready"
     assert camserve["livenessProbe"]["httpGet"]["path"] == "/health/live"
     ports = {p["name"]: p["containerPort"] for p in camserve["ports"]}
