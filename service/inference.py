@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from service.cam import render
+from service.cam.family import Method
 from service.cam.methods import get_method
 from service.errors import InvalidParameterError, NotReadyError, PayloadTooLargeError, RequestTimeoutError
 from service.images import EncodedJpeg, ImageLimits, check_media_type, decode_image, jpeg_for_gpu, resize_for_model
@@ -226,6 +227,7 @@ class InferenceService:
         if explain is None:
             return _Validated(served, top_k, None, None)
         cam = get_method(explain.method)
+        cam.check(counterfactual=explain.counterfactual)
         options = request.render
         render.check_colormap(options.colormap)
         render.check_overlay_format(options.overlay_format)
@@ -238,11 +240,29 @@ class InferenceService:
         if layers and len(layers) > MAX_LAYERS:
             raise InvalidParameterError(f"{len(layers)} layers requested; at most {MAX_LAYERS} per request")
         resolved_layers = served.engine.resolve_layers(list(layers), None) if layers else None
+        self._check_extra_forwards(served, cam, len(request.images), resolved_layers)
         classes = [served.class_index(t) for t in targets] if targets else None
         explain_options = ExplainOptions(method=cam.name, layers=resolved_layers, counterfactual=explain.counterfactual)
         return _Validated(served, top_k, explain_options, classes)
 
     # -- steps ----------------------------------------------------------------------------
+    def _check_extra_forwards(
+        self, served: ServedModel, cam: Method, images: int, layers: tuple[str, ...] | None
+    ) -> None:
+        """Score-CAM and Ablation-CAM run one forward per image and layer channel: refuse more than the limit."""
+        names = layers or served.engine.resolve_layers(None)
+        trace = served.engine.trace()
+        channels = [trace.channels(name) for name in names]
+        needed = cam.extra_forwards(images, channels)
+        limit = self.settings.max_masked_forwards
+        if needed > limit:
+            at = ", ".join(f"{name} ({count} channels)" for name, count in zip(names, channels, strict=True))
+            raise PayloadTooLargeError(
+                f"{cam.name} would run {needed} extra forward passes ({images} image(s) x {sum(channels)} channels "
+                f"of layer(s) {at}); the limit per request is {limit} (CAMSERVE_MAX_MASKED_FORWARDS): send fewer "
+                "images, choose a layer with fewer channels, or use a gradient method"
+            )
+
     def _check_render_budget(
         self, served: ServedModel, decoded: list[Decoded], classes: list[int] | None, options: RenderOptions
     ) -> None:

@@ -38,6 +38,14 @@ class Settings(BaseSettings):
     max_render_pixels: int = Field(
         400_000_000, ge=1, description="most output pixels one /explain may render (images x targets, overlays x4)"
     )
+    max_masked_forwards: int = Field(
+        16384,
+        ge=0,
+        description="most extra forwards one request's Score-CAM or Ablation-CAM may run (images x layer channels)",
+    )
+    masked_batch_size: int = Field(
+        32, ge=1, le=4096, description="masked (Score-CAM) or ablated (Ablation-CAM) inputs per extra forward"
+    )
     cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins; none by default")
     warmup: bool = Field(True, description="run a forward and an explain pass per model at start-up")
     png_compress_level: int = Field(1, ge=0, le=9, description="zlib level for heatmap/overlay PNGs")

@@ -70,7 +70,11 @@ def create_app(
         try:
             loaded = registry
             if loaded is None:
-                load = load_registry or (lambda s: ModelRegistry.load(s.models_file, s.device, s.warmup, s.allow_tf32))
+                load = load_registry or (
+                    lambda s: ModelRegistry.load(
+                        s.models_file, s.device, s.warmup, s.allow_tf32, masked_batch_size=s.masked_batch_size
+                    )
+                )
                 if settings.torch_threads:
                     await asyncio.get_running_loop().run_in_executor(
                         torch_executor(), torch.set_num_threads, settings.torch_threads

@@ -102,15 +102,18 @@ class ServedModel:
             self._label_index.setdefault(label, i)
 
 
-def load_model(spec: ModelSpec, device: torch.device, warmup: bool = True) -> ServedModel:
-    """Build, move, freeze and (optionally) warm up one model."""
+def load_model(spec: ModelSpec, device: torch.device, warmup: bool = True, masked_batch_size: int = 32) -> ServedModel:
+    """Build, move, freeze and (optionally) warm up one model. `masked_batch_size`: inputs per extra forward of
+    Score-CAM and Ablation-CAM."""
     started = time.perf_counter()
     built = build_model(spec)
     module = built.module.to(device).eval()
     autocast = _DTYPES.get(spec.dtype)
     if autocast is torch.float16 and device.type != "cuda":
         raise ModelConfigError(f"model {spec.name!r}: dtype float16 needs a CUDA device (got {device})")
-    engine = CamEngine(module, autocast_dtype=autocast, default_layer=spec.default_layer)
+    engine = CamEngine(
+        module, autocast_dtype=autocast, default_layer=spec.default_layer, rerun_batch_size=masked_batch_size
+    )
     height, width = built.preprocessing.input_size
     example = torch.zeros(1, 3, height, width, device=device)
     explainable = not isinstance(module, torch.jit.ScriptModule)  # TorchScript modules take no hooks
@@ -168,7 +171,12 @@ class ModelRegistry:
 
     @classmethod
     def load(
-        cls, models_file: Path | None, device: str = "auto", warmup: bool = True, allow_tf32: bool = False
+        cls,
+        models_file: Path | None,
+        device: str = "auto",
+        warmup: bool = True,
+        allow_tf32: bool = False,
+        masked_batch_size: int = 32,
     ) -> ModelRegistry:
         """Read the models file, set up the device (TF32 as configured, logged once) and load every model."""
         config: ModelsFile = read_models_file(models_file) if models_file else default_models()
@@ -176,7 +184,7 @@ class ModelRegistry:
         configure_device(target, allow_tf32)
         loaded = []
         for spec in config.models:
-            served = load_model(spec, target, warmup=warmup)
+            served = load_model(spec, target, warmup=warmup, masked_batch_size=masked_batch_size)
             log.info("loaded model %s on %s in %.2fs", spec.name, target, served.load_seconds)
             loaded.append(served)
         return cls(loaded, config.default_name)
