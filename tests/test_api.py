@@ -245,7 +245,11 @@ async def test_error_statuses_name_their_cause(registry, cat_jpeg):
                 "text/plain",
             ),
             (await client.post("/predict", content=b"<svg/>", headers={"content-type": "image/svg+xml"}), 415, "svg"),
-            (await client.post("/explain?method=scorecam", content=cat_jpeg, headers=jpeg), 422, "unknown CAM method"),
+            (
+                await client.post("/explain?method=smoothgradcam", content=cat_jpeg, headers=jpeg),
+                422,
+                "unknown CAM method",
+            ),
             (await client.post("/explain?layer=_blocks.99", content=cat_jpeg, headers=jpeg), 422, "candidates"),
             (await client.post("/explain?target=1000", content=cat_jpeg, headers=jpeg), 422, "out of range"),
             (
