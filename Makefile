@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 HOST ?= 0.0.0.0
 PORT ?= 8000
 
-.PHONY: install install-test serve test lint openapi screenshot bench bench-transformers bench-load evaluate container-test container-lint clean
+.PHONY: install install-test serve test lint openapi screenshot bench bench-methods bench-transformers bench-load evaluate container-test container-lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,9 @@ screenshot: install-test
 
 bench: install-test
 	$(PY) -m bench.bench_engine --batches 1 8 32 --json docs/bench_engine_cpu.json
+
+bench-methods: install-test
+	$(PY) -m bench.bench_methods --batches 1 8 --repeats 3 1 --json docs/bench_methods_cpu.json
 
 bench-transformers: install-test
 	$(PY) -m bench.bench_transformers --batches 1 8 --repeats 15 7 --json docs/bench_transformers_cpu.json

@@ -22,10 +22,12 @@ import torch.nn.functional as F
 from skimage import data
 
 from service.allocator import keep_freed_memory
-from service.cam import METHOD_NAMES, CamEngine
+from service.cam import METHOD_NAMES, CamEngine, get_method
 from service.models import ModelSpec, load_model
 
 PHOTOS = (data.chelsea, data.coffee, data.astronaut, data.rocket)
+#: Methods timed here: those without extra forwards (Score-CAM and Ablation-CAM: bench/bench_methods.py).
+TIMED_METHODS = tuple(m for m in METHOD_NAMES if get_method(m).family != "perturbation")
 
 
 def photo_batch(
@@ -167,7 +169,7 @@ def main() -> int:
     for batch, reps in zip(args.batches, repeats, strict=True):
         x = photo_batch(batch, 224, device)
         contenders: dict[str, Callable[[], object]] = {"predict": lambda x=x: engine.predict(x)}
-        for method in METHOD_NAMES:
+        for method in TIMED_METHODS:
             contenders[f"ours {method}"] = lambda x=x, m=method: engine.explain(x, method=m)
         for method in ("gradcam", "gradcampp"):
             contenders[f"ours {method} @{same_layer}"] = lambda x=x, m=method: engine.explain(
@@ -179,7 +181,7 @@ def main() -> int:
         rows += [{"batch": batch, **row, "repeats": reps} for row in summarize(times)]
         print(f"batch {batch}: done ({reps} repeats)", flush=True)
 
-    for method in METHOD_NAMES:
+    for method in TIMED_METHODS:
         for row in rows:
             if row["contender"] == f"ours {method}":
                 ref = next((r for r in rows if r["batch"] == row["batch"] and r["contender"] == f"pgc {method}"), None)

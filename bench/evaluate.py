@@ -105,7 +105,13 @@ def _quokka() -> Scene | None:
 
 
 def evaluate(
-    engine: CamEngine, scenes: list[Scene], mean, std, pixels_per_step: int, layers: list[str] | None = None
+    engine: CamEngine,
+    scenes: list[Scene],
+    mean,
+    std,
+    pixels_per_step: int,
+    layers: list[str] | None = None,
+    methods: tuple[str, ...] = METHOD_NAMES,
 ) -> dict:
     mean_t, std_t = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
     inputs = (torch.stack([s.pixels for s in scenes]) - mean_t) / std_t
@@ -118,7 +124,7 @@ def evaluate(
         return torch.softmax(engine.predict(x), dim=1)
 
     results = {}
-    for method in METHOD_NAMES:
+    for method in methods:
         started = time.perf_counter()
         explanation = engine.explain(inputs, [[int(c)] for c in classes], method=method, layers=layers)
         saliency = heatmaps(explanation.maps, (SIZE, SIZE)).cpu()
@@ -161,13 +167,15 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=3, help="scenes per (texture, object, count)")
     parser.add_argument("--pixels-per-step", type=int, default=224 * 8, help="deletion/insertion step")
     parser.add_argument("--layer", action="append", default=None, help="target layer(s); default: the model's")
+    parser.add_argument("--method", action="append", default=None, help="method(s) to evaluate; default: all")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
     torch.manual_seed(0)
     served = load_model(ModelSpec(name="efficientnet-lite0"), torch.device("cpu"), warmup=False)
     scenes = build_scenes(args.seeds)
     print(f"{len(scenes)} scenes ({sum(len(s.masks) > 1 for s in scenes)} with several instances)", flush=True)
-    report = evaluate(served.engine, scenes, served.mean, served.std, args.pixels_per_step, args.layer)
+    methods = tuple(args.method or METHOD_NAMES)
+    report = evaluate(served.engine, scenes, served.mean, served.std, args.pixels_per_step, args.layer, methods)
     report.update(
         scenes=len(scenes),
         multi_instance=sum(len(s.masks) > 1 for s in scenes),

@@ -165,7 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     predict = client("predict", "classify images with a running server and print a table")
     predict.set_defaults(func=_predict)
     explain = client("explain", "explain images with a running server and write heatmap/overlay PNGs")
-    explain.add_argument("--method", default="gradcampp")
+    explain.add_argument(
+        "--method",
+        default="gradcampp",
+        help="CAM method: gradcam, gradcampp, xgradcam, layercam, hirescam, guided-gradcam, scorecam, ablationcam, "
+        "eigencam (the server's list: /docs)",
+    )
     explain.add_argument("--target", action="append", help="class index or exact label (repeatable)")
     explain.add_argument("--layer", action="append", help="dotted module path (repeatable)")
     explain.add_argument("--counterfactual", action="store_true")

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from service.cam import render
 from service.cam.faithfulness import forwards_per_explanation
+from service.cam.family import Method
 from service.cam.methods import get_method
 from service.errors import InvalidParameterError, NotReadyError, PayloadTooLargeError, RequestTimeoutError
 from service.images import EncodedJpeg, ImageLimits, check_media_type, decode_image, jpeg_for_gpu, resize_for_model
@@ -244,6 +245,7 @@ class InferenceService:
         if explain is None:
             return _Validated(served, top_k, None, None)
         cam = get_method(explain.method)
+        cam.check(counterfactual=explain.counterfactual)
         options = request.render
         render.check_colormap(options.colormap)
         render.check_overlay_format(options.overlay_format)
@@ -257,6 +259,7 @@ class InferenceService:
             raise InvalidParameterError(f"{len(layers)} layers requested; at most {MAX_LAYERS} per request")
         steps = self._faithfulness_steps(explain)
         resolved_layers = served.engine.resolve_layers(list(layers), None) if layers else None
+        self._check_extra_forwards(served, cam, len(request.images), resolved_layers)
         classes = [served.class_index(t) for t in targets] if targets else None
         if steps is not None:
             self._check_faithfulness_budget(len(request.images), len(classes) if classes else 1, steps)
@@ -288,6 +291,23 @@ class InferenceService:
                 f"faithfulness scores for this request need {forwards} model forwards ({images} images x {targets} "
                 f"targets x (1 + 2 x {steps} steps)), above the limit of {self.settings.max_faithfulness_forwards}; "
                 "send fewer images or targets, or lower faithfulness_steps"
+            )
+
+    def _check_extra_forwards(
+        self, served: ServedModel, cam: Method, images: int, layers: tuple[str, ...] | None
+    ) -> None:
+        """Score-CAM and Ablation-CAM run one forward per image and layer channel: refuse more than the limit."""
+        names = layers or served.engine.resolve_layers(None)
+        trace = served.engine.trace()
+        channels = [trace.channels(name) for name in names]
+        needed = cam.extra_forwards(images, channels)
+        limit = self.settings.max_masked_forwards
+        if needed > limit:
+            at = ", ".join(f"{name} ({count} channels)" for name, count in zip(names, channels, strict=True))
+            raise PayloadTooLargeError(
+                f"{cam.name} would run {needed} extra forward passes ({images} image(s) x {sum(channels)} channels "
+                f"of layer(s) {at}); the limit per request is {limit} (CAMSERVE_MAX_MASKED_FORWARDS): send fewer "
+                "images, choose a layer with fewer channels, or use a gradient method"
             )
 
     def _check_render_budget(

@@ -53,6 +53,14 @@ class Settings(BaseSettings):
         description="most model forwards one request's faithfulness scores may take: images x targets x "
         "(1 + 2 x steps); beyond it 413",
     )
+    max_masked_forwards: int = Field(
+        16384,
+        ge=0,
+        description="most extra forwards one request's Score-CAM or Ablation-CAM may run (images x layer channels)",
+    )
+    masked_batch_size: int = Field(
+        32, ge=1, le=4096, description="masked (Score-CAM) or ablated (Ablation-CAM) inputs per extra forward"
+    )
     cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins; none by default")
     warmup: bool = Field(True, description="run a forward and an explain pass per model at start-up")
     png_compress_level: int = Field(1, ge=0, le=9, description="zlib level for heatmap/overlay PNGs")

@@ -2,7 +2,8 @@
 
 Each image of a request is one `WorkItem`. Items wait in a bounded queue; the worker takes everything
 waiting (up to `max_batch_size`) and runs it through the CAM engine on its own thread, so many
-clients share one forward pass. Predict items ride along in an explain batch's forward pass.
+clients share one forward pass. Predict items ride along in an explain batch's forward pass, one whose method runs no
+extra forwards (never behind a long Score-CAM).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import Tensor
 
 from service.cam import faithfulness
 from service.cam.engine import Explanation
+from service.cam.methods import get_method
 from service.device_faults import as_service_error
 from service.errors import DeviceFailedError, NotReadyError, OverloadedError
 from service.images import (
@@ -254,8 +256,9 @@ class BatchWorker:
         self, batch: list[WorkItem], staged: list[Tensor | None] | None = None
     ) -> list[ItemOutput | BaseException]:
         """Run a batch: decode its JPEGs, then one engine call per distinct ExplainOptions; predict items join the
-        first. `staged` holds inputs `stage` prepared ahead (None where there is none). Device out-of-memory and
-        sticky device errors come back as `as_service_error` words them."""
+        first group whose method runs no extra forwards (else they run alone, first). `staged` holds inputs `stage`
+        prepared ahead (None where there is none). Device out-of-memory and sticky device errors come back as
+        `as_service_error` words them."""
         outputs: list[ItemOutput | BaseException] = [RuntimeError("not computed")] * len(batch)
         inputs = self._decode_jpegs(batch, outputs)
         if staged is not None:
@@ -265,14 +268,8 @@ class BatchWorker:
             if inputs[index] is not None:
                 groups.setdefault(item.options, []).append(index)
         predict_only = groups.pop(None, [])
-        for n, (options, indices) in enumerate(groups.items()):
-            members = indices + (predict_only if n == 0 else [])
-            try:
-                self._explain_group(batch, inputs, members, options, outputs)
-            except Exception as exc:
-                for i in members:
-                    outputs[i] = as_service_error(exc)
-        if predict_only and not groups:
+        host = next((o for o in groups if o is not None and get_method(o.method).family != "perturbation"), None)
+        if predict_only and host is None:  # alone, and first: not behind a long Score-CAM
             try:
                 x = self._inputs(inputs, predict_only)
                 probabilities = torch.softmax(self.model.engine.predict(x), dim=1).cpu()
@@ -280,6 +277,13 @@ class BatchWorker:
                     outputs[i] = ItemOutput(probabilities=probabilities[row])
             except Exception as exc:
                 for i in predict_only:
+                    outputs[i] = as_service_error(exc)
+        for options, indices in groups.items():
+            members = indices + (predict_only if options == host else [])
+            try:
+                self._explain_group(batch, inputs, members, options, outputs)
+            except Exception as exc:
+                for i in members:
                     outputs[i] = as_service_error(exc)
         return outputs
 

@@ -212,15 +212,86 @@ async def test_explain_defaults_json_form_fusion_and_counterfactual(registry, ca
     assert c.shape == p.shape == (7, 7) and not np.allclose(c, p)
 
 
-@pytest.mark.parametrize("method", ["gradcam", "gradcampp", "xgradcam", "layercam", "hirescam", "guided-gradcam"])
+@pytest.mark.parametrize(
+    "method",
+    [
+        "gradcam", "gradcampp", "xgradcam", "layercam", "hirescam", "guided-gradcam", "ablationcam", "eigencam",
+        "scorecam&layer=_blocks.0",  # 16 channels: 16 masked forwards
+    ],
+)  # fmt: skip
 async def test_every_method_is_served(registry, cat_jpeg, method):
     async with running_app(registry) as (client, _app):
         response = await client.post(
             f"/explain?method={method}", content=cat_jpeg, headers={"content-type": "image/jpeg"}
         )
     assert response.status_code == 200, response.text
+    assert response.json()["method"] == method.split("&")[0]
     heat = np.asarray(png(response.json()["results"][0]["explanations"][0]["heatmap"]))
     assert heat.shape == (300, 451) and heat.max() == 255 and heat.min() == 0
+
+
+async def test_gradient_free_methods_through_http_equal_the_engine(registry, cat_jpeg):
+    """The raw maps /explain returns are the engine's, for each target; Eigen-CAM's are the same for every target."""
+    served = registry.get()
+    x = preprocess([decode_image(cat_jpeg).pixels], served.input_size, served.mean, served.std, device=served.device)
+    async with running_app(registry) as (client, _app):
+        answers = {
+            method: (
+                await client.post(
+                    f"/explain?method={method}&target=285&target=281&raw=true",
+                    content=cat_jpeg,
+                    headers={"content-type": "image/jpeg"},
+                )
+            ).json()
+            for method in ("ablationcam", "eigencam")
+        }
+    for method, body in answers.items():
+        expected = served.engine.explain(x, [[285, 281]], method=method).maps.numpy()
+        cams = np.array([e["cam"] for e in body["results"][0]["explanations"]])
+        np.testing.assert_allclose(cams, expected, rtol=1e-4, atol=1e-6)
+    eigen = answers["eigencam"]["results"][0]["explanations"]
+    assert eigen[0]["cam"] == eigen[1]["cam"]
+    ablation = answers["ablationcam"]["results"][0]["explanations"]
+    assert ablation[0]["cam"] != ablation[1]["cam"]
+
+
+async def test_masked_forward_limit_and_bad_combinations(registry, cat_jpeg):
+    jpeg = {"content-type": "image/jpeg"}
+    text = base64.b64encode(cat_jpeg).decode()
+    async with running_app(registry, max_masked_forwards=1500) as (client, _app):
+        two = [("image", ("a.jpg", cat_jpeg, "image/jpeg")), ("image", ("b.jpg", cat_jpeg, "image/jpeg"))]
+        over = await client.post("/explain?method=scorecam", files=two)
+        fused = await client.post(
+            "/explain?method=ablationcam&layer=_blocks.15&layer=_swish", content=cat_jpeg, headers=jpeg
+        )
+        within = await client.post("/explain?method=ablationcam", content=cat_jpeg, headers=jpeg)
+        eigen_many = await client.post("/explain?method=eigencam", files=two)
+        counter = await client.post("/explain?method=eigencam&counterfactual=true", content=cat_jpeg, headers=jpeg)
+        v2 = await client.post(
+            "/v2/models/efficientnet-lite0/infer",
+            json={
+                "inputs": [{"name": "images", "shape": [1], "datatype": "BYTES", "data": [text]}],
+                "parameters": {"method": "scorecam", "counterfactual": True},
+            },
+        )
+        v1 = await client.post(
+            "/v1/models/efficientnet-lite0:explain",
+            json={"instances": [{"image": {"b64": text}}] * 2, "method": "ablationcam"},
+        )
+    assert over.status_code == 413
+    assert over.json()["detail"] == (
+        "scorecam would run 2560 extra forward passes (2 image(s) x 1280 channels of layer(s) _swish (1280 channels)); "
+        "the limit per request is 1500 (CAMSERVE_MAX_MASKED_FORWARDS): send fewer images, choose a layer with fewer "
+        "channels, or use a gradient method"
+    )
+    assert fused.status_code == 413 and "1 image(s) x 1600 channels" in fused.json()["detail"]
+    assert "_blocks.15 (320 channels), _swish (1280 channels)" in fused.json()["detail"]
+    assert within.status_code == 200, within.text
+    assert eigen_many.status_code == 200, eigen_many.text  # no extra forwards: no limit
+    assert counter.status_code == 422
+    assert "eigencam uses none (activation method)" in counter.json()["detail"]
+    assert v2.status_code == 422 and "scorecam uses none (perturbation method)" in v2.json()["error"]
+    assert v1.status_code == 413 and "2560 extra forward passes" in v1.json()["error"]
 
 
 # -- errors -----------------------------------------------------------------------------------
@@ -245,7 +316,11 @@ async def test_error_statuses_name_their_cause(registry, cat_jpeg):
                 "text/plain",
             ),
             (await client.post("/predict", content=b"<svg/>", headers={"content-type": "image/svg+xml"}), 415, "svg"),
-            (await client.post("/explain?method=scorecam", content=cat_jpeg, headers=jpeg), 422, "unknown CAM method"),
+            (
+                await client.post("/explain?method=smoothgradcam", content=cat_jpeg, headers=jpeg),
+                422,
+                "unknown CAM method",
+            ),
             (await client.post("/explain?layer=_blocks.99", content=cat_jpeg, headers=jpeg), 422, "candidates"),
             (await client.post("/explain?target=1000", content=cat_jpeg, headers=jpeg), 422, "out of range"),
             (

@@ -118,8 +118,8 @@ def test_xgradcam_channel_with_zero_sum_gets_zero_weight():
 def test_method_names_and_aliases():
     assert get_method("gradcam++").name == "gradcampp"
     assert get_method("GradCAMPP").name == "gradcampp"
-    with pytest.raises(UnknownMethodError, match="unknown CAM method 'scorecam'.*gradcampp"):
-        get_method("scorecam")
+    with pytest.raises(UnknownMethodError, match="unknown CAM method 'smoothgradcam'.*gradcampp"):
+        get_method("smoothgradcam")
 
 
 def test_targets_are_validated():

@@ -169,7 +169,7 @@ def test_explorer_in_a_real_browser(browser, registry, chelsea, tmp_path):
     text_file = tmp_path / "notes.txt"
     text_file.write_text("not an image at all\n")
 
-    with live_server(registry) as url:
+    with live_server(registry, request_timeout_s=240) as url:
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         console = Console(page)
         requests: list[str] = []
@@ -268,8 +268,10 @@ def test_explorer_in_a_real_browser(browser, registry, chelsea, tmp_path):
         before = len(requests)
         card.locator("button.compare").click()
         grid = card.locator(".compare-grid")
-        page.wait_for_function(
-            "n => document.querySelectorAll('.compare-grid .map canvas').length === n", arg=len(METHOD_NAMES)
+        page.wait_for_function(  # Score-CAM at _swish: one forward per non-zero channel, seconds on 2 cores
+            "n => document.querySelectorAll('.compare-grid .map canvas').length === n",
+            arg=len(METHOD_NAMES),
+            timeout=240_000,
         )
         assert grid.locator(".map").evaluate_all("nodes => nodes.map(n => n.dataset.method)") == list(METHOD_NAMES)
         assert len([r for r in requests[before:] if r.startswith("POST /explain")]) == len(METHOD_NAMES)

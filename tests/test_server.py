@@ -156,8 +156,8 @@ def test_cli_client_commands_against_a_real_server(server, chelsea, tmp_path, ca
     from PIL import Image
 
     assert Image.open(out / written[1]).size == (451, 300)
-    assert main(["explain", str(image), "--url", url, "--method", "scorecam", "--out", str(out)]) == 1
-    assert "server answered 422: unknown CAM method 'scorecam'" in capsys.readouterr().err
+    assert main(["explain", str(image), "--url", url, "--method", "smoothgradcam", "--out", str(out)]) == 1
+    assert "server answered 422: unknown CAM method 'smoothgradcam'" in capsys.readouterr().err
 
 
 def test_client_that_disconnects_has_its_waiting_items_dropped(registry, chelsea, monkeypatch):

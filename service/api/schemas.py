@@ -11,7 +11,7 @@ from service.cam.methods import METHOD_NAMES
 
 
 class ErrorResponse(BaseModel):
-    detail: str = Field(examples=["unknown CAM method 'scorecam'; use one of: gradcam, gradcampp, ..."])
+    detail: str = Field(examples=["unknown CAM method 'smoothgradcam'; use one of: gradcam, gradcampp, ..."])
 
 
 class Prediction(BaseModel):

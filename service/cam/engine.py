@@ -22,11 +22,13 @@ from torch import Tensor, nn
 from service.cam import scaling
 from service.cam.capture import ActivationCapture, guided_backprop
 from service.cam.errors import CamError, InvalidTargetError
+from service.cam.family import LayerInput, Method
 from service.cam.fastpath import CompiledSplit
 from service.cam.layers import LayerTrace, choose_default_layer, resolve_layer, trace_layers
-from service.cam.methods import CamMethod, get_method
+from service.cam.methods import get_method
 from service.cam.pairs import PairPlan, TargetSpec, plan_pairs
 from service.cam.render import minmax_normalize, resize_maps
+from service.cam.reruns import EngineReruns
 from service.cam.split import SplitError, export_model, split_model
 
 
@@ -67,8 +69,10 @@ class CamEngine:
         autocast_dtype: torch.dtype | None = None,
         default_layer: str | None = None,
         gradient_scale: float | None = None,
+        rerun_batch_size: int = 32,
     ) -> None:
-        """`gradient_scale`: a power of two for the backward's gradient output (None: 2**12 in float16, else 1)."""
+        """`gradient_scale`: a power of two for the backward's gradient output (None: 2**12 in float16, else 1).
+        `rerun_batch_size`: masked or ablated inputs per extra forward of Score-CAM and Ablation-CAM."""
         model.eval()
         for parameter in model.parameters():
             parameter.requires_grad_(False)
@@ -82,6 +86,7 @@ class CamEngine:
         self._trace_lock = threading.Lock()
         #: The compiled split at the default layer, once `compile` kept it (predictions and that layer's maps).
         self.fast: CompiledSplit | None = None
+        self._reruns = EngineReruns(model, self._autocast, rerun_batch_size)
 
     # -- structure ---------------------------------------------------------------------------
     def trace(self, example: Tensor | None = None) -> LayerTrace:
@@ -185,7 +190,7 @@ class CamEngine:
         images: Tensor,
         targets: TargetSpec = None,
         *,
-        method: str | CamMethod = "gradcampp",
+        method: str | Method = "gradcampp",
         layers: Sequence[str] | str | None = None,
         counterfactual: bool = False,
     ) -> Explanation:
@@ -194,7 +199,8 @@ class CamEngine:
         `targets` gives per image the classes to explain (default: each image's top-1 prediction).
         `counterfactual` uses -gradient: regions that lower the class score.
         """
-        cam = method if isinstance(method, CamMethod) else get_method(method)
+        cam = method if isinstance(method, Method) else get_method(method)
+        cam.check(counterfactual=counterfactual)
         images = images.to(self.device)
         if images.dim() != 4:
             raise InvalidTargetError(f"images must be a [B, C, H, W] batch, got shape {tuple(images.shape)}")
@@ -206,14 +212,14 @@ class CamEngine:
             logits, activations = self._forward(images, names, modules, trace)
             plan = self._pairs(targets, logits.detach())
             sign = -1.0 if counterfactual else 1.0
-            grads = self._gradients(logits, activations, plan, sign)
+            grads = self._gradients(logits, activations, plan, sign) if cam.needs_gradient else [None] * len(names)
             logits = logits.detach().float()
 
             layer_maps = {}
             for name, act, grad in zip(names, activations, grads, strict=True):
-                layout = trace.layouts[name]
-                feature = layout.to_nchw(act.detach()[plan.image_index].float(), name)
-                layer_maps[name] = cam(feature, layout.to_nchw(grad, name))
+                calls, layout = trace.calls[name], trace.layouts[name]
+                layer = LayerInput(name, layout, calls, act.detach(), grad, images, plan, logits)
+                layer_maps[name] = cam.layer_map(layer, self._reruns)
             del activations, grads
             maps = self._fuse(layer_maps) if len(names) > 1 else layer_maps[names[0]]
             guided = None

@@ -52,6 +52,10 @@ class LayerTrace:
             raise UnknownLayerError("the model produces no feature map or token grid with spatial extent")
         return self.spatial[-1]
 
+    def channels(self, name: str) -> int:
+        """The channel count of CAM layer `name` (UnknownLayerError when it is not one)."""
+        return self.layout(name).channels(self.shapes[name])
+
     def layout(self, name: str) -> FeatureLayout:
         """The layout of layer `name`, or UnknownLayerError naming the layer and its output shape."""
         found = self.layouts.get(name)

@@ -46,6 +46,15 @@ class FeatureLayout:
             )
         return tensor[:, self.prefix :].reshape(batch, height, width, channels).permute(0, 3, 1, 2)
 
+    @property
+    def channel_dim(self) -> int:
+        """The dimension of the layer's own output that holds its channels (1 in NCHW, the last otherwise)."""
+        return 1 if self.kind == "nchw" else -1
+
+    def channels(self, shape: Sequence[int]) -> int:
+        """The channel count of an output of `shape` in this layout."""
+        return int(shape[self.channel_dim])
+
     def check(self, shape: Sequence[int], layer: str) -> None:
         """Raise UnknownLayerError when an output of `shape` cannot have this layout."""
         rank = 3 if self.kind == "tokens" else 4

@@ -1,7 +1,8 @@
-"""CAM methods: each says only how a map is formed from activations A and gradients g.
+"""CAM methods by name; the gradient family, each saying only how a map is formed from activations A and gradients g.
 
 Shapes: A and g are [N, K, h, w] (one row per (image, target) pair), float32, on the model's device.
-`combine` returns the map before the final ReLU, shape [N, h, w].
+`combine` returns the map before the final ReLU, shape [N, h, w]. The gradient-free families live in
+`activation.py` (Eigen-CAM) and `perturbation.py` (Score-CAM, Ablation-CAM); `family.py` is their common interface.
 """
 
 from __future__ import annotations
@@ -11,15 +12,23 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from service.cam.activation import EigenCAM
 from service.cam.errors import UnknownMethodError
+from service.cam.family import Family, LayerInput, Method, Reruns
+from service.cam.perturbation import AblationCAM, ScoreCAM
 
 
-class CamMethod:
-    """A method that weights each channel by `weights(A, g)` and sums over channels."""
+class CamMethod(Method):
+    """A gradient method: weights each channel by `weights(A, g)` and sums over channels."""
 
-    name: ClassVar[str]
-    #: True when the method also needs the gradient with respect to the input image.
-    needs_input_gradient: ClassVar[bool] = False
+    family: ClassVar[Family] = "gradient"
+    needs_gradient = True
+    counterfactual = True
+
+    def layer_map(self, layer: LayerInput, reruns: Reruns) -> Tensor:
+        assert layer.gradient is not None, "the engine gives gradient methods their gradient"
+        features = layer.layout.to_nchw(layer.activation[layer.plan.image_index].float(), layer.name)
+        return self(features, layer.layout.to_nchw(layer.gradient, layer.name))
 
     def weights(self, activations: Tensor, grads: Tensor) -> Tensor:
         """Per-channel weights, shape [N, K, 1, 1]."""
@@ -97,16 +106,23 @@ class GuidedGradCAM(GradCAM):
     needs_input_gradient = True
 
 
-_METHODS: dict[str, CamMethod] = {
-    m.name: m for m in (GradCAM(), GradCAMPlusPlus(), XGradCAM(), LayerCAM(), HiResCAM(), GuidedGradCAM())
-}
-_ALIASES = {"gradcam++": "gradcampp", "grad-cam": "gradcam", "grad-cam++": "gradcampp"}
+_METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        GradCAM(), GradCAMPlusPlus(), XGradCAM(), LayerCAM(), HiResCAM(), GuidedGradCAM(),
+        ScoreCAM(), AblationCAM(), EigenCAM(),
+    )
+}  # fmt: skip
+_ALIASES = {
+    "gradcam++": "gradcampp", "grad-cam": "gradcam", "grad-cam++": "gradcampp",
+    "score-cam": "scorecam", "ablation-cam": "ablationcam", "eigen-cam": "eigencam",
+}  # fmt: skip
 
 #: Canonical method names, in display order.
 METHOD_NAMES: tuple[str, ...] = tuple(_METHODS)
 
 
-def get_method(name: str) -> CamMethod:
+def get_method(name: str) -> Method:
     """Look a method up by name or alias (case-insensitive)."""
     key = name.strip().lower()
     key = _ALIASES.get(key, key)

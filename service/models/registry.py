@@ -107,17 +107,25 @@ class ServedModel:
 
 
 def load_model(
-    spec: ModelSpec, device: torch.device, warmup: bool = True, compile: CompileMode = "off", max_batch: int = 16
+    spec: ModelSpec,
+    device: torch.device,
+    warmup: bool = True,
+    compile: CompileMode = "off",
+    max_batch: int = 16,
+    masked_batch_size: int = 32,
 ) -> ServedModel:
     """Build, move, freeze and (optionally) warm up one model; compile its fast path as `compile` (or the
-    spec's own `compile`) says, for batches up to `max_batch`."""
+    spec's own `compile`) says, for batches up to `max_batch`. `masked_batch_size`: inputs per extra forward of
+    Score-CAM and Ablation-CAM."""
     started = time.perf_counter()
     built = build_model(spec)
     module = built.module.to(device).eval()
     autocast = _DTYPES.get(spec.dtype)
     if autocast is torch.float16 and device.type != "cuda":
         raise ModelConfigError(f"model {spec.name!r}: dtype float16 needs a CUDA device (got {device})")
-    engine = CamEngine(module, autocast_dtype=autocast, default_layer=spec.default_layer)
+    engine = CamEngine(
+        module, autocast_dtype=autocast, default_layer=spec.default_layer, rerun_batch_size=masked_batch_size
+    )
     height, width = built.preprocessing.input_size
     example = torch.zeros(1, 3, height, width, device=device)
     explainable = not isinstance(module, torch.jit.ScriptModule)  # TorchScript modules take no hooks
@@ -190,6 +198,7 @@ class ModelRegistry:
         compile: CompileMode = "off",
         max_batch: int = 16,
         compile_cache_dir: Path | None = None,
+        masked_batch_size: int = 32,
     ) -> ModelRegistry:
         """Read the models file, set up the device (TF32 as configured, logged once) and load every model,
         compiled as `compile` and each model's own setting say."""
@@ -199,7 +208,9 @@ class ModelRegistry:
         set_cache_dir(compile_cache_dir)
         loaded = []
         for spec in config.models:
-            served = load_model(spec, target, warmup=warmup, compile=compile, max_batch=max_batch)
+            served = load_model(
+                spec, target, warmup=warmup, compile=compile, max_batch=max_batch, masked_batch_size=masked_batch_size
+            )
             log.info("loaded model %s on %s in %.2fs", spec.name, target, served.load_seconds)
             loaded.append(served)
         return cls(loaded, config.default_name)
@@ -215,6 +226,7 @@ class ModelRegistry:
             compile=settings.compile,
             max_batch=settings.max_batch_size,
             compile_cache_dir=settings.compile_cache_dir,
+            masked_batch_size=settings.masked_batch_size,
         )
 
     def get(self, name: str | None = None) -> ServedModel:

@@ -3,7 +3,9 @@
 // opacity are applied here on canvases, so changing them never costs a request.
 import { COLORMAP_TABLES, colormapTable } from "./colormaps.js";
 
-const FALLBACK_METHODS = ["gradcam", "gradcampp", "xgradcam", "layercam", "hirescam", "guided-gradcam"];
+const FALLBACK_METHODS = [
+  "gradcam", "gradcampp", "xgradcam", "layercam", "hirescam", "guided-gradcam", "scorecam", "ablationcam", "eigencam",
+];
 const TOP_K = 5;
 const DISPLAY_MAX = 720; // longest side of an on-screen canvas, in canvas pixels
 
