@@ -107,6 +107,16 @@ def bench_engine(batches: list[int], repeats: list[int]) -> dict[str, object]:
     return results
 
 
+def markdown(engine: dict[str, object]) -> str:
+    """The engine results as a markdown table (median ms, and ratios to the eager predict)."""
+    lines = ["| batch | contender | median ms | p90 ms | × eager predict |", "| ---: | --- | ---: | ---: | ---: |"]
+    for batch, result in engine.items():
+        for row in result["rows"]:  # type: ignore[index]
+            cells = f"{row['median_ms']:.1f} | {row['p90_ms']:.1f} | {row['x_predict']:.2f}"
+            lines.append(f"| {batch} | {row['contender']} | {cells} |")
+    return "\n".join(lines)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -164,7 +174,11 @@ def main() -> int:
         "date": datetime.now(UTC).isoformat(timespec="minutes"),
         "command": " ".join(["python -m bench.bench_fastpath", *sys.argv[1:]]),
     }
-    report.update({"ready": bench_ready()} if args.ready else {"engine": bench_engine(args.batches, repeats)})
+    if args.ready:
+        report["ready"] = bench_ready()
+    else:
+        report["engine"] = engine = bench_engine(args.batches, repeats)
+        print(markdown(engine))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
