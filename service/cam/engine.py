@@ -23,13 +23,13 @@ from service.cam import scaling
 from service.cam.capture import ActivationCapture, guided_backprop
 from service.cam.errors import CamError, InvalidTargetError
 from service.cam.family import LayerInput, Method
-from service.cam.fastpath import CompiledSplit
+from service.cam.fastpath import CompiledSplit, noise
 from service.cam.layers import LayerTrace, choose_default_layer, resolve_layer, trace_layers
 from service.cam.methods import get_method
 from service.cam.pairs import PairPlan, TargetSpec, plan_pairs
 from service.cam.render import minmax_normalize, resize_maps
 from service.cam.reruns import EngineReruns
-from service.cam.split import SplitError, export_model, split_model
+from service.cam.split import SplitError, split_model
 
 
 @dataclass
@@ -152,7 +152,7 @@ class CamEngine:
         """
         layer = self.default_layer
         example = example.to(self.device)
-        split = split_model(export_model(self.model, example.expand(2, *example.shape[1:]).clone()), layer)
+        split = split_model(self._reruns.export(example), layer)
         if channels_last is None:
             channels_last = sum(isinstance(m, nn.Conv2d) for m in self.model.modules()) > 2
         compiled = CompiledSplit(split, autocast=self._autocast, channels_last=channels_last)
@@ -163,7 +163,7 @@ class CamEngine:
     def _check_split_activation(self, compiled: CompiledSplit, example: Tensor) -> None:
         """Raise SplitError unless the split's activation is the layer's output as the hooks see it (equal logits
         alone would not tell a cut in the wrong place)."""
-        images = torch.randn((2, *example.shape[1:]), generator=torch.Generator().manual_seed(1)).to(self.device)
+        images = noise(example, 2)
         layer = compiled.layer
         trace = self.trace()
         with torch.inference_mode(False), torch.no_grad():

@@ -106,7 +106,7 @@ class CompiledSplit:
         started = time.perf_counter()
         error = 0.0
         for size in warm_up_sizes(max_batch):
-            images = _noise(example, size)
+            images = noise(example, size)
             compiled = self.logits(images).float()
             with torch.no_grad():
                 reference = eager(images).float()
@@ -116,7 +116,7 @@ class CompiledSplit:
         eager_ms: dict[int, float] = {}
         compiled_ms: dict[int, float] = {}
         for size in sorted({1, min(max_batch, 8)}):
-            eager_ms[size], compiled_ms[size] = _medians_ms([eager, self.logits], _noise(example, size))
+            eager_ms[size], compiled_ms[size] = _medians_ms([eager, self.logits], noise(example, size))
         self.report = WarmUpReport(compile_s, eager_ms, compiled_ms, error)
         return self.report
 
@@ -131,7 +131,8 @@ def warm_up_sizes(max_batch: int) -> list[int]:
     return sorted(size for size in sizes if size <= max_batch)
 
 
-def _noise(example: Tensor, batch: int) -> Tensor:
+def noise(example: Tensor, batch: int) -> Tensor:
+    """`batch` seeded standard-normal images of `example`'s shape, on its device."""
     generator = torch.Generator().manual_seed(batch)
     return torch.randn((batch, *example.shape[1:]), generator=generator).to(example.device)
 

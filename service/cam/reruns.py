@@ -47,7 +47,7 @@ class EngineReruns:
         self.batch_size = batch_size
         self._lock = threading.Lock()
         self._exported: fx.GraphModule | None = None
-        self._export_failed = False
+        self._export_error: SplitError | None = None
         self._splits: OrderedDict[str, _SplitPlan | None] = OrderedDict()
 
     def logits(self, inputs: Tensor) -> Tensor:
@@ -72,25 +72,31 @@ class EngineReruns:
                 self._splits.move_to_end(layer.name)
                 return self._splits[layer.name]
             plan = None
-            exported = self._export(layer.images)
-            if exported is not None:
-                try:
-                    plan = _SplitPlan.of(split_model(exported, layer.name))
-                except SplitError as exc:
-                    log.warning("layer %s: no split (%s); ablations re-run the whole network", layer.name, exc)
+            try:
+                plan = _SplitPlan.of(split_model(self._export_locked(layer.images), layer.name))
+            except SplitError as exc:
+                log.warning("layer %s: no split (%s); ablations re-run the whole network", layer.name, exc)
             self._splits[layer.name] = plan
             while len(self._splits) > CACHED_SPLITS:
                 self._splits.popitem(last=False)
             return plan
 
-    def _export(self, images: Tensor) -> fx.GraphModule | None:
-        if self._exported is None and not self._export_failed:
+    def export(self, images: Tensor) -> fx.GraphModule:
+        """The model's exported graph, made once from `images`' shape and shared by every split of this engine
+        (the fast path's included); SplitError, also on later calls, when the model does not export."""
+        with self._lock:
+            return self._export_locked(images)
+
+    def _export_locked(self, images: Tensor) -> fx.GraphModule:
+        if self._export_error is not None:
+            raise self._export_error
+        if self._exported is None:
             example = images[:1].repeat(2, *([1] * (images.dim() - 1)))  # 2: the batch dimension stays dynamic
             try:
                 self._exported = export_model(self.model, example)
             except SplitError as exc:
-                self._export_failed = True
-                log.warning("%s; ablations re-run the whole network", exc)
+                self._export_error = exc
+                raise
         return self._exported
 
 
