@@ -107,6 +107,16 @@ function busy(change) {
   document.body.toggleAttribute("data-busy", inFlight > 0);
 }
 
+/** Busy from now until `work` settles, rendering included (not only the fetch). */
+async function whileBusy(work) {
+  busy(+1);
+  try {
+    return await work;
+  } finally {
+    busy(-1);
+  }
+}
+
 function seconds(ms) {
   return ms < 1000 ? `${Math.round(ms)} ms` : `${(ms / 1000).toFixed(2)} s`;
 }
@@ -380,7 +390,7 @@ class ImageCard {
     $(".name", this.node).textContent = this.name;
     this.maps = $(".maps", this.node);
     this.error = $(".card-error", this.node);
-    $(".compare", this.node).addEventListener("click", () => this.compareMethods());
+    $(".compare", this.node).addEventListener("click", () => whileBusy(this.compareMethods()));
     $(".remove", this.node).addEventListener("click", () => {
       this.node.remove();
       state.cards = state.cards.filter((card) => card !== this);
@@ -472,7 +482,7 @@ class ImageCard {
         bar.style.setProperty("--p", `${Math.max(0.5, p.score * 100)}%`);
         bar.setAttribute("aria-hidden", "true");
         button.append(label, score, bar);
-        button.addEventListener("click", () => this.explain([p.index], { add: true }));
+        button.addEventListener("click", () => whileBusy(this.explain([p.index], { add: true })));
         item.append(button);
         return item;
       }),
@@ -588,7 +598,7 @@ async function addFiles(files) {
     state.cards.push(card);
     el.results.prepend(card.node);
   }
-  await Promise.all(cards.map((card) => card.explain([])));
+  await whileBusy(Promise.all(cards.map((card) => card.explain([]))));
 }
 
 el.files.addEventListener("change", () => {
@@ -622,17 +632,21 @@ document.addEventListener("paste", (event) => {
 // ---------------------------------------------------------------- settings
 
 function refreshAll(options) {
-  return Promise.all(state.cards.map((card) => card.refresh(options)));
+  return whileBusy(Promise.all(state.cards.map((card) => card.refresh(options))));
 }
 
 el.method.addEventListener("change", () => refreshAll());
 el.layer.addEventListener("change", () => refreshAll());
 el.counterfactual.addEventListener("change", () => refreshAll());
-el.model.addEventListener("change", async () => {
-  await loadLayers();
-  fillLabels();
-  refreshAll({ keepClasses: false }); // other model, other classes: its top-1 again
-});
+el.model.addEventListener("change", () =>
+  whileBusy(
+    (async () => {
+      await loadLayers();
+      fillLabels();
+      await refreshAll({ keepClasses: false }); // other model, other classes: its top-1 again
+    })(),
+  ),
+);
 el.colormap.addEventListener("change", () => state.cards.forEach((card) => card.rerender()));
 el.opacity.addEventListener("input", () => {
   el.opacityValue.textContent = `${Math.round(opacity() * 100)}%`;
