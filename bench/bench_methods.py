@@ -86,10 +86,17 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, nargs="+", default=[3, 2], help="per batch size")
     parser.add_argument("--methods", nargs="+", default=["ablationcam", "scorecam"])
     parser.add_argument("--json", default=None)
+    parser.add_argument(
+        "--compile", action="store_true", help="camserve on its compiled fast path (CAMSERVE_COMPILE=auto's engine)"
+    )
     args = parser.parse_args()
     tuned = keep_freed_memory()
     device = torch.device("cpu")
     engine = CamEngine(load_model(ModelSpec(name="efficientnet-lite0"), device, warmup=False).module)
+    if args.compile:
+        example = torch.zeros(1, 3, 224, 224)
+        engine.trace(example)
+        engine.use_fast_path(engine.compile(example, max_batch=16))
     layers = {"ablationcam": "_blocks.15", "scorecam": "_swish"}
     ours_method = {"ablationcam": "ablationcam", "scorecam": PgcWeightedScoreCAM()}
     # one model copy per reference: pytorch-grad-cam's hooks stay registered and record every forward
@@ -148,6 +155,7 @@ def main() -> int:
         "threads": torch.get_num_threads(),
         "malloc_tuned": tuned,
         "chunk": CHUNK,
+        "compiled": args.compile,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     print(f"\n{meta}\n")

@@ -115,6 +115,22 @@ def test_an_input_warm_up_did_not_compile_runs_eagerly(
     assert fast.fast.eager_calls > before
 
 
+def test_score_cam_masked_forwards_run_compiled(
+    resnet_engines: tuple[CamEngine, CamEngine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Score-CAM's masked batches (32 inputs, beyond the worker's batch of 16) go through the compiled graph,
+    which warm-up compiled for them, and give the eager engine's maps."""
+    fast, eager = resnet_engines
+    assert fast.fast is not None and fast.fast.max_batch == 32
+    batches: list[int] = []
+    compiled_logits = fast.fast.logits
+    monkeypatch.setattr(fast.fast, "logits", lambda x: batches.append(x.shape[0]) or compiled_logits(x))
+    before = fast.fast.eager_calls
+    _assert_same(fast, eager, _images(1, 160, seed=5), method="scorecam")
+    assert batches.count(32) >= 10 and 1 in batches  # the masked chunks and the all-zero baseline
+    assert fast.fast.eager_calls == before
+
+
 def test_token_model_with_carried_values() -> None:
     """A timm DeiT (two prefix tokens) splits at its last block's input norm: the residual stream is carried."""
     torch.manual_seed(0)

@@ -148,6 +148,9 @@ class CamEngine:
         """The fast path at the default layer, compiled and warmed up (its `report` says how it did); serve through
         it with `use_fast_path`. Raises SplitError when the model does not export or split there.
 
+        Warm-up covers batches up to `max_batch` and the rerun batch size, so that Score-CAM's masked forwards
+        run compiled too.
+
         `channels_last` (default: models with convolutions past their first layer) feeds the prefix NHWC inputs.
         """
         layer = self.default_layer
@@ -156,7 +159,7 @@ class CamEngine:
         if channels_last is None:
             channels_last = sum(isinstance(m, nn.Conv2d) for m in self.model.modules()) > 2
         compiled = CompiledSplit(split, autocast=self._autocast, channels_last=channels_last)
-        compiled.warm_up(example, max_batch, self.predict_eager)
+        compiled.warm_up(example, max(max_batch, self._reruns.batch_size), self.predict_eager)
         self._check_split_activation(compiled, example)
         return compiled
 
@@ -180,10 +183,12 @@ class CamEngine:
             raise SplitError(f"the split's activation at {layer!r} differs from the layer's output by {error:.3g}")
 
     def use_fast_path(self, fast: CompiledSplit | None) -> None:
-        """Serve predictions and the default layer's maps through `fast` (None: eagerly)."""
+        """Serve predictions, the default layer's maps and Score-CAM's masked forwards through `fast` (None:
+        eagerly)."""
         if fast is not None and fast.layer != self.default_layer:
             raise ValueError(f"the fast path splits at {fast.layer!r}, not at the default layer {self.default_layer!r}")
         self.fast = fast
+        self._reruns.compiled = fast
 
     def explain(
         self,

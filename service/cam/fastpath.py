@@ -56,6 +56,8 @@ class CompiledSplit:
         self._prefix = torch.compile(split.prefix, options=COMPILE_OPTIONS)
         self._suffix = torch.compile(split.suffix, options=COMPILE_OPTIONS)
         self._warm = False
+        #: The largest batch `warm_up` compiled for (0 before it).
+        self.max_batch = 0
         self.eager_calls = 0
         self.report: WarmUpReport | None = None
 
@@ -113,6 +115,7 @@ class CompiledSplit:
             error = max(error, (compiled - reference).abs().max().item())
         compile_s = time.perf_counter() - started
         self._warm = True
+        self.max_batch = max_batch
         eager_ms: dict[int, float] = {}
         compiled_ms: dict[int, float] = {}
         for size in sorted({1, min(max_batch, 8)}):
