@@ -131,7 +131,7 @@ def evaluate(
         union = [torch.stack(s.masks).any(0) for s in scenes]
         hits = [metrics.pointing_game_hit(saliency[i], union[i]) for i in range(len(scenes))]
         energy = [metrics.energy_pointing_game(saliency[i], union[i]) for i in range(len(scenes))]
-        drop, increase = metrics.average_drop_increase(score_fn, inputs, saliency, classes)
+        drop, increase = metrics.average_drop_increase(score_fn, inputs, saliency, classes, mean, std)
         deletion, insertion = metrics.deletion_insertion_auc(
             score_fn, inputs, saliency, classes, pixels_per_step=pixels_per_step
         )
