@@ -264,6 +264,27 @@ def test_explorer_in_a_real_browser(browser, registry, chelsea, tmp_path):
         page.wait_for_function(idle)
         assert first.locator(".meta").inner_text().endswith("· gradcampp · _swish")
 
+        # faithfulness: the server's scores under the map, in one more request; unchecked, they go again
+        with page.expect_response(lambda r: "faithfulness=true" in r.url) as scored:
+            page.check("#faithfulness")
+        page.wait_for_function(idle)
+        assert requests[-1] == (
+            "POST /explain?model=efficientnet-lite0&method=gradcampp&top_k=5&faithfulness=true&target=285"
+        )
+        scores = scored.value.json()["results"][0]["explanations"][0]["faithfulness"]
+        terms = first.locator(".faithfulness dt").all_inner_texts()
+        assert terms == ["drop", "increase", "deletion AUC", "insertion AUC"]
+        assert first.locator(".faithfulness dd").all_inner_texts() == [
+            f"{scores['drop'] * 100:.1f}%",
+            "yes" if scores["increase"] else "no",
+            f"{scores['deletion_auc']:.3f}",
+            f"{scores['insertion_auc']:.3f}",
+        ]
+        assert 0 <= scores["drop"] <= 1 and 0 < scores["insertion_auc"] <= 1
+        page.uncheck("#faithfulness")
+        page.wait_for_function(idle)
+        assert first.locator(".faithfulness").is_hidden()
+
         # compare methods: one picture per method
         before = len(requests)
         card.locator("button.compare").click()

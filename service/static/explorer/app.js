@@ -13,6 +13,7 @@ const $ = (selector, root = document) => root.querySelector(selector);
 const el = {
   keyForm: $("#key-form"), keyHelp: $("#key-help"), key: $("#api-key"),
   model: $("#model"), method: $("#method"), layer: $("#layer"), counterfactual: $("#counterfactual"),
+  faithfulness: $("#faithfulness"),
   colormap: $("#colormap"), opacity: $("#opacity"), opacityValue: $("#opacity-value"),
   files: $("#files"), drop: $("#drop"), status: $("#status"), error: $("#error"),
   results: $("#results"), labels: $("#labels"),
@@ -285,11 +286,34 @@ class MapFigure {
     $(".meta", this.node).textContent =
       `#${explanation.index} · ${(explanation.score * 100).toFixed(1)}% · ${context.method} · ${context.layers.join(" + ")}${cf}`;
     $(".time", this.node).textContent = `${context.method}: ${seconds(context.ms)}`;
+    if (explanation.faithfulness) this.showFaithfulness(explanation.faithfulness);
     this.canvas.setAttribute("role", "img");
     this.canvas.setAttribute("aria-label", `${context.method} map of ${explanation.label} over ${card.name}`);
     this.node.dataset.method = context.method;
     this.node.dataset.index = explanation.index;
     this.wire();
+  }
+
+  /** The map's faithfulness scores (faithfulness=true), each with which way is better. */
+  showFaithfulness(scores) {
+    const list = $(".faithfulness", this.node);
+    const rows = [
+      ["drop", "Average Drop term: the class probability lost when the image is multiplied by the map (lower is better)", `${(scores.drop * 100).toFixed(1)}%`],
+      ["increase", "Increase in Confidence: 1 when the masked image scores higher", scores.increase ? "yes" : "no"],
+      ["deletion AUC", `class probability as the most salient pixels are deleted, ${scores.steps} steps (lower is better)`, scores.deletion_auc.toFixed(3)],
+      ["insertion AUC", `class probability as they are restored into a blurred copy, ${scores.steps} steps (higher is better)`, scores.insertion_auc.toFixed(3)],
+    ];
+    list.replaceChildren(
+      ...rows.flatMap(([term, help, value]) => {
+        const dt = document.createElement("dt");
+        dt.textContent = term;
+        dt.title = help;
+        const dd = document.createElement("dd");
+        dd.textContent = value;
+        return [dt, dd];
+      }),
+    );
+    list.hidden = false;
   }
 
   async decode() {
@@ -422,6 +446,7 @@ class ImageCard {
     const { defaultLayer } = state.layers.get(el.model.value) || {};
     if (el.layer.value && el.layer.value !== defaultLayer) params.push(["layer", el.layer.value]);
     if (el.counterfactual.checked) params.push(["counterfactual", "true"]);
+    if (el.faithfulness.checked) params.push(["faithfulness", "true"]);
     for (const target of targets) params.push(["target", String(target)]);
     return params;
   }
@@ -638,6 +663,7 @@ function refreshAll(options) {
 el.method.addEventListener("change", () => refreshAll());
 el.layer.addEventListener("change", () => refreshAll());
 el.counterfactual.addEventListener("change", () => refreshAll());
+el.faithfulness.addEventListener("change", () => refreshAll());
 el.model.addEventListener("change", () =>
   whileBusy(
     (async () => {
