@@ -135,6 +135,17 @@ def test_eigencam_by_hand_and_the_same_for_every_target():
     assert expected[1, 1] > expected[1, 0] > 0 and expected[0, 0] == 0
 
 
+@pytest.mark.parametrize(("method", "records"), [("eigencam", False), ("ablationcam", False), ("gradcam", True)])
+def test_only_gradient_methods_record_autograd(method, records):
+    """The explanation's own forward records autograd after the layer only for methods that take a gradient."""
+    engine = CamEngine(tiny_model(G))
+    engine.trace(A.unsqueeze(0))  # its probes first
+    recorded: list[bool] = []
+    engine.model.fc.register_forward_hook(lambda _m, _i, out: recorded.append(out.requires_grad))
+    engine.explain(A.unsqueeze(0), [[0]], method=method)
+    assert recorded[0] is records  # the first forward is the explanation's (ablations follow on a split)
+
+
 def test_eigencam_sign_follows_the_loadings_not_the_svd():
     """Negating every activation negates the SVD's vectors too; the convention flips the projection back
     only if the loadings' sum says so: here the channels load with opposite signs."""

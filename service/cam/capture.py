@@ -26,13 +26,20 @@ class ActivationCapture:
     Run the forward under `torch.no_grad()`: at the first target reached, the activation is detached,
     marked as requiring grad and grad mode is switched on, so autograd records only the part of the
     network between the target layer(s) and the logits. The hooked output is replaced by a clone so
-    that in-place operations after the layer cannot modify the recorded activation.
+    that in-place operations after the layer cannot modify the recorded activation. With `record=False`
+    (methods that need no gradient) nothing is recorded: the activations are only kept.
     """
 
     def __init__(
-        self, modules: Mapping[str, nn.Module], calls: Mapping[str, int], layouts: Mapping[str, FeatureLayout]
+        self,
+        modules: Mapping[str, nn.Module],
+        calls: Mapping[str, int],
+        layouts: Mapping[str, FeatureLayout],
+        *,
+        record: bool = True,
     ) -> None:
         self._modules = dict(modules)
+        self._record = record
         self._layouts = layouts
         self._expected = {name: max(1, calls.get(name, 1)) for name in self._modules}
         self._seen: Counter[str] = Counter()
@@ -50,7 +57,7 @@ class ActivationCapture:
             if not isinstance(output, Tensor):
                 raise UnknownLayerError(f"layer {name!r} outputs {type(output).__name__}, not a tensor")
             self._layouts[name].check(output.shape, name)
-            if not (torch.is_grad_enabled() and output.requires_grad):  # first target, or one off the graph
+            if self._record and not (torch.is_grad_enabled() and output.requires_grad):  # first, or off the graph
                 output = output.detach().requires_grad_(True)
                 torch.set_grad_enabled(True)
             self.activations[name] = output

@@ -170,7 +170,8 @@ class CamEngine:
         layer = compiled.layer
         trace = self.trace()
         with torch.inference_mode(False), torch.no_grad():
-            _, (reference,) = self._forward(images, (layer,), {layer: resolve_layer(self.model, layer)}, trace)
+            modules = {layer: resolve_layer(self.model, layer)}
+            _, (reference,) = self._forward(images, (layer,), modules, trace, record=False)
         activation, _ = compiled.prefix(images)
         reference = reference.detach().float()
         if activation.shape != reference.shape:
@@ -214,7 +215,7 @@ class CamEngine:
         modules = {name: resolve_layer(self.model, name) for name in names}
 
         with torch.inference_mode(False), torch.no_grad():
-            logits, activations = self._forward(images, names, modules, trace)
+            logits, activations = self._forward(images, names, modules, trace, record=cam.needs_gradient)
             plan = self._pairs(targets, logits.detach())
             sign = -1.0 if counterfactual else 1.0
             grads = self._gradients(logits, activations, plan, sign) if cam.needs_gradient else [None] * len(names)
@@ -247,9 +248,16 @@ class CamEngine:
 
     # -- helpers -----------------------------------------------------------------------------
     def _forward(
-        self, images: Tensor, names: tuple[str, ...], modules: dict[str, nn.Module], trace: LayerTrace
+        self,
+        images: Tensor,
+        names: tuple[str, ...],
+        modules: dict[str, nn.Module],
+        trace: LayerTrace,
+        *,
+        record: bool = True,
     ) -> tuple[Tensor, list[Tensor]]:
-        """Logits, with autograd recorded from the layers' activations on, and those activations.
+        """Logits, with autograd recorded from the layers' activations on (unless `record` is False), and those
+        activations.
 
         At the fast path's layer: its compiled prefix, then its suffix with autograd. Elsewhere: the eager model
         with hooks that switch autograd on at the first target layer.
@@ -257,11 +265,12 @@ class CamEngine:
         if self.fast is not None and names == (self.fast.layer,):
             activation, carried = self.fast.prefix(images)
             trace.layouts[names[0]].check(activation.shape, names[0])
-            activation = activation.detach().requires_grad_(True)
-            with torch.enable_grad():  # a clone, so in-place operations of the suffix leave the activation intact
+            activation = activation.detach().requires_grad_(record)
+            with torch.set_grad_enabled(record):  # a clone: in-place operations of the suffix leave it intact
                 logits = self.fast.suffix(activation.clone(), carried)
             return logits, [activation]
-        with ActivationCapture(modules, trace.calls, trace.layouts) as capture, self._autocast():
+        capture = ActivationCapture(modules, trace.calls, trace.layouts, record=record)
+        with capture, self._autocast():
             logits = self.model(images)
         capture.check_complete()
         return logits, [capture.activations[name] for name in names]
