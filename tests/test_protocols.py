@@ -214,6 +214,39 @@ def test_kserve_v1_verbs_give_predict_and_explain_answers(live, cat, coffee_phot
         assert "overlay" not in mine
 
 
+def test_both_protocols_take_the_picture_options(live, triton, cat):
+    """overlay_format and size reach the pictures in v1 and v2 as in /explain; bad values are 422s naming them."""
+    body = {"instances": [{"image": {"b64": b64(cat)}}], "overlay": True, "overlay_format": "jpeg", "size": 200}
+    explained = httpx.post(f"{live}/v1/models/{MODEL}:explain", json=body, timeout=60)
+    assert explained.status_code == 200, explained.text
+    (mine,) = explained.json()["explanations"][0]["explanations"]
+    overlay = Image.open(io.BytesIO(base64.b64decode(mine["overlay"])))
+    heatmap = Image.open(io.BytesIO(base64.b64decode(mine["heatmap"])))
+    assert (overlay.format, overlay.size) == ("JPEG", (200, 133))  # 451 x 300 with its longer side capped at 200
+    assert (heatmap.format, heatmap.size) == ("PNG", (200, 133))
+    assert explained.json()["explanations"][0]["explanations"][0]["overlay_media_type"] == "image/jpeg"
+
+    outputs = [tritonclient_http.InferRequestedOutput(name) for name in ("heatmap", "overlay")]
+    parameters = {"overlay_format": "webp", "size": "model"}
+    result = triton.infer(MODEL, [images_input([cat], binary=True)], outputs=outputs, parameters=parameters)
+    overlay = Image.open(io.BytesIO(result.as_numpy("overlay")[0, 0]))
+    heatmap = Image.open(io.BytesIO(result.as_numpy("heatmap")[0, 0]))
+    assert (overlay.format, overlay.size) == ("WEBP", (224, 224))
+    assert (heatmap.format, heatmap.size) == ("PNG", (224, 224))
+
+    v2_json = {"inputs": [{"name": "images", "shape": [1], "datatype": "BYTES", "data": [b64(cat)]}]}
+    bad = [
+        httpx.post(f"{live}/v1/models/{MODEL}:explain", json={**body, "overlay_format": "gif"}, timeout=60),
+        httpx.post(f"{live}/v1/models/{MODEL}:explain", json={**body, "size": 0}, timeout=60),
+        httpx.post(f"{live}/v2/models/{MODEL}/infer", json={**v2_json, "parameters": {"size": "huge"}}, timeout=60),
+        httpx.post(
+            f"{live}/v2/models/{MODEL}/infer", json={**v2_json, "parameters": {"overlay_format": "bmp"}}, timeout=60
+        ),
+    ]
+    for response, words in zip(bad, ["gif", "size 0", "size 'huge'", "bmp"], strict=True):
+        assert response.status_code == 422 and words in response.json()["error"], response.text
+
+
 # -- errors -----------------------------------------------------------------------------------
 def binary_request(elements: list[bytes], **header_fields) -> tuple[bytes, dict[str, str]]:
     """A binary tensor data request body (JSON header + serialized BYTES tensor) and its headers."""

@@ -55,6 +55,10 @@ class V1ExplainRequest(V1PredictRequest):
     overlay: bool | None = None
     colormap: str | None = None
     alpha: float | None = None
+    overlay_format: str | None = Field(None, description="overlay file format: png (default), jpeg, webp")
+    size: str | int | None = Field(
+        None, description="size of heatmaps and overlays: original (default), model, or a maximum side in pixels"
+    )
     raw: bool | None = Field(None, description="also return the raw map at feature resolution")
     faithfulness: bool | None = Field(None, description="also score each map's faithfulness, as /explain does")
     faithfulness_steps: int | None = Field(None, description="deletion/insertion steps (needs faithfulness)")

@@ -63,6 +63,12 @@ class V2Parameters(BaseModel):
     overlay: bool | None = Field(None, description="also return the `overlay` output (RGB PNG)")
     colormap: str | None = None
     alpha: float | None = None
+    overlay_format: str | None = Field(
+        None, description="file format of the `overlay` output: png (default), jpeg, webp (heatmaps stay PNG)"
+    )
+    size: str | int | None = Field(
+        None, description="size of heatmaps and overlays: original (default), model, or a maximum side in pixels"
+    )
     faithfulness: bool | None = Field(
         None, description="also return the `faithfulness` output (default: when that output is asked for)"
     )

@@ -112,6 +112,8 @@ async def explain(
             overlay=bool(body.overlay),
             colormap=body.colormap or defaults.colormap,
             alpha=defaults.alpha if body.alpha is None else body.alpha,
+            overlay_format=body.overlay_format or defaults.overlay_format,
+            size=defaults.size if body.size is None else body.size,
         ),
     )
     result = await service.infer(inference, request.is_disconnected)

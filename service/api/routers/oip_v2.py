@@ -384,6 +384,10 @@ def _plan(parsed: V2InferenceRequest, images: list[ImagePayload], served: Served
             parameters.layer,
             parameters.counterfactual,
             parameters.faithfulness_steps,
+            parameters.colormap,
+            parameters.alpha,
+            parameters.overlay_format,
+            parameters.size,
         )
     ) or bool(parameters.overlay or parameters.faithfulness)
     explanation_outputs = requested is not None and any(name in requested for name in EXPLANATION_OUTPUTS)
@@ -408,6 +412,8 @@ def _plan(parsed: V2InferenceRequest, images: list[ImagePayload], served: Served
         overlay=OVERLAY in requested,
         colormap=parameters.colormap or defaults.colormap,
         alpha=defaults.alpha if parameters.alpha is None else parameters.alpha,
+        overlay_format=parameters.overlay_format or defaults.overlay_format,
+        size=defaults.size if parameters.size is None else parameters.size,
         heatmap=HEATMAP in requested,
         encoding="png",
     )
