@@ -10,6 +10,29 @@ import sys
 from pathlib import Path
 
 DEFAULT_URL = os.environ.get("CAMSERVE_URL", "http://127.0.0.1:8000")
+TRACE = 5  # uvicorn's level below DEBUG
+
+
+def _port(text: str) -> int:
+    """A TCP port number, 1-65535 (argparse type; also checks CAMSERVE_PORT, the default)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r} (--port or CAMSERVE_PORT): not a number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid port {port} (--port or CAMSERVE_PORT): use 1-65535")
+    return port
+
+
+def _seconds(text: str) -> float:
+    """A positive, finite number of seconds (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid seconds {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"invalid seconds {text!r}: use a positive number")
+    return value
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -22,10 +45,17 @@ def _serve(args: argparse.Namespace) -> int:
     from service.api import create_app
     from service.models import ModelConfigError, read_models_file
     from service.server import DrainingServer
-    from service.settings import Settings
+    from service.settings import SettingsInvalid, load_settings, unknown_variables
 
-    settings = Settings()
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = load_settings()
+    except SettingsInvalid as exc:
+        print(f"camserve: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    level = TRACE if settings.log_level == "trace" else settings.log_level.upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for warning in unknown_variables():
+        logging.getLogger("camserve").warning(warning)
     if settings.keep_freed_memory:
         keep_freed_memory()
     if settings.models_file is not None:
@@ -69,14 +99,18 @@ def _post(args: argparse.Namespace, path: str, params: list[tuple[str, str]]) ->
     files = []
     for name in args.images:
         path_ = Path(name)
-        if not path_.is_file():
+        if not path_.exists():
             print(f"camserve: {name}: no such file", file=sys.stderr)
             return None
-        files.append(("image", (path_.name, path_.read_bytes(), "application/octet-stream")))
+        try:
+            files.append(("image", (path_.name, path_.read_bytes(), "application/octet-stream")))
+        except OSError as exc:  # a directory, no permission, ...
+            print(f"camserve: {name}: cannot be read ({exc.strerror or exc})", file=sys.stderr)
+            return None
     try:
         with _client(args) as client:
             response = client.post(path, params=params, files=files)
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
         print(f"camserve: cannot reach {args.url}: {exc}", file=sys.stderr)
         return None
     if response.status_code != 200:
@@ -116,22 +150,45 @@ def _explain(args: argparse.Namespace) -> int:
         params.append(("faithfulness", "true"))
     if args.faithfulness_steps is not None:
         params.append(("faithfulness_steps", str(args.faithfulness_steps)))
+    out = Path(args.out)
+    try:  # before asking the server, so that its work is not lost to an unwritable folder
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"camserve: --out {args.out}: cannot be made a folder ({exc.strerror or exc})", file=sys.stderr)
+        return 1
     body = _post(args, "/explain", params)
     if body is None:
         return 1
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, result in zip(args.images, body["results"], strict=True):
-        stem = Path(name).stem
-        for e in result["explanations"]:
-            base = out / f"{stem}_{body['method']}_{e['index']}"
-            Path(f"{base}_heatmap.png").write_bytes(base64.b64decode(e["heatmap"]))
-            suffix = _SUFFIXES.get(e.get("overlay_media_type", "image/png"), ".png")
-            Path(f"{base}_overlay{suffix}").write_bytes(base64.b64decode(e["overlay"]))
-            print(f"{name}: {e['label']} ({e['score']:.4f}) -> {base}_heatmap.png, {base}_overlay{suffix}")
-            if "faithfulness" in e:
-                print(f"  faithfulness: {_faithfulness_line(e['faithfulness'])}")
+    stems = _unique_stems(args.images)
+    try:
+        for name, stem, result in zip(args.images, stems, body["results"], strict=True):
+            for e in result["explanations"]:
+                base = out / f"{stem}_{body['method']}_{e['index']}"
+                Path(f"{base}_heatmap.png").write_bytes(base64.b64decode(e["heatmap"]))
+                suffix = _SUFFIXES.get(e.get("overlay_media_type", "image/png"), ".png")
+                Path(f"{base}_overlay{suffix}").write_bytes(base64.b64decode(e["overlay"]))
+                print(f"{name}: {e['label']} ({e['score']:.4f}) -> {base}_heatmap.png, {base}_overlay{suffix}")
+                if "faithfulness" in e:
+                    print(f"  faithfulness: {_faithfulness_line(e['faithfulness'])}")
+    except OSError as exc:
+        print(f"camserve: cannot write into {args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _unique_stems(names: list[str]) -> list[str]:
+    """Each image's file stem; a stem already taken (a/cat.jpg, b/cat.png) gets -2, -3, ... until it is free."""
+    taken: set[str] = set()
+    stems = []
+    for name in names:
+        stem = candidate = Path(name).stem
+        number = 1
+        while candidate in taken:
+            number += 1
+            candidate = f"{stem}-{number}"
+        taken.add(candidate)
+        stems.append(candidate)
+    return stems
 
 
 def _faithfulness_line(scores: dict) -> str:
@@ -147,9 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the HTTP service (configured by CAMSERVE_* variables)")
     serve.add_argument("--host", default=os.environ.get("CAMSERVE_HOST", "127.0.0.1"), help="env CAMSERVE_HOST")
-    serve.add_argument(
-        "--port", type=int, default=int(os.environ.get("CAMSERVE_PORT", "8000")), help="env CAMSERVE_PORT"
-    )
+    serve.add_argument("--port", type=_port, default=os.environ.get("CAMSERVE_PORT", "8000"), help="env CAMSERVE_PORT")
     serve.set_defaults(func=_serve)
 
     def client(name: str, help_: str) -> argparse.ArgumentParser:
@@ -159,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--api-key", default=os.environ.get("CAMSERVE_API_KEY"), help="env CAMSERVE_API_KEY")
         sub.add_argument("--model", default=None)
         sub.add_argument("--top-k", type=int, default=5)
-        sub.add_argument("--timeout", type=float, default=120.0)
+        sub.add_argument("--timeout", type=_seconds, default=120.0, help="seconds to wait for the server")
         return sub
 
     predict = client("predict", "classify images with a running server and print a table")

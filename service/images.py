@@ -64,6 +64,12 @@ class ImageLimits:
     max_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 40_000_000
 
+    def __post_init__(self) -> None:
+        # PIL refuses images above 2 x its MAX_IMAGE_PIXELS (~179 MP) by itself; ours is the limit that counts
+        # (checked from the header before decoding), so PIL's is raised to it, never lowered.
+        if (Image.MAX_IMAGE_PIXELS or 0) and self.max_pixels > Image.MAX_IMAGE_PIXELS:
+            Image.MAX_IMAGE_PIXELS = self.max_pixels
+
 
 @dataclass(frozen=True)
 class DecodedImage:

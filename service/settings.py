@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import difflib
+import os
+import re
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
+
+PREFIX = "CAMSERVE_"
+#: CAMSERVE_* variables read outside Settings (the CLI's address and client options; the README's screenshot).
+OTHER_VARIABLES = frozenset({"CAMSERVE_HOST", "CAMSERVE_PORT", "CAMSERVE_URL", "CAMSERVE_SCREENSHOT"})
+#: Kubernetes' service links of Services named camserve or camserve-*: CAMSERVE_SERVICE_HOST, CAMSERVE_PORT_8000_TCP...
+SERVICE_LINK = re.compile(r"^CAMSERVE(_[A-Z0-9_]+)?(_SERVICE_(HOST|PORT)(_\w+)?|_PORT(_\d+_(TCP|UDP|SCTP)(_\w+)?)?)$")
 
 # `faithfulness_steps` (deletion/insertion steps of /explain?faithfulness=true) accepts these, bounds included
 MIN_FAITHFULNESS_STEPS, MAX_FAITHFULNESS_STEPS = 2, 64
@@ -16,7 +26,7 @@ MIN_FAITHFULNESS_STEPS, MAX_FAITHFULNESS_STEPS = 2, 64
 class Settings(BaseSettings):
     """Every field can be set as CAMSERVE_<FIELD NAME IN CAPITALS>."""
 
-    model_config = SettingsConfigDict(env_prefix="CAMSERVE_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=PREFIX, extra="ignore")
 
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available, else CPU")
     allow_tf32: bool = Field(
@@ -26,7 +36,9 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(16, ge=1, le=1024, description="most images one engine batch holds")
     max_wait_ms: float = Field(0.0, ge=0, le=10_000, description="hold a non-full batch this long for more items")
     max_queue: int = Field(256, ge=1, description="items waiting per model beyond which requests get 503")
-    request_timeout_s: float = Field(60.0, gt=0, description="per-request limit; past it 504")
+    request_timeout_s: float = Field(
+        60.0, gt=0, le=86_400, allow_inf_nan=False, description="per-request limit; past it 504"
+    )
     drain_s: float = Field(
         5.0,
         ge=0,
@@ -61,10 +73,14 @@ class Settings(BaseSettings):
     masked_batch_size: int = Field(
         32, ge=1, le=4096, description="masked (Score-CAM) or ablated (Ablation-CAM) inputs per extra forward"
     )
-    cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins; none by default")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="allowed CORS origins (a JSON list or comma-separated); none by default"
+    )
     warmup: bool = Field(True, description="run a forward and an explain pass per model at start-up")
     png_compress_level: int = Field(1, ge=0, le=9, description="zlib level for heatmap/overlay PNGs")
-    log_level: str = Field("info", description="uvicorn/camserve log level")
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = Field(
+        "info", description="uvicorn/camserve log level"
+    )
     keep_freed_memory: bool = Field(
         True, description="glibc: keep freed tensor memory for reuse instead of page-faulting it in every batch"
     )
@@ -83,6 +99,84 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, value: object) -> object:
         """An empty variable (as compose files pass through) means unset."""
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_case(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _origins(cls, value: object) -> object:
+        """A JSON list, or origins separated by commas (`*` allows any)."""
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        if text.startswith("["):
+            import json
+
+            try:
+                return json.loads(text)
+            except ValueError as exc:
+                raise ValueError(f"not a JSON list ({exc})") from None
+        return [origin.strip() for origin in text.split(",") if origin.strip()]
+
+    @field_validator("compile_cache_dir")
+    @classmethod
+    def _a_directory(cls, value: Path | None) -> Path | None:
+        if value is not None and value.exists() and not value.is_dir():
+            raise ValueError(f"{value} exists and is not a directory")
+        return value
+
+    @model_validator(mode="after")
+    def _queue_holds_a_request(self) -> Settings:
+        if self.max_queue < self.max_images_per_request:
+            raise ValueError(
+                f"CAMSERVE_MAX_QUEUE ({self.max_queue}) is below CAMSERVE_MAX_IMAGES_PER_REQUEST "
+                f"({self.max_images_per_request}): a request that large could never be queued"
+            )
+        return self
+
+
+class SettingsInvalid(ValueError):
+    """The CAMSERVE_* variables do not make valid settings; the message names each variable and its problem."""
+
+
+def load_settings() -> Settings:
+    """Settings from the environment; SettingsInvalid (one line per problem, naming the variable) when invalid."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            message = error["msg"].removeprefix("Value error, ")
+            if not error["loc"]:  # a check across settings names its variables itself
+                problems.append(message)
+                continue
+            variable = f"{PREFIX}{str(error['loc'][0]).upper()}"
+            value = os.environ.get(variable)
+            problems.append(f"{variable}{'' if value is None else f'={value!r}'}: {message}")
+        raise SettingsInvalid("; ".join(problems)) from None
+    except SettingsError as exc:
+        raise SettingsInvalid(str(exc)) from None
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Warnings for CAMSERVE_* variables that no setting reads (typos), each with the close names.
+
+    Kubernetes' service links (`SERVICE_LINK`) are not typos."""
+    environ = os.environ if environ is None else environ
+    known = {PREFIX + name.upper() for name in Settings.model_fields} | OTHER_VARIABLES
+    warnings = []
+    for name in sorted(environ):
+        if not name.startswith(PREFIX) or name in known:
+            continue
+        if SERVICE_LINK.match(name):
+            continue
+        close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.75)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        warnings.append(f"{name} is not a camserve setting and is ignored{hint}")
+    return warnings
 
 
 @lru_cache(maxsize=1)

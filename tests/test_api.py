@@ -412,7 +412,7 @@ def slow_compute(seconds: float):
 
 async def test_flood_beyond_max_queue_gets_503_and_never_500(registry, cat_jpeg, monkeypatch):
     monkeypatch.setattr(BatchWorker, "compute", slow_compute(0.3))
-    async with running_app(registry, max_queue=4, max_batch_size=2) as (client, _app):
+    async with running_app(registry, max_queue=4, max_batch_size=2, max_images_per_request=4) as (client, _app):
         responses = await asyncio.gather(
             *(client.post("/predict", content=cat_jpeg, headers={"content-type": "image/jpeg"}) for _ in range(20))
         )

@@ -121,6 +121,7 @@ def test_probes_security_and_shutdown_budget(overlay):
     assert ports == {"http": int(env["CAMSERVE_PORT"]["value"])}
 
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 10001
+    assert pod["enableServiceLinks"] is False  # the Service camserve would inject CAMSERVE_PORT=tcp://...
     security = camserve["securityContext"]
     assert security["readOnlyRootFilesystem"] is True and security["allowPrivilegeEscalation"] is False
     assert security["capabilities"] == {"drop": ["ALL"]}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -157,7 +158,9 @@ def test_torchvision_1000_classes_get_imagenet_labels_and_num_classes_must_agree
     built = build_model(spec)  # a convolution as its head: the class count is still found
     assert built.labels == imagenet_labels() and forward(built.module, torch.rand(1, 3, 64, 64)).shape == (1, 1000)
     wrong = ModelSpec(name="sq", kind="torchvision", architecture="squeezenet1_0", weights=weights, num_classes=10)
-    with pytest.raises(ModelConfigError, match=r"model 'sq': weights do not fit architecture squeezenet1_0.*size"):
+    with pytest.raises(
+        ModelConfigError, match=r"model 'sq': weights do not fit architecture squeezenet1_0.*mis-shaped"
+    ):
         build_model(wrong)
 
 
@@ -270,7 +273,7 @@ def test_weights_that_do_not_fit_are_refused(tmp_path, timm):
     state.pop("layer1.0.conv1.weight")
     partial = save(state, tmp_path / "partial.pth")
     spec = ModelSpec(name="partial", kind="timm", architecture="resnet10t", weights=partial)
-    with pytest.raises(ModelConfigError, match=r"model 'partial': weights do not fit .*Missing key.*layer1.0.conv1"):
+    with pytest.raises(ModelConfigError, match=r"model 'partial': weights do not fit .*missing key.*layer1.0.conv1"):
         build_model(spec)
 
 
@@ -301,6 +304,37 @@ def test_huggingface_folders_that_do_not_fit_are_refused(tmp_path, transformers)
     assert message.startswith("model 'refit': weights in ") and "do not fit ViTForImageClassification" in message
     assert "missing keys: classifier.weight" in message and "unexpected keys: extra.weight" in message
 
+    head = save_hf(transformers, tmp_path / "head", hf_vit(transformers, num_labels=3))
+    config = json.loads((head / "config.json").read_text())
+    config["id2label"] = {str(i): f"hf{i}" for i in range(5)}  # 5 labels, a head of 3 rows
+    config["label2id"] = {f"hf{i}": i for i in range(5)}
+    (head / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelConfigError) as error:
+        build_model(ModelSpec(name="head", kind="huggingface", path=head))
+    assert "mismatched keys: classifier.bias (3,) (the model has (5,)), classifier.weight (3, 64)" in str(error.value)
+
+
+def test_weight_files_that_are_empty_or_folders_and_long_key_lists_read_well(tmp_path):
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "folder.pth").mkdir()
+    for weights, message in [("empty.pth", r"empty.pth is empty \(0 bytes\)"), ("folder.pth", "is a directory")]:
+        spec = ModelSpec(name="r", kind="torchvision", architecture="resnet18", weights=tmp_path / weights)
+        with pytest.raises(ModelConfigError, match=rf"model 'r': .*{message}"):
+            build_model(spec)
+    state = {k: v for k, v in torchvision.models.resnet18().state_dict().items() if not k.startswith("layer4")}
+    spec = ModelSpec(name="r", kind="torchvision", architecture="resnet18", weights=save(state, tmp_path / "w.pth"))
+    with pytest.raises(ModelConfigError) as error:
+        build_model(spec)
+    message = str(error.value)
+    assert "30 missing keys: layer4.0.conv1.weight, " in message and " and 25 more" in message
+    assert len(message) < 400 and "\n" not in message
+
+
+def test_a_torchvision_typo_gets_close_names(tmp_path):
+    weights = save(torchvision.models.resnet18().state_dict(), tmp_path / "w.pth")
+    with pytest.raises(ModelConfigError, match=r"'resnet-18' is not a torchvision classification model; did you mean "):
+        build_model(ModelSpec(name="r", kind="torchvision", architecture="resnet-18", weights=weights))
+
 
 @pytest.mark.parametrize(("module", "kind", "extra"), [("timm", "timm", "timm"), ("transformers", "huggingface", "hf")])
 def test_a_missing_extra_is_named(tmp_path, monkeypatch, module, kind, extra):
@@ -318,11 +352,22 @@ def test_a_missing_extra_is_named(tmp_path, monkeypatch, module, kind, extra):
         ('kind = "timm"\narchitecture = "a"\nweights = "w"\nentrypoint = "m:f"', "model 'x' field entrypoint: Extra"),
         ('kind = "onnx"', "model 'x' field kind: .*'onnx'"),
         ('interpolation = "nearest"', "model 'x' field interpolation"),
+        (
+            'architecture = "efficientnet-lite0"\ninput_size = [9000, 9000]',
+            "model 'x': input_size values must be from 1 to 4096",
+        ),
+        ('kind = "torchscript"\nweights = "m.pt"\ndefault_layer = "layer4"', "torchscript .* default_layer cannot"),
+        (
+            'architecture = "efficientnet-lite0"\ndefault = true\n'
+            '[[models]]\nname = "y"\narchitecture = "efficientnet-lite0"',
+            "^models file .* is invalid: default = 'y' contradicts model 'x'",
+        ),
     ],
 )
 def test_models_file_entries_of_the_new_kinds_are_validated(tmp_path, entry, message):
     path = tmp_path / "models.toml"
-    path.write_text(f'[[models]]\nname = "x"\n{entry}\n')
+    top = 'default = "y"\n' if "contradicts" in message else ""
+    path.write_text(f'{top}[[models]]\nname = "x"\n{entry}\n')
     with pytest.raises(ModelConfigError, match=message):
         read_models_file(path)
 

@@ -110,3 +110,132 @@ def test_explain_faithfulness_flags_are_sent_and_the_scores_printed(tmp_path, mo
     printed = capsys.readouterr().out
     assert printed.count("faithfulness:") == 1
     assert "drop 0.2500, increase 0, deletion AUC 0.1250, insertion AUC 0.7500 (8 steps)" in printed
+
+
+def test_every_invalid_variable_is_named_in_one_message_and_serve_refuses_to_start(monkeypatch, capsys):
+    from service.settings import SettingsInvalid, load_settings
+
+    monkeypatch.setenv("CAMSERVE_MAX_BATCH_SIZE", "0")
+    monkeypatch.setenv("CAMSERVE_REQUEST_TIMEOUT_S", "inf")
+    monkeypatch.setenv("CAMSERVE_LOG_LEVEL", "warn")
+    with pytest.raises(SettingsInvalid) as raised:
+        load_settings()
+    message = str(raised.value)
+    assert "CAMSERVE_MAX_BATCH_SIZE='0': Input should be greater than or equal to 1" in message
+    assert "CAMSERVE_REQUEST_TIMEOUT_S='inf': Input should be a finite number" in message
+    assert "CAMSERVE_LOG_LEVEL='warn'" in message and "'warning'" in message
+    assert "\n" not in message and "Traceback" not in message
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("camserve: invalid settings: CAMSERVE_MAX_BATCH_SIZE='0'") and err.count("\n") == 1
+
+
+def test_settings_accept_what_operators_write(monkeypatch, tmp_path):
+    from service.settings import SettingsInvalid, load_settings
+
+    for text, origins in [
+        ("*", ["*"]),
+        ("https://a.example, https://b.example", ["https://a.example", "https://b.example"]),
+    ]:
+        monkeypatch.setenv("CAMSERVE_CORS_ORIGINS", text)
+        assert load_settings().cors_origins == origins
+    monkeypatch.setenv("CAMSERVE_CORS_ORIGINS", "[not json")
+    with pytest.raises(SettingsInvalid, match="CAMSERVE_CORS_ORIGINS='\\[not json': not a JSON list"):
+        load_settings()
+    monkeypatch.delenv("CAMSERVE_CORS_ORIGINS")
+    for level in ("WARNING", "trace", " Debug "):
+        monkeypatch.setenv("CAMSERVE_LOG_LEVEL", level)
+        assert load_settings().log_level == level.strip().lower()
+
+
+def test_settings_that_cannot_work_together_are_refused(monkeypatch, tmp_path):
+    from service.settings import SettingsInvalid, load_settings
+
+    monkeypatch.setenv("CAMSERVE_MAX_QUEUE", "8")
+    with pytest.raises(
+        SettingsInvalid, match=r"CAMSERVE_MAX_QUEUE \(8\) is below CAMSERVE_MAX_IMAGES_PER_REQUEST \(32\)"
+    ):
+        load_settings()
+    monkeypatch.setenv("CAMSERVE_MAX_IMAGES_PER_REQUEST", "8")
+    assert load_settings().max_queue == 8
+    a_file = tmp_path / "cache"
+    a_file.write_text("")
+    monkeypatch.setenv("CAMSERVE_COMPILE_CACHE_DIR", str(a_file))
+    with pytest.raises(SettingsInvalid, match="CAMSERVE_COMPILE_CACHE_DIR=.*exists and is not a directory"):
+        load_settings()
+
+
+def test_unknown_camserve_variables_are_named_with_the_close_settings():
+    from service.settings import unknown_variables
+
+    environ = {
+        "CAMSERVE_MAX_BATCHSIZE": "4",  # a typo
+        "CAMSERVE_MAX_BATCH_SIZE": "4",
+        "CAMSERVE_PORT": "8000",  # read by the command line
+        "CAMSERVE_SERVICE_HOST": "10.0.0.1",  # Kubernetes service links of a Service named camserve
+        "CAMSERVE_PORT_8000_TCP_ADDR": "10.0.0.1",
+        "CAMSERVE_PREDICTOR_PORT": "tcp://10.0.0.2:80",  # ... and of KServe's camserve-predictor
+        "CAMSERVE_PREDICTOR_SERVICE_PORT_HTTP": "80",
+        "OTHER": "x",
+    }
+    (warning,) = unknown_variables(environ)
+    assert warning.startswith("CAMSERVE_MAX_BATCHSIZE is not a camserve setting and is ignored")
+    assert "did you mean CAMSERVE_MAX_BATCH_SIZE" in warning
+
+
+def test_bad_ports_and_timeouts_are_argument_errors(monkeypatch, capsys):
+    monkeypatch.setenv("CAMSERVE_PORT", "abc")
+    assert build_parser().parse_args(["predict", "cat.jpg"]).images == ["cat.jpg"]  # the clients still work
+    for argv in (
+        ["serve"],
+        ["serve", "--port", "99999"],
+        ["serve", "--port", "0"],
+        ["predict", "a", "--timeout", "-1"],
+    ):
+        with pytest.raises(SystemExit) as raised:
+            build_parser().parse_args(argv)
+        assert raised.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid port 'abc' (--port or CAMSERVE_PORT): not a number" in err
+    assert "invalid port 99999" in err and "invalid port 0" in err and "invalid seconds '-1'" in err
+    assert build_parser().parse_args(["serve", "--port", "65535"]).port == 65535
+
+
+def test_client_reports_unreadable_inputs_and_a_bad_url(tmp_path, capsys, monkeypatch):
+    import service.cli as cli
+
+    assert main(["predict", str(tmp_path), "--url", "http://127.0.0.1:9"]) == 1
+    assert "cannot be read" in capsys.readouterr().err
+    image = tmp_path / "cat.jpg"
+    image.write_bytes(b"x")
+    assert main(["predict", str(image), "--url", "http://[::1"]) == 1
+    assert "cannot reach http://[::1" in capsys.readouterr().err
+
+    posted: list = []
+    monkeypatch.setattr(cli, "_post", lambda *args: posted.append(args))
+    a_file = tmp_path / "taken"
+    a_file.write_text("")
+    assert main(["explain", str(image), "--out", str(a_file)]) == 1
+    assert "--out" in capsys.readouterr().err and posted == []  # refused before the server does the work
+
+
+def test_explain_keeps_images_with_the_same_name_apart(tmp_path, monkeypatch, capsys):
+    import base64
+
+    import service.cli as cli
+
+    def fake_post(args, path, params):
+        explanation = {"index": 1, "label": "goldfish", "score": 0.5, "heatmap": "", "overlay": ""}
+        results = [
+            {"explanations": [{**explanation, "heatmap": base64.b64encode(n.encode()).decode()}]} for n in args.images
+        ]
+        return {"method": "gradcam", "results": results}
+
+    monkeypatch.setattr(cli, "_post", fake_post)
+    out = tmp_path / "out"
+    images = ["a/img.jpg", "b/img.png", "img-2.jpg"]
+    assert main(["explain", *images, "--out", str(out)]) == 0
+    heatmaps = sorted(p.name for p in out.iterdir() if p.name.endswith("heatmap.png"))
+    assert heatmaps == ["img-2-2_gradcam_1_heatmap.png", "img-2_gradcam_1_heatmap.png", "img_gradcam_1_heatmap.png"]
+    assert (out / "img_gradcam_1_heatmap.png").read_bytes() == b"a/img.jpg"
+    assert (out / "img-2_gradcam_1_heatmap.png").read_bytes() == b"b/img.png"

@@ -13,6 +13,8 @@ from service.models.preprocessing import Interpolation
 from service.models.sources import SOURCE_FIELDS, AnySource, LocalPath
 
 DEFAULT_MODEL = "efficientnet-lite0"
+#: The largest input side a models file may ask for (a 4096 x 4096 input is 200 MB per image as float32).
+MAX_INPUT_SIDE = 4096
 
 
 class ModelSpec(BaseModel):
@@ -53,8 +55,15 @@ class ModelSpec(BaseModel):
     def _check_values(self) -> ModelSpec:
         if self.std is not None and any(s == 0 for s in self.std):
             raise ValueError("std values must be non-zero")
-        if self.input_size is not None and min(self.input_size) < 1:
-            raise ValueError("input_size values must be positive")
+        if self.input_size is not None and not all(1 <= side <= MAX_INPUT_SIDE for side in self.input_size):
+            raise ValueError(f"input_size values must be from 1 to {MAX_INPUT_SIDE}")
+        if self.kind == "torchscript":
+            ignored = [field for field in ("default_layer", "compile") if getattr(self, field) is not None]
+            if ignored:
+                raise ValueError(
+                    f"a torchscript model only predicts (scripted modules take no hooks), so "
+                    f"{' and '.join(ignored)} cannot apply; remove {'them' if len(ignored) > 1 else 'it'}"
+                )
         return self
 
     @property
@@ -81,6 +90,8 @@ class ModelsFile(BaseModel):
             raise ValueError(f"only one model can have default = true; got {', '.join(flagged)}")
         if self.default is not None and self.default not in names:
             raise ValueError(f"default model {self.default!r} is not among the models: {', '.join(names)}")
+        if self.default is not None and flagged and flagged != [self.default]:
+            raise ValueError(f"default = {self.default!r} contradicts model {flagged[0]!r}'s default = true")
         return self
 
     @property
@@ -111,6 +122,9 @@ def read_models_file(path: Path) -> ModelsFile:
 
 def _describe(raw: dict, loc: list, message: str) -> str:
     """'model NAME field FIELD: message' for one validation error (the `source` level is the file's own table)."""
+    message = message.removeprefix("Value error, ")
+    if not loc:  # a check across the whole file
+        return message
     if not (len(loc) >= 2 and loc[0] == "models" and isinstance(loc[1], int)):
         return f"{'.'.join(str(p) for p in loc)}: {message}"
     entries = raw.get("models") or []

@@ -16,6 +16,8 @@ SAFETENSORS_SUFFIX = ".safetensors"
 
 def existing(path: Path | None, what: str = "weights file") -> Path:
     """`path` when it is a file, else a ModelConfigError."""
+    if path is not None and path.is_dir():
+        raise ModelConfigError(f"{what} {path} is a directory, not a file")
     if path is None or not path.is_file():
         raise ModelConfigError(f"{what} {path} does not exist")
     return path
@@ -36,9 +38,10 @@ def load_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ModelConfigError(
-            f"{path} is not a plain state dict (refused by weights-only loading: {str(exc).splitlines()[0]})"
-        ) from exc
+        if path.stat().st_size == 0:
+            raise ModelConfigError(f"{path} is empty (0 bytes)") from exc
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelConfigError(f"{path} is not a plain state dict (refused by weights-only loading: {reason})") from exc
     if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
         state = state["state_dict"]
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -61,8 +64,28 @@ def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], architecture:
     if getattr(state, "_metadata", None) is None:
         state = OrderedDict(state)
         state._metadata = getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0:3]
-        raise ModelConfigError(f"weights do not fit architecture {architecture}: " + " ".join(first)) from exc
+    shapes = model.state_dict()
+    wrong = {key for key, value in state.items() if key in shapes and value.shape != shapes[key].shape}
+    misshaped = [f"{key} {tuple(state[key].shape)} (the model has {tuple(shapes[key].shape)})" for key in wrong]
+    if wrong:
+        fitting = OrderedDict((k, v) for k, v in state.items() if k not in wrong)
+        fitting._metadata = state._metadata  # type: ignore[attr-defined]
+        state = fitting
+    result = model.load_state_dict(state, strict=False)
+    problems = [
+        _few(what, keys)
+        for what, keys in (
+            ("missing", [key for key in result.missing_keys if key not in wrong]),
+            ("unexpected", result.unexpected_keys),
+            ("mis-shaped", misshaped),
+        )
+        if keys
+    ]
+    if problems:
+        raise ModelConfigError(f"weights do not fit architecture {architecture}: " + "; ".join(problems))
+
+
+def _few(what: str, keys: list[str], shown: int = 5) -> str:
+    """'N missing keys: a, b, c, ... and M more' (a message stays one readable line)."""
+    more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
+    return f"{len(keys)} {what} key{'s' if len(keys) != 1 else ''}: {', '.join(keys[:shown])}{more}"

@@ -52,9 +52,9 @@ class HuggingFaceSource(Source):
             raise ModelConfigError(f"{folder} is not a Hugging Face model folder (no config.json)")
         try:
             model, info = transformers.AutoModelForImageClassification.from_pretrained(
-                str(folder), local_files_only=True, output_loading_info=True
-            )
-        except (OSError, ValueError, KeyError) as exc:
+                str(folder), local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True
+            )  # mis-shaped weights are loaded as new ones and listed in `info`, then refused below
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise ModelConfigError(f"{folder} cannot be loaded as an image classifier: {exc}") from exc
         problems = [f"{what.replace('_', ' ')}: {_listed(keys)}" for what, keys in _weight_problems(info)]
         if problems:
@@ -109,7 +109,15 @@ def _height_width(size: object, fallback: int) -> tuple[int, int]:
 def _weight_problems(info: dict) -> list[tuple[str, list[str]]]:
     """(kind of problem, sorted keys) for each non-empty list of from_pretrained's loading info."""
     kinds = ("missing_keys", "unexpected_keys", "mismatched_keys")
-    return [(what, sorted(map(str, info[what]))) for what in kinds if info.get(what)]
+    return [(what, sorted(map(_key, info[what]))) for what in kinds if info.get(what)]
+
+
+def _key(entry: object) -> str:
+    """A key, or a mismatched key's (key, checkpoint shape, model shape) as 'key (3, 32) (the model has (5, 32))'."""
+    if isinstance(entry, tuple) and len(entry) == 3:
+        key, saved, built = entry
+        return f"{key} {tuple(saved)} (the model has {tuple(built)})"
+    return str(entry)
 
 
 def _listed(keys: list, most: int = 5) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -40,9 +41,9 @@ class TorchvisionSource(Source):
         arch = str(self.architecture)
         available = set(torchvision.models.list_models(module=torchvision.models))
         if arch not in available:
-            raise ModelConfigError(
-                f"{arch!r} is not a torchvision classification model; e.g. {', '.join(sorted(available)[:8])}, ..."
-            )
+            close = difflib.get_close_matches(arch.lower().replace("-", "_"), sorted(available), n=5, cutoff=0.6)
+            hint = f"did you mean {', '.join(close)}?" if close else f"e.g. {', '.join(sorted(available)[:8])}, ..."
+            raise ModelConfigError(f"{arch!r} is not a torchvision classification model; {hint}")
         state = load_state_dict(self.weights)  # type: ignore[arg-type]  # checked by the validator
         kwargs = _structure_kwargs(arch, state)
         num_classes = self.num_classes or _classes_in_weights(arch, state, kwargs) or DEFAULT_CLASSES
