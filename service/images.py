@@ -130,6 +130,19 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> DecodedIma
     return DecodedImage(pixels=torch.from_numpy(chw), width=int(hwc.shape[1]), height=int(hwc.shape[0]), format=fmt)
 
 
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the image's header alone, nothing decoded; None when the header cannot be read
+    (`decode_image` then says what is wrong)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+    except Exception:  # DecompressionBombError, UnidentifiedImageError, a plugin's parse error...
+        return _header_size(data)
+    return int(width), int(height)
+
+
 def jpeg_for_gpu(data: bytes, limits: ImageLimits = ImageLimits()) -> EncodedJpeg | None:
     """`EncodedJpeg` when nvJPEG decodes these bytes to the picture the CPU path gives (a plain RGB or grayscale
     JPEG within `limits`, EXIF orientation 1 or absent), from the header alone; None otherwise (`decode_image`
@@ -509,6 +522,8 @@ def _to_8_bit(values: np.ndarray, mode: str) -> np.ndarray:
         scaled = x
     elif low >= 0.0 and high <= 65535.0:
         scaled = x / 65535.0 * 255.0
-    else:
+    elif high > low:
         scaled = (x - low) / (high - low) * 255.0
+    else:  # one value outside every known range: nothing to stretch
+        scaled = np.zeros_like(x)
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)

@@ -28,7 +28,15 @@ from service.cam.faithfulness import forwards_per_explanation
 from service.cam.family import Method
 from service.cam.methods import get_method
 from service.errors import InvalidParameterError, NotReadyError, PayloadTooLargeError, RequestTimeoutError
-from service.images import EncodedJpeg, ImageLimits, check_media_type, decode_image, jpeg_for_gpu, resize_for_model
+from service.images import (
+    EncodedJpeg,
+    ImageLimits,
+    check_media_type,
+    decode_image,
+    header_size,
+    jpeg_for_gpu,
+    resize_for_model,
+)
 from service.models import ModelRegistry, ServedModel
 from service.settings import MAX_FAITHFULNESS_STEPS, MIN_FAITHFULNESS_STEPS, Settings
 from service.worker import BatchObserver, BatchWorker, ExplainOptions, FatalObserver, ItemOutput, WorkItem
@@ -216,9 +224,13 @@ class InferenceService:
         checked = self.validate(request)
         served, options = checked.served, request.render
         keep_pixels = checked.options is not None and options.overlay
+        if checked.options is not None:  # from the headers first: a refusal costs no decoding
+            sizes = [header_size(payload.data) for payload in request.images]
+            known = [(height, width) for width, height in filter(None, sizes)]
+            self._check_render_budget(served, known, checked.classes, options)
         decoded = await self._decode(request.images, served, keep_pixels=keep_pixels)
         if checked.options is not None:
-            self._check_render_budget(served, decoded, checked.classes, options)
+            self._check_render_budget(served, [(d.height, d.width) for d in decoded], checked.classes, options)
         outputs = await self._run(served, decoded, checked.options, checked.classes, is_disconnected)
         steps = checked.options.faithfulness_steps if checked.options is not None else None
         images = await asyncio.to_thread(self._encode_all, served, decoded, outputs, checked.top_k, options, steps)
@@ -235,6 +247,14 @@ class InferenceService:
     def validate(self, request: InferenceRequest) -> _Validated:
         """Every parameter check in one place, against the served model, before any image is decoded."""
         served = self.registry.get(request.model)
+        if not request.images:
+            raise InvalidParameterError("no image given: send at least one image")
+        if len(request.images) > self.settings.max_images_per_request:
+            raise PayloadTooLargeError(
+                f"{len(request.images)} images in one request; the limit is {self.settings.max_images_per_request}"
+            )
+        for payload in request.images:
+            check_media_type(payload.content_type)
         explain = request.explain
         if explain is not None and not served.explainable:
             raise InvalidParameterError(
@@ -311,11 +331,16 @@ class InferenceService:
             )
 
     def _check_render_budget(
-        self, served: ServedModel, decoded: list[Decoded], classes: list[int] | None, options: RenderOptions
+        self,
+        served: ServedModel,
+        images: list[tuple[int, int]],
+        classes: list[int] | None,
+        options: RenderOptions,
     ) -> None:
+        """413 when the pictures of images of these (height, width) would exceed CAMSERVE_MAX_RENDER_PIXELS."""
         per_pixel = (len(classes) if classes else 1) * (4 if options.overlay else 1)
         size = render.parse_picture_size(options.size)
-        sizes = [render.picture_size(size, (d.height, d.width), served.input_size) for d in decoded]
+        sizes = [render.picture_size(size, image, served.input_size) for image in images]
         rendered = sum(height * width for height, width in sizes) * per_pixel
         if rendered > self.settings.max_render_pixels:
             raise PayloadTooLargeError(
@@ -330,14 +355,6 @@ class InferenceService:
         return min(top_k, served.num_classes)
 
     async def _decode(self, images: Sequence[ImagePayload], served: ServedModel, keep_pixels: bool) -> list[Decoded]:
-        if not images:
-            raise InvalidParameterError("no image given: send at least one image")
-        if len(images) > self.settings.max_images_per_request:
-            raise PayloadTooLargeError(
-                f"{len(images)} images in one request; the limit is {self.settings.max_images_per_request}"
-            )
-        for payload in images:
-            check_media_type(payload.content_type)
 
         gpu_decode = served.device.type == "cuda" and not keep_pixels  # overlays need the pixels on the CPU
 

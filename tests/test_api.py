@@ -359,6 +359,46 @@ async def test_error_statuses_name_their_cause(registry, cat_jpeg):
         assert isinstance(detail, str) and re.search(re.escape(fragment), detail, re.IGNORECASE), (status, detail)
 
 
+async def test_inputs_found_by_fuzzing_are_4xx_not_500(registry, cat_jpeg, monkeypatch):
+    """Non-ASCII digits, deeply nested JSON, JSON booleans where numbers go, too many multipart files, and a
+    render budget that the image headers already exceed (refused before anything is decoded)."""
+    import service.inference as inference
+
+    jpeg = {"content-type": "image/jpeg"}
+    as_json = {"images": [base64.b64encode(cat_jpeg).decode()]}
+    async with running_app(registry) as (client, _app):
+        cases = [
+            (await client.post("/explain?target=--5", content=cat_jpeg, headers=jpeg), 422, "unknown label '--5'"),
+            (await client.post("/explain?target=%C2%B2", content=cat_jpeg, headers=jpeg), 422, "unknown label '²'"),
+            (await client.post("/explain?size=%C2%B2", content=cat_jpeg, headers=jpeg), 422, "invalid size '²'"),
+            (
+                await client.post(
+                    "/predict", content=b"[" * 100_000 + b"]" * 100_000, headers={"content-type": "application/json"}
+                ),
+                400,
+                "nested too deeply",
+            ),
+            (await client.post("/explain", json={**as_json, "target": True}), 422, "target"),
+            (await client.post("/explain", json={**as_json, "size": True}), 422, "size"),
+            (await client.post("/predict", json={**as_json, "top_k": True}), 422, "top_k"),
+            (
+                await client.post("/predict", files=[("image", (f"{i}.jpg", b"x", "image/jpeg")) for i in range(40)]),
+                413,
+                "the limit is 32",
+            ),
+        ]
+        for response, status, fragment in cases:
+            assert response.status_code == status, (status, response.text)
+            assert fragment in response.json()["detail"], response.text
+
+    decoded: list[bytes] = []
+    monkeypatch.setattr(inference, "decode_image", lambda data, limits: decoded.append(data))
+    async with running_app(registry, max_render_pixels=100_000) as (client, _app):
+        response = await client.post("/explain?overlay=true", content=cat_jpeg, headers=jpeg)
+    assert response.status_code == 413 and "render" in response.json()["detail"]
+    assert decoded == []  # refused from the header: nothing was decoded
+
+
 async def test_api_key_protects_everything_but_health(registry, cat_jpeg):
     async with running_app(registry, api_key="s3cret") as (client, _app):
         jpeg = {"content-type": "image/jpeg"}

@@ -258,6 +258,15 @@ def test_32_bit_float_tiff_in_zero_to_one_is_scaled():
     assert decoded.pixels[1].tolist() == [[0, 128, 255]]
 
 
+@pytest.mark.parametrize("value", [-5.0, 70_000.0])
+def test_a_constant_tiff_outside_every_range_decodes_to_black_without_warnings(value):
+    constant = Image.fromarray(np.full((4, 6), value, dtype=np.float32), mode="F")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's 0 / 0 would warn
+        decoded = decode_image(encode(constant, "TIFF"))
+    assert decoded.pixels.sum().item() == 0 and (decoded.width, decoded.height) == (6, 4)
+
+
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "BMP", "WEBP"])
 def test_one_pixel_image(fmt):
     decoded = decode_image(encode(Image.new("RGB", (1, 1), (200, 100, 50)), fmt))

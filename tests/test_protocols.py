@@ -323,6 +323,36 @@ def test_errors_in_both_protocols(live, cat):
     assert set(httpx.get(f"{live}/models/nope/layers").json()) == {"detail"}
 
 
+def test_protocol_inputs_found_by_fuzzing_are_4xx_not_500(live, cat):
+    v1, v2 = f"{live}/v1/models/{MODEL}", f"{live}/v2/models/{MODEL}/infer"
+    good = {"instances": [{"image": {"b64": b64(cat)}}]}
+    v2_json = {"inputs": [{"name": "images", "shape": [1], "datatype": "BYTES", "data": [b64(cat)]}]}
+    body, headers = binary_request([cat])
+    nested = b"[" * 100_000 + b"]" * 100_000
+    cases = [
+        (httpx.post(f"{v1}:explain", json={**good, "target": "--5"}), 422, "unknown label '--5'"),
+        (httpx.post(f"{v1}:explain", json={**good, "target": True}), 422, "target"),
+        (httpx.post(f"{v1}:predict", json={**good, "top_k": True}), 422, "top_k"),
+        (
+            httpx.post(f"{v1}:predict", content=json.dumps(good), headers={"content-type": "text/plain"}),
+            415,
+            "text/plain",
+        ),
+        (
+            httpx.post(f"{v1}:predict", content=b'{"instances": [}', headers={"content-type": "application/json"}),
+            400,
+            "the JSON body is malformed",
+        ),
+        (httpx.post(v2, json={**v2_json, "parameters": {"size": "\u00b2"}}), 422, "invalid size"),
+        (httpx.post(v2, json={**v2_json, "parameters": {"target": True}}), 422, "target"),
+        (httpx.post(v2, content=nested, headers={"content-type": "application/json"}), 400, "nested too deeply"),
+        (httpx.post(v2, content=body, headers={**headers, "Inference-Header-Content-Length": b"\xb2"}), 400, "Length"),
+    ]
+    for response, status, words in cases:
+        assert response.status_code == status, (response.request.url, response.text)
+        assert words in response.json()["error"], response.text
+
+
 def test_triton_client_reports_the_protocol_error(triton, cat):
     with pytest.raises(tritonclient_http.InferenceServerException) as raised:
         triton.infer("nope", [images_input([cat], binary=True)])

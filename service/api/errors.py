@@ -55,11 +55,23 @@ async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if (
+        media
+        and not media.endswith(("/json", "+json"))
+        and any(e.get("loc", ())[:1] == ("body",) for e in exc.errors())
+    ):
+        detail = f"unsupported Content-Type {media!r}; send application/json"
+        return error_response(415, detail, path=request.url.path)
     problems = []
     status = 422
     for error in exc.errors():
         if error.get("type") == "json_invalid":  # a body that is not JSON is unreadable, not a bad parameter
             status = 400
+            reason = (error.get("ctx") or {}).get("error", "not JSON")
+            position = error.get("loc", ("body", "?"))[-1]
+            problems.append(f"the JSON body is malformed: {reason} (at character {position})")
+            continue
         loc = [str(p) for p in error.get("loc", ())]
         where = f"{loc[0]} parameter {'.'.join(loc[1:])!r}" if len(loc) > 1 else ".".join(loc) or "request"
         problems.append(f"{where}: {error.get('msg', 'invalid')}")

@@ -9,9 +9,10 @@ import json
 from fastapi import Request
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 
 from service.api.schemas import JsonImagesRequest
-from service.errors import InvalidInputError, InvalidParameterError, UnsupportedMediaError
+from service.errors import InvalidInputError, InvalidParameterError, PayloadTooLargeError, UnsupportedMediaError
 from service.inference import ImagePayload
 
 ACCEPTED = "multipart/form-data (field 'image'), application/json ({\"images\": [base64, ...]}) or image/*"
@@ -35,7 +36,13 @@ async def read_images(request: Request, max_images: int) -> tuple[list[ImagePayl
 
 
 async def _multipart(request: Request, max_images: int) -> list[ImagePayload]:
-    form = await request.form(max_files=max_images + 1, max_fields=64)
+    try:
+        form = await request.form(max_files=max_images, max_fields=64)
+    except HTTPException as exc:
+        if "too many files" in str(exc.detail).lower():
+            detail = f"more than {max_images} images in one request; the limit is {max_images}"
+            raise PayloadTooLargeError(detail) from None
+        raise
     images: list[ImagePayload] = []
     for value in form.getlist("image"):
         if not isinstance(value, UploadFile):
@@ -51,6 +58,8 @@ def _json(body: bytes) -> tuple[list[ImagePayload], JsonImagesRequest]:
         raw = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidInputError(f"the JSON body is malformed: {exc}") from None
+    except RecursionError:
+        raise InvalidInputError("the JSON body is nested too deeply") from None
     try:
         parsed = JsonImagesRequest.model_validate(raw)
     except ValidationError as exc:

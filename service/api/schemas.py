@@ -4,10 +4,20 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from service.api.examples import BASE64_STRING, JPEG_BASE64
 from service.cam.methods import METHOD_NAMES
+
+
+def _not_a_bool(value: object) -> object:
+    if isinstance(value, bool):  # pydantic's lax mode would read true as 1
+        raise ValueError("a boolean is not a number")
+    return value
+
+
+#: An integer in a request: JSON true/false are refused rather than read as 1/0.
+Integer = Annotated[int, BeforeValidator(_not_a_bool)]
 
 
 class ErrorResponse(BaseModel):
@@ -138,16 +148,16 @@ class JsonImagesRequest(BaseModel):
         min_length=1, description="base64-encoded image files (data: URLs accepted)", examples=[[JPEG_BASE64]]
     )
     model: str | None = None
-    top_k: int | None = None
+    top_k: Integer | None = None
     method: str | None = Field(None, description=f"one of {', '.join(METHOD_NAMES)} (or gradcam++)")
-    target: list[int | str] | int | str | None = None
+    target: list[Integer | str] | Integer | str | None = None
     layer: list[str] | str | None = None
     counterfactual: bool | None = None
     overlay: bool | None = None
     colormap: str | None = None
     alpha: float | None = None
     overlay_format: str | None = Field(None, description="png (default), jpeg or webp")
-    size: int | str | None = Field(None, description="original (default), model or a maximum side in pixels")
+    size: Integer | str | None = Field(None, description="original (default), model or a maximum side in pixels")
     raw: bool | None = None
     faithfulness: bool | None = Field(None, description="score each map's faithfulness (explain only)")
-    faithfulness_steps: int | None = Field(None, description="deletion/insertion steps of the faithfulness scores")
+    faithfulness_steps: Integer | None = Field(None, description="deletion/insertion steps of the faithfulness scores")

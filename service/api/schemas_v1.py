@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.api.examples import BASE64_STRING, JPEG_BASE64
-from service.api.schemas import ExplainResult, PredictResult
+from service.api.schemas import ExplainResult, Integer, PredictResult
 from service.cam.methods import METHOD_NAMES
 
 
@@ -33,7 +33,7 @@ class V1PredictRequest(BaseModel):
     )
 
     instances: list[V1Instance] = Field(min_length=1, description="one instance per image")
-    top_k: int | None = Field(None, description="number of top predictions per image (default 5)")
+    top_k: Integer | None = Field(None, description="number of top predictions per image (default 5)")
 
 
 class V1ExplainRequest(V1PredictRequest):
@@ -47,7 +47,7 @@ class V1ExplainRequest(V1PredictRequest):
     )
 
     method: str | None = Field(None, description=f"one of {', '.join(METHOD_NAMES)} (or gradcam++); default gradcampp")
-    target: list[int | str] | int | str | None = Field(
+    target: list[Integer | str] | Integer | str | None = Field(
         None, description="classes to explain: indices or exact labels; default the top-1 prediction"
     )
     layer: list[str] | str | None = Field(None, description="target layers (dotted module paths); several = fusion")
@@ -56,12 +56,12 @@ class V1ExplainRequest(V1PredictRequest):
     colormap: str | None = None
     alpha: float | None = None
     overlay_format: str | None = Field(None, description="overlay file format: png (default), jpeg, webp")
-    size: str | int | None = Field(
+    size: str | Integer | None = Field(
         None, description="size of heatmaps and overlays: original (default), model, or a maximum side in pixels"
     )
     raw: bool | None = Field(None, description="also return the raw map at feature resolution")
     faithfulness: bool | None = Field(None, description="also score each map's faithfulness, as /explain does")
-    faithfulness_steps: int | None = Field(None, description="deletion/insertion steps (needs faithfulness)")
+    faithfulness_steps: Integer | None = Field(None, description="deletion/insertion steps (needs faithfulness)")
 
 
 class V1PredictResponse(BaseModel):

@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.api.examples import JPEG_BASE64
+from service.api.schemas import Integer
 from service.cam.methods import METHOD_NAMES
 
 INPUT = "images"
@@ -55,7 +56,7 @@ class V2Parameters(BaseModel):
 
     explain: bool | None = Field(None, description="explain (default: when an explanation option or output is asked)")
     method: str | None = Field(None, description=f"one of {', '.join(METHOD_NAMES)} (or gradcam++); default gradcampp")
-    target: list[int | str] | int | str | None = Field(
+    target: list[Integer | str] | Integer | str | None = Field(
         None, description="classes to explain: indices or exact labels; default the top-1 prediction"
     )
     layer: list[str] | str | None = Field(None, description="target layers (dotted module paths); several = fusion")
@@ -66,23 +67,23 @@ class V2Parameters(BaseModel):
     overlay_format: str | None = Field(
         None, description="file format of the `overlay` output: png (default), jpeg, webp (heatmaps stay PNG)"
     )
-    size: str | int | None = Field(
+    size: str | Integer | None = Field(
         None, description="size of heatmaps and overlays: original (default), model, or a maximum side in pixels"
     )
     faithfulness: bool | None = Field(
         None, description="also return the `faithfulness` output (default: when that output is asked for)"
     )
-    faithfulness_steps: int | None = Field(None, description="deletion/insertion steps of the faithfulness scores")
+    faithfulness_steps: Integer | None = Field(None, description="deletion/insertion steps of the faithfulness scores")
     binary_data_output: bool | None = Field(
         None, description="binary tensor extension: every output not saying otherwise comes as binary data"
     )
-    timeout: int | None = Field(None, description="accepted and ignored: the server's request timeout applies")
-    priority: int | None = Field(None, description="accepted and ignored")
+    timeout: Integer | None = Field(None, description="accepted and ignored: the server's request timeout applies")
+    priority: Integer | None = Field(None, description="accepted and ignored")
 
 
 class V2RequestInput(BaseModel):
     name: str = Field(examples=[INPUT])
-    shape: list[int] = Field(examples=[[1]])
+    shape: list[Integer] = Field(examples=[[1]])
     datatype: str = Field(examples=["BYTES"])
     parameters: dict[str, Any] | None = Field(
         None, description="`binary_data_size`: this input's bytes in the binary section after the JSON header"

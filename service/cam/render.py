@@ -9,6 +9,7 @@ They agree to within one grey level.
 from __future__ import annotations
 
 import io
+import re
 from functools import lru_cache
 
 import numpy as np
@@ -146,7 +147,7 @@ def parse_picture_size(value: str | int) -> str | int:
     side: int | None = None
     if isinstance(value, int) and not isinstance(value, bool):
         side = value
-    elif isinstance(value, str) and value.strip().isdigit():
+    elif isinstance(value, str) and re.fullmatch(r"[0-9]+", value.strip()):
         side = int(value.strip())
     if side is None or not 1 <= side <= MAX_PICTURE_SIDE:
         raise InvalidParameterError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,10 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ModelConfigError(no_cuda_message())
     return torch.device(name)
+
+
+#: A class index written as text: ASCII digits only (str.isdigit would also take "²" and other scripts' digits).
+_INDEX = re.compile(r"-?[0-9]+")
 
 
 @dataclass
@@ -84,7 +89,7 @@ class ServedModel:
         """A class index from an index (int or digit string) or an exact label."""
         if isinstance(target, int) and not isinstance(target, bool):
             index = target
-        elif isinstance(target, str) and target.strip().lstrip("-").isdigit():
+        elif isinstance(target, str) and _INDEX.fullmatch(target.strip()):
             index = int(target.strip())
         else:
             label = str(target)

@@ -15,6 +15,7 @@ import asyncio
 import base64
 import json
 import math
+import re
 import struct
 import zlib
 from dataclasses import dataclass
@@ -114,7 +115,11 @@ async def server_metadata() -> V2ServerMetadata:
     return V2ServerMetadata(name="camserve", version=__version__, extensions=["binary_tensor_data"])
 
 
-@health.get("/health/live", summary="OIP v2: liveness (200 while the process can serve; 503 once its device failed)")
+@health.get(
+    "/health/live",
+    summary="OIP v2: liveness (200 while the process can serve; 503 once its device failed)",
+    response_class=Response,  # the protocol's health answers are the status alone, with an empty body
+)
 async def live(request: Request) -> Response:
     lifecycle = request.app.state.lifecycle
     if not lifecycle.is_alive:
@@ -126,6 +131,7 @@ async def live(request: Request) -> Response:
     "/health/ready",
     summary="OIP v2: readiness (200 once models are loaded, 503 before and while draining)",
     responses=_NOT_READY,
+    response_class=Response,
 )
 async def ready(request: Request) -> Response:
     lifecycle = request.app.state.lifecycle
@@ -271,7 +277,7 @@ def _split(body: bytes, headers: Any, max_bytes: int) -> tuple[bytes, bytes]:
     length = headers.get(HEADER_LENGTH.lower())
     if length is None:
         return body, b""
-    if not length.strip().isdigit() or int(length) > len(body):
+    if not re.fullmatch(r"[0-9]+", length.strip()) or int(length) > len(body):
         raise InvalidInputError(f"{HEADER_LENGTH} {length!r} is not a length within the body of {len(body)} bytes")
     return body[: int(length)], body[int(length) :]
 
@@ -281,6 +287,8 @@ def _parse_header(header: bytes) -> V2InferenceRequest:
         raw = json.loads(header)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidInputError(f"the inference request is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidInputError("the inference request's JSON is nested too deeply") from None
     try:
         return V2InferenceRequest.model_validate(raw)
     except ValidationError as exc:
