@@ -382,6 +382,11 @@ async def test_inputs_found_by_fuzzing_are_4xx_not_500(registry, cat_jpeg, monke
             (await client.post("/explain", json={**as_json, "size": True}), 422, "size"),
             (await client.post("/predict", json={**as_json, "top_k": True}), 422, "top_k"),
             (
+                await client.post("/predict", json={**as_json, "method": "gradcam", "target": 1, "overlay": None}),
+                422,
+                "method, target: only /explain takes these",
+            ),
+            (
                 await client.post("/predict", files=[("image", (f"{i}.jpg", b"x", "image/jpeg")) for i in range(40)]),
                 413,
                 "the limit is 32",

@@ -330,6 +330,7 @@ def test_protocol_inputs_found_by_fuzzing_are_4xx_not_500(live, cat):
     body, headers = binary_request([cat])
     nested = b"[" * 100_000 + b"]" * 100_000
     cases = [
+        (httpx.get(f"{v1}:predict"), 405, "predict takes POST, not GET"),
         (httpx.post(f"{v1}:explain", json={**good, "target": "--5"}), 422, "unknown label '--5'"),
         (httpx.post(f"{v1}:explain", json={**good, "target": True}), 422, "target"),
         (httpx.post(f"{v1}:predict", json={**good, "top_k": True}), 422, "top_k"),

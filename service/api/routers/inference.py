@@ -15,6 +15,7 @@ from service.api.schemas import ErrorResponse, ExplainResponse, PredictResponse
 from service.api.security import check_api_key
 from service.cam.methods import METHOD_NAMES
 from service.cam.render import COLORMAPS, MAX_PICTURE_SIDE, OVERLAY_FORMATS
+from service.errors import InvalidParameterError
 from service.inference import ExplainRequest, InferenceRequest, InferenceService, RenderOptions
 from service.settings import MAX_FAITHFULNESS_STEPS, MIN_FAITHFULNESS_STEPS
 
@@ -58,6 +59,10 @@ ModelParam = Annotated[
 TopKParam = Annotated[int, Query(ge=1, description="number of top predictions per image", examples=[5])]
 
 
+#: The JSON fields /predict reads; the others belong to /explain.
+PREDICT_FIELDS = frozenset({"images", "model", "top_k"})
+
+
 def _pick(json_value: Any, query_value: Any) -> Any:
     return query_value if json_value is None else json_value
 
@@ -84,6 +89,11 @@ async def predict(
     images, body = await read_images(request, service.settings.max_images_per_request)
     if body is not None:
         model, top_k = _pick(body.model, model), _pick(body.top_k, top_k)
+        explain_only = sorted(
+            name for name in body.model_fields_set - PREDICT_FIELDS if getattr(body, name) is not None
+        )
+        if explain_only:
+            raise InvalidParameterError(f"{', '.join(explain_only)}: only /explain takes these; /predict classifies")
     result = await service.infer(InferenceRequest(images, model=model, top_k=top_k), request.is_disconnected)
     return predict_response(result)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Request
+from fastapi import APIRouter, Depends, HTTPException, Path, Request
 
 from service.api.deps import get_service
 from service.api.inputs import decode_base64
@@ -61,6 +61,9 @@ async def list_models(service: Annotated[InferenceService, Depends(get_service)]
 async def model_status(
     name: ModelName, request: Request, service: Annotated[InferenceService, Depends(get_service)]
 ) -> V1ModelStatus:
+    model, _, verb = name.rpartition(":")
+    if model and verb in ("predict", "explain"):  # `GET /v1/models/x:predict`: the verb exists, the method not
+        raise HTTPException(405, f"{verb} takes POST, not {request.method}", headers={"Allow": "POST"})
     served = service.registry.get(name)
     return V1ModelStatus(name=served.name, ready=request.app.state.lifecycle.is_ready)
 
