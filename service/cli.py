@@ -79,11 +79,27 @@ def _serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
     )
     server = DrainingServer(config, app.state.lifecycle, settings.drain_s)
-    server.run()
+    try:
+        server.run()
+    finally:
+        if not app.state.load_finished.is_set():
+            _exit_without_waiting_for_the_load(sys.exc_info()[1])
     if failures:
         print(f"camserve: {failures[0]}", file=sys.stderr)
         return 1
     return 0
+
+
+def _exit_without_waiting_for_the_load(raised: BaseException | None) -> None:
+    """Stopped (SIGTERM, or the port was taken) while models are still loading: exit now. Loading runs on the
+    torch thread, which the interpreter would otherwise wait for (a compile can take minutes); nothing is
+    served yet, so nothing is lost. The exit status is the stop's: 0 for a signal, uvicorn's for a failure."""
+    code = raised.code if isinstance(raised, SystemExit) and isinstance(raised.code, int) else 0
+    logging.getLogger("camserve").warning("stopped while the models were still loading; exiting without them")
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _client(args: argparse.Namespace):

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -213,3 +214,46 @@ def test_client_that_disconnects_has_its_waiting_items_dropped(registry, chelsea
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+@pytest.mark.parametrize("stop_by", ["sigterm", "port taken"])
+def test_stopped_while_loading_it_exits_at_once_without_waiting_for_the_load(tmp_path, stop_by):
+    """A pod terminated (or failing to bind) during a long model load or compile exits in seconds, not when the
+    load on the torch thread would have finished."""
+    models = tmp_path / "models.toml"
+    models.write_text(
+        '[[models]]\nname = "slow"\nkind = "entrypoint"\nentrypoint = "tests.fixtures.tiny_models:slow_classifier"\n'
+    )
+    port = free_port()
+    taken = socket.socket()
+    if stop_by == "port taken":
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+    env = {**os.environ, "CAMSERVE_DEVICE": "cpu", "CAMSERVE_MODELS_FILE": str(models), "CAMSERVE_COMPILE": "off"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    started = time.monotonic()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        if stop_by == "sigterm":
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:  # listening, models still loading
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/health/live", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    time.sleep(0.2)
+            assert httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=1).status_code == 503
+            process.send_signal(signal.SIGTERM)
+        code = process.wait(20)
+        output = process.stdout.read().decode()
+    finally:
+        stop(process)
+        taken.close()
+    assert time.monotonic() - started < 30  # the load alone takes 60 s
+    assert "stopped while the models were still loading" in output
+    assert code == (0 if stop_by == "sigterm" else 3), output  # 3: uvicorn's start-up failure

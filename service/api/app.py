@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -71,11 +72,18 @@ def create_app(
             loaded = registry
             if loaded is None:
                 load = load_registry or ModelRegistry.from_settings
+
+                def load_models() -> ModelRegistry:
+                    try:
+                        return load(settings)
+                    finally:
+                        app.state.load_finished.set()
+
                 if settings.torch_threads:
                     await asyncio.get_running_loop().run_in_executor(
                         torch_executor(), torch.set_num_threads, settings.torch_threads
                     )
-                loaded = await asyncio.get_running_loop().run_in_executor(torch_executor(), load, settings)
+                loaded = await asyncio.get_running_loop().run_in_executor(torch_executor(), load_models)
             for model in loaded:
                 metrics_.model_load_seconds.labels(model.name).set(model.load_seconds)
             service = InferenceService(loaded, settings, on_batch=metrics_.observe_batch, on_fatal=lifecycle.broken)
@@ -98,6 +106,11 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.settings = settings
+    #: Set once the torch thread is done loading models (at once when a registry is given): until then the
+    #: process must not wait for that thread at exit.
+    app.state.load_finished = threading.Event()
+    if registry is not None:
+        app.state.load_finished.set()
     app.state.metrics = metrics_
     app.state.service = None
     app.state.lifecycle = lifecycle
