@@ -346,6 +346,12 @@ def test_protocol_inputs_found_by_fuzzing_are_4xx_not_500(live, cat):
         ),
         (httpx.post(v2, json={**v2_json, "parameters": {"size": "\u00b2"}}), 422, "invalid size"),
         (httpx.post(v2, json={**v2_json, "parameters": {"target": True}}), 422, "target"),
+        (httpx.post(v2, json={**v2_json, "parameters": {"explain": False, "method": "x"}}), 422, "explain=false"),
+        (
+            httpx.post(v2, json={**v2_json, "parameters": {"overlay": False}, "outputs": [{"name": "overlay"}]}),
+            422,
+            "the overlay output was requested with the parameter overlay=false",
+        ),
         (httpx.post(v2, content=nested, headers={"content-type": "application/json"}), 400, "nested too deeply"),
         (httpx.post(v2, content=body, headers={**headers, "Inference-Header-Content-Length": b"\xb2"}), 400, "Length"),
     ]

@@ -400,15 +400,14 @@ def _plan(parsed: V2InferenceRequest, images: list[ImagePayload], served: Served
     ) or bool(parameters.overlay or parameters.faithfulness)
     explanation_outputs = requested is not None and any(name in requested for name in EXPLANATION_OUTPUTS)
     explain = parameters.explain if parameters.explain is not None else options_given or explanation_outputs
-    if not explain and (explanation_outputs or parameters.faithfulness):
-        raise InvalidParameterError(
-            "explanation outputs or faithfulness were requested with the parameter explain=false"
-        )
+    if not explain and (explanation_outputs or options_given):
+        raise InvalidParameterError("explanation outputs or options were requested with the parameter explain=false")
+    for name, output in (("faithfulness", FAITHFULNESS), ("overlay", OVERLAY)):
+        if getattr(parameters, name) is False and requested is not None and output in requested:
+            raise InvalidParameterError(f"the {output} output was requested with the parameter {name}=false")
     faithfulness = parameters.faithfulness
     if faithfulness is None:
         faithfulness = requested is not None and FAITHFULNESS in requested
-    elif not faithfulness and requested is not None and FAITHFULNESS in requested:
-        raise InvalidParameterError("the faithfulness output was requested with the parameter faithfulness=false")
     if requested is None:
         names = [PROBABILITIES]
         if explain:
