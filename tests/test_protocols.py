@@ -383,6 +383,12 @@ def test_binary_request_by_hand_and_gzip(live, cat, coffee_photo):
         assert output["shape"] == [2, 1000] and output["parameters"]["binary_data_size"] == 8000
         probabilities = np.frombuffer(response.content[length:], dtype="<f4").reshape(2, 1000)
         assert probabilities[0].argmax() == EGYPTIAN_CAT
+    compressed = gzip.compress(body)
+    for broken, problem in ((compressed[:-4], "is cut off"), (compressed + b"junk", "has bytes after its end")):
+        response = httpx.post(
+            f"{live}/v2/models/{MODEL}/infer", content=broken, headers={**headers, "content-encoding": "gzip"}
+        )
+        assert response.status_code == 400 and f"the gzip request body {problem}" in response.json()["error"]
 
 
 def test_v2_goes_through_the_batching_queue(registry, cat, monkeypatch):

@@ -272,6 +272,9 @@ def _split(body: bytes, headers: Any, max_bytes: int) -> tuple[bytes, bytes]:
             raise InvalidInputError(f"the {encoding} request body cannot be decompressed: {exc}") from None
         if len(body) > max_bytes or inflater.unconsumed_tail:
             raise PayloadTooLargeError(f"the decompressed request body exceeds {max_bytes} bytes")
+        if not inflater.eof or inflater.unused_data:
+            problem = "is cut off" if not inflater.eof else "has bytes after its end"
+            raise InvalidInputError(f"the {encoding} request body {problem}")
     elif encoding not in ("", "identity"):
         raise UnsupportedMediaError(f"unsupported Content-Encoding {encoding!r}; send gzip, deflate or identity")
     length = headers.get(HEADER_LENGTH.lower())
