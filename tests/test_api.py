@@ -382,6 +382,16 @@ async def test_inputs_found_by_fuzzing_are_4xx_not_500(registry, cat_jpeg, monke
             (await client.post("/explain", json={**as_json, "size": True}), 422, "size"),
             (await client.post("/predict", json={**as_json, "top_k": True}), 422, "top_k"),
             (
+                await client.post("/explain?targets=5", content=cat_jpeg, headers=jpeg),
+                422,
+                "unknown query parameter 'targets'; did you mean 'target'?",
+            ),
+            (
+                await client.post("/predict?method=gradcam", content=cat_jpeg, headers=jpeg),
+                422,
+                "unknown query parameter 'method'; this route takes: model, top_k",
+            ),
+            (
                 await client.post("/predict", json={**as_json, "method": "gradcam", "target": 1, "overlay": None}),
                 422,
                 "method, target: only /explain takes these",

@@ -1,10 +1,12 @@
-"""FastAPI dependencies: settings and the ready inference service."""
+"""FastAPI dependencies: settings, the ready inference service, and no unknown query parameters."""
 
 from __future__ import annotations
 
+import difflib
+
 from fastapi import Request
 
-from service.errors import NotReadyError
+from service.errors import InvalidParameterError, NotReadyError
 from service.inference import InferenceService
 from service.lifecycle import Phase
 from service.settings import Settings
@@ -25,3 +27,17 @@ def get_service(request: Request) -> InferenceService:
             raise NotReadyError(f"the service cannot serve: {state.lifecycle.not_ready_reason()}")
         raise NotReadyError("the service is starting: models are still loading")
     return state.service
+
+
+def known_query_only(request: Request) -> None:
+    """422 for a query parameter the route does not take (`targets=5` would otherwise explain the top-1 class)."""
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    if dependant is None:
+        return
+    known = sorted({param.alias for param in dependant.query_params})
+    for name in request.query_params:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; this route takes: {', '.join(known)}"
+            raise InvalidParameterError(f"unknown query parameter {name!r}{hint}")

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 
-from service.api.deps import get_service
+from service.api.deps import get_service, known_query_only
 from service.api.examples import JPEG_BASE64
 from service.api.inputs import read_images
 from service.api.results import explain_response, predict_response
@@ -19,7 +19,7 @@ from service.errors import InvalidParameterError
 from service.inference import ExplainRequest, InferenceRequest, InferenceService, RenderOptions
 from service.settings import MAX_FAITHFULNESS_STEPS, MIN_FAITHFULNESS_STEPS
 
-router = APIRouter(tags=["inference"], dependencies=[Depends(check_api_key)])
+router = APIRouter(tags=["inference"], dependencies=[Depends(check_api_key), Depends(known_query_only)])
 
 _IMAGE_BODY: dict[str, Any] = {
     "requestBody": {
