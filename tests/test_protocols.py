@@ -383,6 +383,11 @@ def test_binary_request_by_hand_and_gzip(live, cat, coffee_photo):
         assert output["shape"] == [2, 1000] and output["parameters"]["binary_data_size"] == 8000
         probabilities = np.frombuffer(response.content[length:], dtype="<f4").reshape(2, 1000)
         assert probabilities[0].argmax() == EGYPTIAN_CAT
+    two_members = gzip.compress(body[:100]) + gzip.compress(body[100:])  # as `cat a.gz b.gz` makes
+    response = httpx.post(
+        f"{live}/v2/models/{MODEL}/infer", content=two_members, headers={**headers, "content-encoding": "gzip"}
+    )
+    assert response.status_code == 200, response.text
     compressed = gzip.compress(body)
     for broken, problem in ((compressed[:-4], "is cut off"), (compressed + b"junk", "has bytes after its end")):
         response = httpx.post(

@@ -265,16 +265,7 @@ def _split(body: bytes, headers: Any, max_bytes: int) -> tuple[bytes, bytes]:
     """The JSON header and the binary section (empty without the extension), decompressed if it was."""
     encoding = headers.get("content-encoding", "identity").strip().lower()
     if encoding in ("gzip", "deflate"):
-        inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
-        try:
-            body = inflater.decompress(body, max_bytes + 1)
-        except zlib.error as exc:
-            raise InvalidInputError(f"the {encoding} request body cannot be decompressed: {exc}") from None
-        if len(body) > max_bytes or inflater.unconsumed_tail:
-            raise PayloadTooLargeError(f"the decompressed request body exceeds {max_bytes} bytes")
-        if not inflater.eof or inflater.unused_data:
-            problem = "is cut off" if not inflater.eof else "has bytes after its end"
-            raise InvalidInputError(f"the {encoding} request body {problem}")
+        body = _inflate(body, encoding, max_bytes)
     elif encoding not in ("", "identity"):
         raise UnsupportedMediaError(f"unsupported Content-Encoding {encoding!r}; send gzip, deflate or identity")
     length = headers.get(HEADER_LENGTH.lower())
@@ -283,6 +274,30 @@ def _split(body: bytes, headers: Any, max_bytes: int) -> tuple[bytes, bytes]:
     if not re.fullmatch(r"[0-9]+", length.strip()) or int(length) > len(body):
         raise InvalidInputError(f"{HEADER_LENGTH} {length!r} is not a length within the body of {len(body)} bytes")
     return body[: int(length)], body[int(length) :]
+
+
+def _inflate(body: bytes, encoding: str, max_bytes: int) -> bytes:
+    """A gzip (one or more members) or deflate body, decompressed to at most `max_bytes`; 400 when it is cut
+    off, corrupt or followed by other bytes, 413 when it inflates beyond the limit."""
+    parts: list[bytes] = []
+    size, rest = 0, body
+    while True:
+        inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+        try:
+            part = inflater.decompress(rest, max_bytes + 1 - size)
+        except zlib.error as exc:
+            raise InvalidInputError(f"the {encoding} request body cannot be decompressed: {exc}") from None
+        size += len(part)
+        if size > max_bytes or inflater.unconsumed_tail:
+            raise PayloadTooLargeError(f"the decompressed request body exceeds {max_bytes} bytes")
+        if not inflater.eof:
+            raise InvalidInputError(f"the {encoding} request body is cut off")
+        parts.append(part)
+        rest = inflater.unused_data
+        if not rest:
+            return b"".join(parts)
+        if encoding != "gzip" or not rest.startswith(b"\x1f\x8b"):  # only gzip chains members
+            raise InvalidInputError(f"the {encoding} request body has bytes after its end")
 
 
 def _parse_header(header: bytes) -> V2InferenceRequest:
