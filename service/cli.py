@@ -93,9 +93,19 @@ def _serve(args: argparse.Namespace) -> int:
 def _exit_without_waiting_for_the_load(raised: BaseException | None) -> None:
     """Stopped (SIGTERM, or the port was taken) while models are still loading: exit now. Loading runs on the
     torch thread, which the interpreter would otherwise wait for (a compile can take minutes); nothing is
-    served yet, so nothing is lost. The exit status is the stop's: 0 for a signal, uvicorn's for a failure."""
-    code = raised.code if isinstance(raised, SystemExit) and isinstance(raised.code, int) else 0
-    logging.getLogger("camserve").warning("stopped while the models were still loading; exiting without them")
+    served yet, so nothing is lost. The status is the stop's: 0 for a signal, uvicorn's for its failures, 1 (with
+    the traceback) for anything unexpected, 130 for Ctrl-C."""
+    log = logging.getLogger("camserve")
+    if raised is None:
+        code = 0
+    elif isinstance(raised, SystemExit):
+        code = raised.code if isinstance(raised.code, int) else 1
+    elif isinstance(raised, KeyboardInterrupt):
+        code = 130
+    else:
+        log.error("the server failed", exc_info=raised)
+        code = 1
+    log.warning("stopped while the models were still loading; exiting without them")
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

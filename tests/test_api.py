@@ -371,6 +371,17 @@ async def test_inputs_found_by_fuzzing_are_4xx_not_500(registry, cat_jpeg, monke
             (await client.post("/explain?target=--5", content=cat_jpeg, headers=jpeg), 422, "unknown label '--5'"),
             (await client.post("/explain?target=%C2%B2", content=cat_jpeg, headers=jpeg), 422, "unknown label '²'"),
             (await client.post("/explain?size=%C2%B2", content=cat_jpeg, headers=jpeg), 422, "invalid size '²'"),
+            (await client.post(f"/explain?size={'9' * 5000}", content=cat_jpeg, headers=jpeg), 422, "invalid size"),
+            (await client.post(f"/explain?target={'9' * 5000}", content=cat_jpeg, headers=jpeg), 422, "unknown label"),
+            (
+                await client.post(
+                    "/predict",
+                    content=json.dumps(as_json)[:-1].encode() + b', "top_k": ' + b"9" * 5000 + b"}",
+                    headers={"content-type": "application/json"},
+                ),
+                400,
+                "the JSON body is malformed",
+            ),
             (
                 await client.post(
                     "/predict", content=b"[" * 100_000 + b"]" * 100_000, headers={"content-type": "application/json"}
@@ -394,7 +405,7 @@ async def test_inputs_found_by_fuzzing_are_4xx_not_500(registry, cat_jpeg, monke
             (
                 await client.post("/predict", json={**as_json, "method": "gradcam", "target": 1, "overlay": None}),
                 422,
-                "method, target: only /explain takes these",
+                "method: Extra inputs are not permitted; target: Extra inputs are not permitted",
             ),
             (
                 await client.post("/predict", files=[("image", (f"{i}.jpg", b"x", "image/jpeg")) for i in range(40)]),

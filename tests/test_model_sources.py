@@ -460,3 +460,18 @@ path = "hf-vit"
     assert fused.status_code == 200 and fused.json()["layers"] == ["patch_embed.proj", "blocks.11.norm1"]
     assert fused.json()["results"][0]["explanations"][0]["index"] == 2
     assert guided.status_code == 200, guided.text
+
+
+def test_weights_that_torch_itself_loads_are_accepted():
+    """A 1-element num_batches_tracked from an old checkpoint, and a lazy module's uninitialised parameters."""
+    from service.models.weights import load_into
+
+    old = torchvision.models.resnet18().state_dict()
+    old["bn1.num_batches_tracked"] = torch.tensor([7])
+    model = torchvision.models.resnet18()
+    load_into(model, old, "resnet18")
+    assert model.bn1.num_batches_tracked.item() == 7
+    lazy = nn.Sequential(nn.LazyLinear(3))
+    weights = nn.Sequential(nn.Linear(5, 3)).state_dict()
+    load_into(lazy, weights, "lazy")
+    assert torch.equal(lazy[0].weight, weights["0.weight"])

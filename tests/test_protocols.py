@@ -346,6 +346,17 @@ def test_protocol_inputs_found_by_fuzzing_are_4xx_not_500(live, cat):
         ),
         (httpx.post(v2, json={**v2_json, "parameters": {"size": "\u00b2"}}), 422, "invalid size"),
         (httpx.post(v2, json={**v2_json, "parameters": {"target": True}}), 422, "target"),
+        (httpx.post(v2, json={**v2_json, "parameters": {"target": "9" * 5000}}), 422, "unknown label"),
+        (
+            httpx.post(v2, content=b'{"id": ' + b"9" * 5000 + b"}", headers={"content-type": "application/json"}),
+            400,
+            "not valid JSON",
+        ),
+        (
+            httpx.post(v2, content=body, headers={**headers, "Inference-Header-Content-Length": "9" * 5000}),
+            400,
+            "Length",
+        ),
         (httpx.post(v2, json={**v2_json, "parameters": {"explain": False, "method": "x"}}), 422, "explain=false"),
         (
             httpx.post(v2, json={**v2_json, "parameters": {"overlay": False}, "outputs": [{"name": "overlay"}]}),
@@ -450,7 +461,7 @@ def test_every_json_example_in_the_openapi_document_is_accepted(live):
     assert len(tried) >= 6
     assert "<base64 of a JPEG>" not in json.dumps(document)
     image_schemas = [
-        document["components"]["schemas"]["JsonImagesRequest"]["properties"]["images"]["items"],
+        document["components"]["schemas"]["JsonExplainRequest"]["properties"]["images"]["items"],
         document["components"]["schemas"]["V1Base64"]["properties"]["b64"],
     ]
     assert all(s["contentEncoding"] == "base64" for s in image_schemas)

@@ -239,3 +239,24 @@ def test_explain_keeps_images_with_the_same_name_apart(tmp_path, monkeypatch, ca
     assert heatmaps == ["img-2-2_gradcam_1_heatmap.png", "img-2_gradcam_1_heatmap.png", "img_gradcam_1_heatmap.png"]
     assert (out / "img_gradcam_1_heatmap.png").read_bytes() == b"a/img.jpg"
     assert (out / "img-2_gradcam_1_heatmap.png").read_bytes() == b"b/img.png"
+
+
+@pytest.mark.parametrize(
+    ("raised", "code"),
+    [(None, 0), (SystemExit(3), 3), (SystemExit("message"), 1), (KeyboardInterrupt(), 130), (RuntimeError("x"), 1)],
+)
+def test_the_exit_while_loading_keeps_the_stops_status(monkeypatch, caplog, raised, code):
+    import service.cli as cli
+
+    exits: list[int] = []
+
+    def fake_exit(status: int) -> None:
+        exits.append(status)
+
+    monkeypatch.setattr(cli.os, "_exit", fake_exit)
+    monkeypatch.setattr(cli.logging, "shutdown", lambda: None)
+    cli._exit_without_waiting_for_the_load(raised)
+    assert exits == [code]
+    unexpected = [r for r in caplog.records if r.getMessage() == "the server failed"]
+    assert len(unexpected) == (1 if isinstance(raised, RuntimeError) else 0)
+    assert not unexpected or unexpected[0].exc_info[1] is raised  # the traceback is logged

@@ -20,7 +20,7 @@ from service.api.errors import install_error_handlers
 from service.api.metrics import Metrics
 from service.api.middleware import BodyLimitMiddleware, MetricsMiddleware
 from service.api.routers import explorer, health, inference, kserve_v1, metrics, models, oip_v2
-from service.api.schemas import JsonImagesRequest
+from service.api.schemas import JsonExplainRequest, JsonPredictRequest
 from service.api.schemas_v2 import V2InferenceRequest, V2Parameters
 from service.inference import ClientDisconnectedError, InferenceService
 from service.lifecycle import Lifecycle, Phase
@@ -148,7 +148,7 @@ def create_app(
         if app.openapi_schema is None:
             document = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             schemas = document.setdefault("components", {}).setdefault("schemas", {})
-            for model in (JsonImagesRequest, V2InferenceRequest, V2Parameters):
+            for model in (JsonPredictRequest, JsonExplainRequest, V2InferenceRequest, V2Parameters):
                 found = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 for name, definition in found.pop("$defs", {}).items():
                     schemas.setdefault(name, definition)

@@ -5,26 +5,32 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from typing import TypeVar
 
 from fastapi import Request
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from service.api.schemas import JsonImagesRequest
+from service.api.schemas import JsonPredictRequest
 from service.errors import InvalidInputError, InvalidParameterError, PayloadTooLargeError, UnsupportedMediaError
 from service.inference import ImagePayload
+
+#: The JSON form's schema: JsonPredictRequest or one that extends it.
+Form = TypeVar("Form", bound=JsonPredictRequest)
 
 ACCEPTED = "multipart/form-data (field 'image'), application/json ({\"images\": [base64, ...]}) or image/*"
 
 
-async def read_images(request: Request, max_images: int) -> tuple[list[ImagePayload], JsonImagesRequest | None]:
-    """The request's images and, for the JSON form, its parameters."""
+async def read_images(
+    request: Request, max_images: int, schema: type[Form] = JsonPredictRequest
+) -> tuple[list[ImagePayload], Form | None]:
+    """The request's images and, for the JSON form, its parameters as `schema` reads them."""
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media == "multipart/form-data":
         return await _multipart(request, max_images), None
     if media == "application/json":
-        return _json(await request.body())
+        return _json(await request.body(), schema)
     if media.startswith("image/") or media == "application/octet-stream":
         body = await request.body()
         if not body:
@@ -53,15 +59,15 @@ async def _multipart(request: Request, max_images: int) -> list[ImagePayload]:
     return images
 
 
-def _json(body: bytes) -> tuple[list[ImagePayload], JsonImagesRequest]:
+def _json(body: bytes, schema: type[Form]) -> tuple[list[ImagePayload], Form]:
     try:
         raw = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # not JSON, not UTF-8, or a number of more than 4300 digits
         raise InvalidInputError(f"the JSON body is malformed: {exc}") from None
     except RecursionError:
         raise InvalidInputError("the JSON body is nested too deeply") from None
     try:
-        parsed = JsonImagesRequest.model_validate(raw)
+        parsed = schema.model_validate(raw)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
         raise InvalidParameterError(f"invalid JSON body: {problems}") from None

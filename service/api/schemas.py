@@ -139,8 +139,8 @@ class HealthResponse(BaseModel):
     status: str = Field(examples=["ok"])
 
 
-class JsonImagesRequest(BaseModel):
-    """The JSON input form: base64 images plus, optionally, the same parameters as the query string."""
+class JsonPredictRequest(BaseModel):
+    """/predict's JSON input form: base64 images plus, optionally, the same parameters as the query string."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -149,6 +149,11 @@ class JsonImagesRequest(BaseModel):
     )
     model: str | None = None
     top_k: Integer | None = None
+
+
+class JsonExplainRequest(JsonPredictRequest):
+    """/explain's JSON input form: /predict's, plus the explanation parameters of the query string."""
+
     method: str | None = Field(None, description=f"one of {', '.join(METHOD_NAMES)} (or gradcam++)")
     target: list[Integer | str] | Integer | str | None = None
     layer: list[str] | str | None = None

@@ -9,7 +9,6 @@ They agree to within one grey level.
 from __future__ import annotations
 
 import io
-import re
 from functools import lru_cache
 
 import numpy as np
@@ -19,6 +18,7 @@ from PIL import Image
 from torch import Tensor
 
 from service.errors import InvalidParameterError
+from service.numbers import whole_number
 
 COLORMAPS: tuple[str, ...] = ("jet", "turbo", "viridis", "inferno", "magma")
 OVERLAY_FORMATS: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}  # -> media type
@@ -147,8 +147,8 @@ def parse_picture_size(value: str | int) -> str | int:
     side: int | None = None
     if isinstance(value, int) and not isinstance(value, bool):
         side = value
-    elif isinstance(value, str) and re.fullmatch(r"[0-9]+", value.strip()):
-        side = int(value.strip())
+    elif isinstance(value, str):
+        side = whole_number(value)
     if side is None or not 1 <= side <= MAX_PICTURE_SIDE:
         raise InvalidParameterError(
             f"invalid size {value!r}; use original, model or a maximum side in pixels from 1 to {MAX_PICTURE_SIDE}"

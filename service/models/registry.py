@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from service.models.errors import ModelConfigError
 from service.models.loader import build_model
 from service.models.preprocessing import Preprocessing
 from service.models.spec import ModelsFile, ModelSpec, default_models, read_models_file
+from service.numbers import whole_number
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -34,10 +34,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ModelConfigError(no_cuda_message())
     return torch.device(name)
-
-
-#: A class index written as text: ASCII digits only (str.isdigit would also take "²" and other scripts' digits).
-_INDEX = re.compile(r"-?[0-9]+")
 
 
 @dataclass
@@ -89,8 +85,8 @@ class ServedModel:
         """A class index from an index (int or digit string) or an exact label."""
         if isinstance(target, int) and not isinstance(target, bool):
             index = target
-        elif isinstance(target, str) and _INDEX.fullmatch(target.strip()):
-            index = int(target.strip())
+        elif isinstance(target, str) and (number := whole_number(target, signed=True)) is not None:
+            index = number
         else:
             label = str(target)
             if label not in self._label_index:

@@ -64,25 +64,27 @@ def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], architecture:
     if getattr(state, "_metadata", None) is None:
         state = OrderedDict(state)
         state._metadata = getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
-    shapes = model.state_dict()
-    wrong = {key for key, value in state.items() if key in shapes and value.shape != shapes[key].shape}
-    misshaped = [f"{key} {tuple(state[key].shape)} (the model has {tuple(shapes[key].shape)})" for key in wrong]
-    if wrong:
-        fitting = OrderedDict((k, v) for k, v in state.items() if k not in wrong)
-        fitting._metadata = state._metadata  # type: ignore[attr-defined]
-        state = fitting
-    result = model.load_state_dict(state, strict=False)
+    try:
+        model.load_state_dict(state)  # torch's own rules decide what fits (lazy modules, legacy buffers, ...)
+    except RuntimeError as exc:
+        raise ModelConfigError(f"weights do not fit architecture {architecture}: {_misfit(model, state)}") from exc
+
+
+def _misfit(model: nn.Module, state: Mapping[str, torch.Tensor]) -> str:
+    """The keys a strict load refused, counted, a few named: missing, unexpected, mis-shaped."""
+    own = model.state_dict()
+    shapes = {k: tuple(v.shape) for k, v in own.items() if not isinstance(v, nn.parameter.UninitializedParameter)}
+    wrong = [key for key, value in state.items() if key in shapes and tuple(value.shape) != shapes[key]]
     problems = [
         _few(what, keys)
         for what, keys in (
-            ("missing", [key for key in result.missing_keys if key not in wrong]),
-            ("unexpected", result.unexpected_keys),
-            ("mis-shaped", misshaped),
+            ("missing", [key for key in own if key not in state]),
+            ("unexpected", [key for key in state if key not in own]),
+            ("mis-shaped", [f"{key} {tuple(state[key].shape)} (the model has {shapes[key]})" for key in wrong]),
         )
         if keys
     ]
-    if problems:
-        raise ModelConfigError(f"weights do not fit architecture {architecture}: " + "; ".join(problems))
+    return "; ".join(problems) or "torch refused them"
 
 
 def _few(what: str, keys: list[str], shown: int = 5) -> str:

@@ -11,36 +11,39 @@ from service.api.deps import get_service, known_query_only
 from service.api.examples import JPEG_BASE64
 from service.api.inputs import read_images
 from service.api.results import explain_response, predict_response
-from service.api.schemas import ErrorResponse, ExplainResponse, PredictResponse
+from service.api.schemas import ErrorResponse, ExplainResponse, JsonExplainRequest, PredictResponse
 from service.api.security import check_api_key
 from service.cam.methods import METHOD_NAMES
 from service.cam.render import COLORMAPS, MAX_PICTURE_SIDE, OVERLAY_FORMATS
-from service.errors import InvalidParameterError
 from service.inference import ExplainRequest, InferenceRequest, InferenceService, RenderOptions
 from service.settings import MAX_FAITHFULNESS_STEPS, MIN_FAITHFULNESS_STEPS
 
 router = APIRouter(tags=["inference"], dependencies=[Depends(check_api_key), Depends(known_query_only)])
 
-_IMAGE_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "description": "One or more images in one of three forms.",
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {"image": {"type": "array", "items": {"type": "string", "format": "binary"}}},
-                    "required": ["image"],
+
+def _image_body(json_form: str) -> dict[str, Any]:
+    """The request body's three forms for the OpenAPI document; `json_form` names the JSON form's schema."""
+    return {
+        "requestBody": {
+            "required": True,
+            "description": "One or more images in one of three forms.",
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {"image": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                        "required": ["image"],
+                    },
                 },
+                "application/json": {
+                    "schema": {"$ref": f"#/components/schemas/{json_form}"},
+                    "example": {"images": [JPEG_BASE64], "top_k": 3},
+                },
+                "image/*": {"schema": {"type": "string", "format": "binary"}},
             },
-            "application/json": {
-                "schema": {"$ref": "#/components/schemas/JsonImagesRequest"},
-                "example": {"images": [JPEG_BASE64], "top_k": 3},
-            },
-            "image/*": {"schema": {"type": "string", "format": "binary"}},
-        },
+        }
     }
-}
+
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "undecodable image or bad base64"},
@@ -59,10 +62,6 @@ ModelParam = Annotated[
 TopKParam = Annotated[int, Query(ge=1, description="number of top predictions per image", examples=[5])]
 
 
-#: The JSON fields /predict reads; the others belong to /explain.
-PREDICT_FIELDS = frozenset({"images", "model", "top_k"})
-
-
 def _pick(json_value: Any, query_value: Any) -> Any:
     return query_value if json_value is None else json_value
 
@@ -77,7 +76,7 @@ def _as_list(value: Any) -> list | None:
     "/predict",
     response_model=PredictResponse,
     summary="Classify images: top-k softmax probabilities per image",
-    openapi_extra=_IMAGE_BODY,
+    openapi_extra=_image_body("JsonPredictRequest"),
     responses=_ERRORS,
 )
 async def predict(
@@ -89,11 +88,6 @@ async def predict(
     images, body = await read_images(request, service.settings.max_images_per_request)
     if body is not None:
         model, top_k = _pick(body.model, model), _pick(body.top_k, top_k)
-        explain_only = sorted(
-            name for name in body.model_fields_set - PREDICT_FIELDS if getattr(body, name) is not None
-        )
-        if explain_only:
-            raise InvalidParameterError(f"{', '.join(explain_only)}: only /explain takes these; /predict classifies")
     result = await service.infer(InferenceRequest(images, model=model, top_k=top_k), request.is_disconnected)
     return predict_response(result)
 
@@ -103,7 +97,7 @@ async def predict(
     response_model=ExplainResponse,
     response_model_exclude_none=True,
     summary="Classify images and explain classes with class activation maps (heatmaps and overlays as base64 PNG)",
-    openapi_extra=_IMAGE_BODY,
+    openapi_extra=_image_body("JsonExplainRequest"),
     responses=_ERRORS,
 )
 async def explain(
@@ -171,7 +165,7 @@ async def explain(
         ),
     ] = None,
 ) -> dict:
-    images, body = await read_images(request, service.settings.max_images_per_request)
+    images, body = await read_images(request, service.settings.max_images_per_request, JsonExplainRequest)
     targets, layers = target, layer
     if body is not None:  # JSON fields override query parameters of the same name
         model, method, top_k = _pick(body.model, model), _pick(body.method, method), _pick(body.top_k, top_k)

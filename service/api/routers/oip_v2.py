@@ -15,7 +15,6 @@ import asyncio
 import base64
 import json
 import math
-import re
 import struct
 import zlib
 from dataclasses import dataclass
@@ -68,6 +67,7 @@ from service.inference import (
     RenderOptions,
 )
 from service.models import ServedModel
+from service.numbers import whole_number
 
 VERSION = "1"  # each served model has one version
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -271,9 +271,10 @@ def _split(body: bytes, headers: Any, max_bytes: int) -> tuple[bytes, bytes]:
     length = headers.get(HEADER_LENGTH.lower())
     if length is None:
         return body, b""
-    if not re.fullmatch(r"[0-9]+", length.strip()) or int(length) > len(body):
+    size = whole_number(length)
+    if size is None or size > len(body):
         raise InvalidInputError(f"{HEADER_LENGTH} {length!r} is not a length within the body of {len(body)} bytes")
-    return body[: int(length)], body[int(length) :]
+    return body[:size], body[size:]
 
 
 def _inflate(body: bytes, encoding: str, max_bytes: int) -> bytes:
@@ -303,7 +304,7 @@ def _inflate(body: bytes, encoding: str, max_bytes: int) -> bytes:
 def _parse_header(header: bytes) -> V2InferenceRequest:
     try:
         raw = json.loads(header)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # not JSON, not UTF-8, or a number of more than 4300 digits
         raise InvalidInputError(f"the inference request is not valid JSON: {exc}") from None
     except RecursionError:
         raise InvalidInputError("the inference request's JSON is nested too deeply") from None
