@@ -64,9 +64,9 @@ class ImageLimits:
     max_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 40_000_000
 
-    def __post_init__(self) -> None:
-        # PIL refuses images above 2 x its MAX_IMAGE_PIXELS (~179 MP) by itself; ours is the limit that counts
-        # (checked from the header before decoding), so PIL's is raised to it, never lowered.
+    def apply_to_pil(self) -> None:
+        """PIL refuses images above 2 x its own MAX_IMAGE_PIXELS (~179 MP) by itself; ours is the limit that counts
+        (checked from the header before decoding), so the service raises PIL's to it at start (never lowers it)."""
         if (Image.MAX_IMAGE_PIXELS or 0) and self.max_pixels > Image.MAX_IMAGE_PIXELS:
             Image.MAX_IMAGE_PIXELS = self.max_pixels
 
@@ -364,7 +364,7 @@ def _open(data: bytes, limits: ImageLimits) -> Image.Image:
 def _header_size(data: bytes) -> tuple[int, int] | None:
     """Width and height from the header of a supported format, bypassing PIL's bomb check; None if unknown.
 
-    Only used to word the message when PIL itself refuses an image while opening it.
+    Used where PIL itself refuses an image while opening it (to word the message, or to size the render budget).
     """
     prefix = data[:16]
     for fmt in sorted(SUPPORTED_FORMATS):

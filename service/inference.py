@@ -192,6 +192,7 @@ class InferenceService:
         self.registry = registry
         self.settings = settings
         self.limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
+        self.limits.apply_to_pil()
         self.workers = {
             m.name: BatchWorker(
                 m,

@@ -16,8 +16,13 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, Settin
 PREFIX = "CAMSERVE_"
 #: CAMSERVE_* variables read outside Settings (the CLI's address and client options; the README's screenshot).
 OTHER_VARIABLES = frozenset({"CAMSERVE_HOST", "CAMSERVE_PORT", "CAMSERVE_URL", "CAMSERVE_SCREENSHOT"})
-#: Kubernetes' service links of Services named camserve or camserve-*: CAMSERVE_SERVICE_HOST, CAMSERVE_PORT_8000_TCP...
-SERVICE_LINK = re.compile(r"^CAMSERVE(_[A-Z0-9_]+)?(_SERVICE_(HOST|PORT)(_\w+)?|_PORT(_\d+_(TCP|UDP|SCTP)(_\w+)?)?)$")
+#: Kubernetes' service links of Services named camserve or camserve-* (CAMSERVE_SERVICE_HOST,
+#: CAMSERVE_PREDICTOR_SERVICE_PORT_HTTP, CAMSERVE_PORT_8000_TCP_ADDR, ...); a bare *_PORT is one only when its value
+#: is the link's tcp://address:port.
+SERVICE_LINK = re.compile(
+    r"^CAMSERVE(_[A-Z0-9_]+)?_(SERVICE_(HOST|PORT(_[A-Z0-9_]+)?)|PORT_\d+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)$"
+)
+LINK_ADDRESS = re.compile(r"^(tcp|udp|sctp)://")
 
 # `faithfulness_steps` (deletion/insertion steps of /explain?faithfulness=true) accepts these, bounds included
 MIN_FAITHFULNESS_STEPS, MAX_FAITHFULNESS_STEPS = 2, 64
@@ -47,7 +52,9 @@ class Settings(BaseSettings):
     )
     api_key: SecretStr | None = Field(None, description="when set, required as Bearer token or X-API-Key")
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1, description="largest accepted image file")
-    max_image_pixels: int = Field(40_000_000, ge=1, description="largest accepted width x height")
+    max_image_pixels: int = Field(
+        40_000_000, ge=1, le=1_000_000_000, description="largest accepted width x height (at most 1000 MP)"
+    )
     max_images_per_request: int = Field(32, ge=1, description="most images in one request")
     max_body_bytes: int = Field(100 * 1024 * 1024, ge=1, description="largest accepted request body")
     max_render_pixels: int = Field(
@@ -169,9 +176,10 @@ def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
     known = {PREFIX + name.upper() for name in Settings.model_fields} | OTHER_VARIABLES
     warnings = []
     for name in sorted(environ):
-        if not name.startswith(PREFIX) or name in known:
+        upper = name.upper()  # pydantic-settings reads the names case-insensitively
+        if not upper.startswith(PREFIX) or upper in known:
             continue
-        if SERVICE_LINK.match(name):
+        if SERVICE_LINK.match(upper) or (upper.endswith("_PORT") and LINK_ADDRESS.match(environ[name])):
             continue
         close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.75)
         hint = f"; did you mean {', '.join(close)}?" if close else ""

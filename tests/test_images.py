@@ -716,7 +716,9 @@ def test_preprocess_on_gpu_matches_cpu(chelsea):
 def test_our_pixel_limit_above_pils_own_is_the_one_that_counts(monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL alone would refuse more than 2000 pixels
     data = encode(Image.new("RGB", (100, 100), RED), "PNG")
-    assert decode_image(data, ImageLimits(max_pixels=20_000)).pixels[:, 50, 50].tolist() == list(RED)
+    limits = ImageLimits(max_pixels=20_000)
+    limits.apply_to_pil()  # as the service does at start
+    assert decode_image(data, limits).pixels[:, 50, 50].tolist() == list(RED)
     assert Image.MAX_IMAGE_PIXELS == 20_000
-    ImageLimits(max_pixels=500)  # a lower limit of ours never lowers PIL's
+    ImageLimits(max_pixels=500).apply_to_pil()  # a lower limit of ours never lowers PIL's
     assert Image.MAX_IMAGE_PIXELS == 20_000

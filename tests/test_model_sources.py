@@ -302,7 +302,7 @@ def test_huggingface_folders_that_do_not_fit_are_refused(tmp_path, transformers)
         build_model(ModelSpec(name="refit", kind="huggingface", path=folder))
     message = str(error.value)
     assert message.startswith("model 'refit': weights in ") and "do not fit ViTForImageClassification" in message
-    assert "missing keys: classifier.weight" in message and "unexpected keys: extra.weight" in message
+    assert "1 missing key: classifier.weight" in message and "1 unexpected key: extra.weight" in message
 
     head = save_hf(transformers, tmp_path / "head", hf_vit(transformers, num_labels=3))
     config = json.loads((head / "config.json").read_text())
@@ -311,7 +311,7 @@ def test_huggingface_folders_that_do_not_fit_are_refused(tmp_path, transformers)
     (head / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelConfigError) as error:
         build_model(ModelSpec(name="head", kind="huggingface", path=head))
-    assert "mismatched keys: classifier.bias (3,) (the model has (5,)), classifier.weight (3, 64)" in str(error.value)
+    assert "2 mismatched keys: classifier.bias (3,) (the model has (5,)), classifier.weight (3, 64)" in str(error.value)
 
 
 def test_weight_files_that_are_empty_or_folders_and_long_key_lists_read_well(tmp_path):
@@ -357,6 +357,7 @@ def test_a_missing_extra_is_named(tmp_path, monkeypatch, module, kind, extra):
             "model 'x': input_size values must be from 1 to 4096",
         ),
         ('kind = "torchscript"\nweights = "m.pt"\ndefault_layer = "layer4"', "torchscript .* default_layer cannot"),
+        ('kind = "torchscript"\nweights = "m.pt"\ncompile = "auto"', "torchscript .* so compile cannot apply"),
         (
             'architecture = "efficientnet-lite0"\ndefault = true\n'
             '[[models]]\nname = "y"\narchitecture = "efficientnet-lite0"',

@@ -369,6 +369,10 @@ def test_protocol_inputs_found_by_fuzzing_are_4xx_not_500(live, cat):
     for response, status, words in cases:
         assert response.status_code == status, (response.request.url, response.text)
         assert words in response.json()["error"], response.text
+    # false switches are not options: they neither explain nor contradict explain=false
+    for parameters in ({"counterfactual": False}, {"explain": False, "counterfactual": False, "overlay": False}):
+        response = httpx.post(v2, json={**v2_json, "parameters": parameters})
+        assert [o["name"] for o in response.json()["outputs"]] == ["probabilities"], response.text
 
 
 def test_triton_client_reports_the_protocol_error(triton, cat):

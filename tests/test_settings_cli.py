@@ -130,7 +130,7 @@ def test_every_invalid_variable_is_named_in_one_message_and_serve_refuses_to_sta
     assert err.startswith("camserve: invalid settings: CAMSERVE_MAX_BATCH_SIZE='0'") and err.count("\n") == 1
 
 
-def test_settings_accept_what_operators_write(monkeypatch, tmp_path):
+def test_settings_accept_what_operators_write(monkeypatch):
     from service.settings import SettingsInvalid, load_settings
 
     for text, origins in [
@@ -176,11 +176,14 @@ def test_unknown_camserve_variables_are_named_with_the_close_settings():
         "CAMSERVE_PORT_8000_TCP_ADDR": "10.0.0.1",
         "CAMSERVE_PREDICTOR_PORT": "tcp://10.0.0.2:80",  # ... and of KServe's camserve-predictor
         "CAMSERVE_PREDICTOR_SERVICE_PORT_HTTP": "80",
+        "camserve_log_level": "debug",  # read case-insensitively: a setting
+        "CAMSERVE_METRICS_PORT": "9090",  # not a link (no tcp:// value): a mistake
         "OTHER": "x",
     }
-    (warning,) = unknown_variables(environ)
-    assert warning.startswith("CAMSERVE_MAX_BATCHSIZE is not a camserve setting and is ignored")
-    assert "did you mean CAMSERVE_MAX_BATCH_SIZE" in warning
+    typo, metrics = unknown_variables(environ)  # sorted by name
+    assert typo.startswith("CAMSERVE_MAX_BATCHSIZE is not a camserve setting and is ignored")
+    assert "did you mean CAMSERVE_MAX_BATCH_SIZE" in typo
+    assert metrics.startswith("CAMSERVE_METRICS_PORT is not a camserve setting")
 
 
 def test_bad_ports_and_timeouts_are_argument_errors(monkeypatch, capsys):

@@ -58,7 +58,8 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if (
         media
-        and not media.endswith(("/json", "+json"))
+        and media != "application/json"
+        and not media.endswith("+json")
         and any(e.get("loc", ())[:1] == ("body",) for e in exc.errors())
     ):
         detail = f"unsupported Content-Type {media!r}; send application/json"

@@ -61,7 +61,9 @@ class V2Parameters(BaseModel):
     )
     layer: list[str] | str | None = Field(None, description="target layers (dotted module paths); several = fusion")
     counterfactual: bool | None = None
-    overlay: bool | None = Field(None, description="also return the `overlay` output (RGB PNG)")
+    overlay: bool | None = Field(
+        None, description="also return the `overlay` output (RGB pictures in `overlay_format`)"
+    )
     colormap: str | None = None
     alpha: float | None = None
     overlay_format: str | None = Field(

@@ -58,7 +58,8 @@ class ModelSpec(BaseModel):
         if self.input_size is not None and not all(1 <= side <= MAX_INPUT_SIDE for side in self.input_size):
             raise ValueError(f"input_size values must be from 1 to {MAX_INPUT_SIDE}")
         if self.kind == "torchscript":
-            ignored = [field for field in ("default_layer", "compile") if getattr(self, field) is not None]
+            ignored = ["default_layer"] if self.default_layer is not None else []
+            ignored += ["compile"] if self.compile == "auto" else []  # "off" is what it gets anyway
             if ignored:
                 raise ValueError(
                     f"a torchscript model only predicts (scripted modules take no hooks), so "

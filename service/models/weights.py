@@ -76,7 +76,7 @@ def _misfit(model: nn.Module, state: Mapping[str, torch.Tensor]) -> str:
     shapes = {k: tuple(v.shape) for k, v in own.items() if not isinstance(v, nn.parameter.UninitializedParameter)}
     wrong = [key for key, value in state.items() if key in shapes and tuple(value.shape) != shapes[key]]
     problems = [
-        _few(what, keys)
+        few(what, keys)
         for what, keys in (
             ("missing", [key for key in own if key not in state]),
             ("unexpected", [key for key in state if key not in own]),
@@ -87,7 +87,7 @@ def _misfit(model: nn.Module, state: Mapping[str, torch.Tensor]) -> str:
     return "; ".join(problems) or "torch refused them"
 
 
-def _few(what: str, keys: list[str], shown: int = 5) -> str:
+def few(what: str, keys: list[str], shown: int = 5) -> str:
     """'N missing keys: a, b, c, ... and M more' (a message stays one readable line)."""
     more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
     return f"{len(keys)} {what} key{'s' if len(keys) != 1 else ''}: {', '.join(keys[:shown])}{more}"

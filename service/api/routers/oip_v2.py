@@ -409,14 +409,13 @@ def _plan(parsed: V2InferenceRequest, images: list[ImagePayload], served: Served
             parameters.method,
             parameters.target,
             parameters.layer,
-            parameters.counterfactual,
             parameters.faithfulness_steps,
             parameters.colormap,
             parameters.alpha,
             parameters.overlay_format,
             parameters.size,
         )
-    ) or bool(parameters.overlay or parameters.faithfulness)
+    ) or bool(parameters.overlay or parameters.faithfulness or parameters.counterfactual)
     explanation_outputs = requested is not None and any(name in requested for name in EXPLANATION_OUTPUTS)
     explain = parameters.explain if parameters.explain is not None else options_given or explanation_outputs
     if not explain and (explanation_outputs or options_given):

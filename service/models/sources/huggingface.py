@@ -13,6 +13,7 @@ from torch import nn
 from service.models.errors import ModelConfigError
 from service.models.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from service.models.sources.base import Built, LocalPath, Source, import_extra
+from service.models.weights import few
 
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 
@@ -56,7 +57,7 @@ class HuggingFaceSource(Source):
             )  # mis-shaped weights are loaded as new ones and listed in `info`, then refused below
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise ModelConfigError(f"{folder} cannot be loaded as an image classifier: {exc}") from exc
-        problems = [f"{what.replace('_', ' ')}: {_listed(keys)}" for what, keys in _weight_problems(info)]
+        problems = [few(what.removesuffix("_keys"), keys) for what, keys in _weight_problems(info)]
         if problems:
             raise ModelConfigError(f"weights in {folder} do not fit {type(model).__name__}: " + "; ".join(problems))
         config = model.config
@@ -118,7 +119,3 @@ def _key(entry: object) -> str:
         key, saved, built = entry
         return f"{key} {tuple(saved)} (the model has {tuple(built)})"
     return str(entry)
-
-
-def _listed(keys: list, most: int = 5) -> str:
-    return ", ".join(keys[:most]) + (f" and {len(keys) - most} more" if len(keys) > most else "")
