@@ -225,13 +225,11 @@ class InferenceService:
         checked = self.validate(request)
         served, options = checked.served, request.render
         keep_pixels = checked.options is not None and options.overlay
-        if checked.options is not None:  # from the headers first: a refusal costs no decoding
+        if checked.options is not None:  # from the headers: a refusal costs no decoding (an unreadable one fails it)
             sizes = [header_size(payload.data) for payload in request.images]
             known = [(height, width) for width, height in filter(None, sizes)]
             self._check_render_budget(served, known, checked.classes, options)
         decoded = await self._decode(request.images, served, keep_pixels=keep_pixels)
-        if checked.options is not None:
-            self._check_render_budget(served, [(d.height, d.width) for d in decoded], checked.classes, options)
         outputs = await self._run(served, decoded, checked.options, checked.classes, is_disconnected)
         steps = checked.options.faithfulness_steps if checked.options is not None else None
         images = await asyncio.to_thread(self._encode_all, served, decoded, outputs, checked.top_k, options, steps)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -120,8 +121,6 @@ class Settings(BaseSettings):
             return value
         text = value.strip()
         if text.startswith("["):
-            import json
-
             try:
                 return json.loads(text)
             except ValueError as exc:

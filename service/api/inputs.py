@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fastapi import Request
 from pydantic import ValidationError
@@ -22,11 +22,27 @@ Form = TypeVar("Form", bound=JsonPredictRequest)
 ACCEPTED = "multipart/form-data (field 'image'), application/json ({\"images\": [base64, ...]}) or image/*"
 
 
+def media_type(request: Request) -> str:
+    """The request's Content-Type without parameters, lower case ('' when absent)."""
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def parse_json(body: bytes, invalid: str) -> Any:
+    """The JSON value of `body`; InvalidInputError '`invalid`: why' when it is not JSON, not UTF-8, nested too
+    deeply, or holds a number of more than Python's 4300 digits."""
+    try:
+        return json.loads(body)
+    except RecursionError:
+        raise InvalidInputError(f"{invalid}: nested too deeply") from None
+    except ValueError as exc:
+        raise InvalidInputError(f"{invalid}: {exc}") from None
+
+
 async def read_images(
     request: Request, max_images: int, schema: type[Form] = JsonPredictRequest
 ) -> tuple[list[ImagePayload], Form | None]:
     """The request's images and, for the JSON form, its parameters as `schema` reads them."""
-    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    media = media_type(request)
     if media == "multipart/form-data":
         return await _multipart(request, max_images), None
     if media == "application/json":
@@ -60,12 +76,7 @@ async def _multipart(request: Request, max_images: int) -> list[ImagePayload]:
 
 
 def _json(body: bytes, schema: type[Form]) -> tuple[list[ImagePayload], Form]:
-    try:
-        raw = json.loads(body)
-    except ValueError as exc:  # not JSON, not UTF-8, or a number of more than 4300 digits
-        raise InvalidInputError(f"the JSON body is malformed: {exc}") from None
-    except RecursionError:
-        raise InvalidInputError("the JSON body is nested too deeply") from None
+    raw = parse_json(body, "the JSON body is malformed")
     try:
         parsed = schema.model_validate(raw)
     except ValidationError as exc:

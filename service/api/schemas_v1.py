@@ -56,7 +56,7 @@ class V1ExplainRequest(V1PredictRequest):
     colormap: str | None = None
     alpha: float | None = None
     overlay_format: str | None = Field(None, description="overlay file format: png (default), jpeg, webp")
-    size: str | Integer | None = Field(
+    size: Integer | str | None = Field(
         None, description="size of heatmaps and overlays: original (default), model, or a maximum side in pixels"
     )
     raw: bool | None = Field(None, description="also return the raw map at feature resolution")

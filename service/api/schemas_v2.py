@@ -69,7 +69,7 @@ class V2Parameters(BaseModel):
     overlay_format: str | None = Field(
         None, description="file format of the `overlay` output: png (default), jpeg, webp (heatmaps stay PNG)"
     )
-    size: str | Integer | None = Field(
+    size: Integer | str | None = Field(
         None, description="size of heatmaps and overlays: original (default), model, or a maximum side in pixels"
     )
     faithfulness: bool | None = Field(

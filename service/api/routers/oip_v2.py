@@ -27,7 +27,7 @@ from pydantic import ValidationError
 
 from service import __version__
 from service.api.deps import get_service
-from service.api.inputs import decode_base64
+from service.api.inputs import decode_base64, parse_json
 from service.api.schemas_v2 import (
     CAM,
     EXPLAINED_CLASS,
@@ -302,12 +302,7 @@ def _inflate(body: bytes, encoding: str, max_bytes: int) -> bytes:
 
 
 def _parse_header(header: bytes) -> V2InferenceRequest:
-    try:
-        raw = json.loads(header)
-    except ValueError as exc:  # not JSON, not UTF-8, or a number of more than 4300 digits
-        raise InvalidInputError(f"the inference request is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise InvalidInputError("the inference request's JSON is nested too deeply") from None
+    raw = parse_json(header, "the inference request is not valid JSON")
     try:
         return V2InferenceRequest.model_validate(raw)
     except ValidationError as exc:
