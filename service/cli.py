@@ -35,35 +35,66 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _settings():
+    """The CAMSERVE_* settings with logging set up, or None after printing why they are invalid (exit 2)."""
     from service.openmp import limit_openmp_spinning
 
     limit_openmp_spinning()  # before anything imports torch
-    import uvicorn
-
-    from service.allocator import keep_freed_memory
-    from service.api import create_app
     from service.models import ModelConfigError, read_models_file
-    from service.server import DrainingServer
     from service.settings import SettingsInvalid, load_settings, unknown_variables
 
     try:
         settings = load_settings()
     except SettingsInvalid as exc:
         print(f"camserve: invalid settings: {exc}", file=sys.stderr)
-        return 2
+        return None
     level = TRACE if settings.log_level == "trace" else settings.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for warning in unknown_variables():
         logging.getLogger("camserve").warning(warning)
-    if settings.keep_freed_memory:
-        keep_freed_memory()
     if settings.models_file is not None:
         try:
-            read_models_file(settings.models_file)  # fail fast on a broken file, before listening
+            read_models_file(settings.models_file)  # fail fast on a broken file, before loading or listening
         except ModelConfigError as exc:
             print(f"camserve: {exc}", file=sys.stderr)
-            return 2
+            return None
+    return settings
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    """Load every model of the models file as `serve` would, filling the cache: exported ONNX graphs, the runtime
+    decision per bucket and (unless --no-compiled) inductor's kernels where it wins."""
+    settings = _settings()
+    if settings is None:
+        return 2
+    import torch
+
+    from service.models import ModelConfigError, ModelRegistry
+
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    try:
+        registry = ModelRegistry.from_settings(settings, measure_compiled=not args.no_compiled)
+    except ModelConfigError as exc:
+        print(f"camserve: {exc}", file=sys.stderr)
+        return 1
+    for model in registry:
+        print(f"{model.name}: {model.runtime.summary}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    settings = _settings()
+    if settings is None:
+        return 2
+    import uvicorn
+
+    from service.allocator import keep_freed_memory
+    from service.api import create_app
+    from service.server import DrainingServer
+
+    if settings.keep_freed_memory:
+        keep_freed_memory()
     failures: list[BaseException] = []
 
     def stop_on_load_error(exc: BaseException) -> None:
@@ -232,6 +263,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=os.environ.get("CAMSERVE_HOST", "127.0.0.1"), help="env CAMSERVE_HOST")
     serve.add_argument("--port", type=_port, default=os.environ.get("CAMSERVE_PORT", "8000"), help="env CAMSERVE_PORT")
     serve.set_defaults(func=_serve)
+
+    prepare = commands.add_parser(
+        "prepare",
+        help="build every cache for the models file ahead of time (ONNX graphs, runtime decisions, compiled kernels), "
+        "so that `serve` starts in seconds; configured by CAMSERVE_* variables as `serve` is",
+    )
+    prepare.add_argument(
+        "--no-compiled", action="store_true", help="do not compile and time inductor (minutes per model)"
+    )
+    prepare.set_defaults(func=_prepare)
 
     def client(name: str, help_: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_)

@@ -15,6 +15,12 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 PREFIX = "CAMSERVE_"
+#: Settings that were replaced: start-up refuses them, saying what to set instead (nothing changes silently).
+REPLACED = {
+    "CAMSERVE_COMPILE": "CAMSERVE_RUNTIME (compile=off is runtime=eager; compile=auto is runtime=compiled, or "
+    "runtime=auto for the fastest of every backend)",
+    "CAMSERVE_COMPILE_CACHE_DIR": "CAMSERVE_CACHE_DIR",
+}
 #: CAMSERVE_* variables read outside Settings (the CLI's address and client options; the README's screenshot).
 OTHER_VARIABLES = frozenset({"CAMSERVE_HOST", "CAMSERVE_PORT", "CAMSERVE_URL", "CAMSERVE_SCREENSHOT"})
 #: Kubernetes' service links of Services named camserve or camserve-* (CAMSERVE_SERVICE_HOST,
@@ -24,6 +30,9 @@ SERVICE_LINK = re.compile(
     r"^CAMSERVE(_[A-Z0-9_]+)?_(SERVICE_(HOST|PORT(_[A-Z0-9_]+)?)|PORT_\d+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)$"
 )
 LINK_ADDRESS = re.compile(r"^(tcp|udp|sctp)://")
+
+#: What runs a model's forwards (service.models.runtimes): the setting and the models file's `runtime` key.
+RuntimeMode = Literal["auto", "eager", "compiled", "onnxruntime"]
 
 # `faithfulness_steps` (deletion/insertion steps of /explain?faithfulness=true) accepts these, bounds included
 MIN_FAITHFULNESS_STEPS, MAX_FAITHFULNESS_STEPS = 2, 64
@@ -92,17 +101,21 @@ class Settings(BaseSettings):
     keep_freed_memory: bool = Field(
         True, description="glibc: keep freed tensor memory for reuse instead of page-faulting it in every batch"
     )
-    compile: Literal["auto", "off"] = Field(
+    runtime: RuntimeMode = Field(
         "auto",
-        description="auto: predictions and the default layer's maps run compiled (torch.compile) where that works "
-        "and is faster, compiled during warm-up; off: eager. A model's `compile` in the models file overrides it",
+        description="what runs predictions and the default layer's prefix, per batch-size bucket: auto = the fastest "
+        "of eager and ONNX Runtime timed at warm-up (and inductor where `camserve prepare` timed it); compiled or "
+        "onnxruntime = that backend where faster than eager; eager = PyTorch only. A model's `runtime` in the models "
+        "file overrides it",
     )
-    compile_cache_dir: Path | None = Field(
-        None, description="inductor's on-disk cache of compiled graphs, reused by restarts; unset = inductor's default"
+    cache_dir: Path | None = Field(
+        None,
+        description="exported ONNX graphs, runtime decisions and inductor's kernels, reused by restarts and filled "
+        "by `camserve prepare`; unset = $XDG_CACHE_HOME/camserve or ~/.cache/camserve",
     )
     torch_threads: int = Field(0, ge=0, description="intra-op threads of the torch thread; 0 = torch's default")
 
-    @field_validator("models_file", "api_key", "compile_cache_dir", mode="before")
+    @field_validator("models_file", "api_key", "cache_dir", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         """An empty variable (as compose files pass through) means unset."""
@@ -127,7 +140,7 @@ class Settings(BaseSettings):
                 raise ValueError(f"not a JSON list ({exc})") from None
         return [origin.strip() for origin in text.split(",") if origin.strip()]
 
-    @field_validator("compile_cache_dir")
+    @field_validator("cache_dir")
     @classmethod
     def _a_directory(cls, value: Path | None) -> Path | None:
         if value is not None and value.exists() and not value.is_dir():
@@ -150,10 +163,11 @@ class SettingsInvalid(ValueError):
 
 def load_settings() -> Settings:
     """Settings from the environment; SettingsInvalid (one line per problem, naming the variable) when invalid."""
+    replaced = [f"{name} was replaced by {new}" for name, new in REPLACED.items() if name in os.environ]
     try:
-        return Settings()
+        settings = Settings()
     except ValidationError as exc:
-        problems = []
+        problems = list(replaced)
         for error in exc.errors():
             message = error["msg"].removeprefix("Value error, ")
             if not error["loc"]:  # a check across settings names its variables itself
@@ -165,6 +179,9 @@ def load_settings() -> Settings:
         raise SettingsInvalid("; ".join(problems)) from None
     except SettingsError as exc:
         raise SettingsInvalid(str(exc)) from None
+    if replaced:
+        raise SettingsInvalid("; ".join(replaced))
+    return settings
 
 
 def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
@@ -172,7 +189,7 @@ def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
 
     Kubernetes' service links (`SERVICE_LINK`) are not typos."""
     environ = os.environ if environ is None else environ
-    known = {PREFIX + name.upper() for name in Settings.model_fields} | OTHER_VARIABLES
+    known = {PREFIX + name.upper() for name in Settings.model_fields} | OTHER_VARIABLES | set(REPLACED)
     warnings = []
     for name in sorted(environ):
         upper = name.upper()  # pydantic-settings reads the names case-insensitively

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-# Apps in tests serve eagerly unless a test asks for the compiled fast path (tests/test_fastpath.py does):
-# compiling costs ~20 s per model on two cores.
-os.environ.setdefault("CAMSERVE_COMPILE", "off")
+# Apps in tests serve eagerly unless a test asks for another runtime (tests/test_fastpath.py, test_runtime.py do):
+# compiling costs ~20 s per model on two cores, an ONNX export 5-10 s.
+os.environ.setdefault("CAMSERVE_RUNTIME", "eager")
 
 
 def efficientnet_lite0() -> torch.nn.Module:

@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 from service.cam import CamEngine
+from service.cam.fastpath import CompiledSplit
 from service.cam.render import minmax_normalize
 from service.cam.split import SplitError, export_model, split_model
-from service.models import compiling
-from service.models.compiling import choose_execution
+from service.models import runtimes
+from service.models.runtimes import choose_runtime
 
 METHODS = ["gradcam", "gradcampp", "xgradcam", "layercam", "hirescam", "guided-gradcam"]
 MAX_BATCH = 16
@@ -23,7 +24,14 @@ MAX_BATCH = 16
 @pytest.fixture(scope="module", autouse=True)
 def compile_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """One inductor cache for this module's compilations (a second compile of a graph is then a cache hit)."""
-    compiling.set_cache_dir(tmp_path_factory.mktemp("inductor"))
+    runtimes.set_inductor_cache(tmp_path_factory.mktemp("cache"))
+
+
+def compiled(engine: CamEngine) -> CompiledSplit:
+    """The compiled split an engine serves every batch size through."""
+    backend = engine.backend_for(1)
+    assert isinstance(backend, CompiledSplit)
+    return backend
 
 
 def _pair(model: nn.Module, example: torch.Tensor, **engine_args: object) -> tuple[CamEngine, CamEngine]:
@@ -68,9 +76,9 @@ def _assert_same(fast: CamEngine, eager: CamEngine, images: torch.Tensor, **expl
 def test_compiled_maps_equal_eager(engines: str, batch: int, method: str, request: pytest.FixtureRequest) -> None:
     fast, eager = request.getfixturevalue(engines)
     size = 224 if engines == "lite0_engines" else 160
-    assert fast.fast is not None and eager.fast is None
+    assert eager.runtime is None
     _assert_same(fast, eager, _images(batch, size, seed=batch), method=method)
-    assert fast.fast.eager_calls == 0  # every batch size up to MAX_BATCH was compiled in warm-up
+    assert compiled(fast).eager_calls == 0  # every batch size up to MAX_BATCH was compiled in warm-up
 
 
 def test_compiled_predict_equals_eager(lite0_engines: tuple[CamEngine, CamEngine], chelsea) -> None:
@@ -96,10 +104,9 @@ def test_targets_counterfactual_and_other_layers(lite0_engines: tuple[CamEngine,
 
 def test_every_batch_size_was_compiled_in_warm_up(resnet_engines: tuple[CamEngine, CamEngine]) -> None:
     fast, _eager = resnet_engines
-    assert fast.fast is not None
     for batch in range(1, MAX_BATCH + 1):
         fast.predict(_images(batch, 160, seed=batch))
-    assert fast.fast.eager_calls == 0
+    assert compiled(fast).eager_calls == 0
 
 
 def test_an_input_warm_up_did_not_compile_runs_eagerly(
@@ -108,11 +115,10 @@ def test_an_input_warm_up_did_not_compile_runs_eagerly(
     """No request waits for a compiler: an input needing a new graph (here another image size, which the worker
     never sends) runs eagerly, with the same results."""
     fast, eager = resnet_engines
-    assert fast.fast is not None
-    before = fast.fast.eager_calls
+    before = compiled(fast).eager_calls
     with caplog.at_level(logging.WARNING):
         _assert_same(fast, eager, _images(2, 128), method="gradcam")
-    assert fast.fast.eager_calls > before
+    assert compiled(fast).eager_calls > before
 
 
 def test_score_cam_masked_forwards_run_compiled(
@@ -121,14 +127,15 @@ def test_score_cam_masked_forwards_run_compiled(
     """Score-CAM's masked batches (32 inputs, beyond the worker's batch of 16) go through the compiled graph,
     which warm-up compiled for them, and give the eager engine's maps."""
     fast, eager = resnet_engines
-    assert fast.fast is not None and fast.fast.max_batch == 32
+    backend = compiled(fast)
+    assert backend.max_batch == 32
     batches: list[int] = []
-    compiled_logits = fast.fast.logits
-    monkeypatch.setattr(fast.fast, "logits", lambda x: batches.append(x.shape[0]) or compiled_logits(x))
-    before = fast.fast.eager_calls
+    compiled_logits = backend.logits
+    monkeypatch.setattr(backend, "logits", lambda x: batches.append(x.shape[0]) or compiled_logits(x))
+    before = backend.eager_calls
     _assert_same(fast, eager, _images(1, 160, seed=5), method="scorecam")
     assert batches.count(32) >= 10 and 1 in batches  # the masked chunks and the all-zero baseline
-    assert fast.fast.eager_calls == before
+    assert backend.eager_calls == before
 
 
 def test_token_model_with_carried_values() -> None:
@@ -137,8 +144,8 @@ def test_token_model_with_carried_values() -> None:
     model = timm.create_model("deit_tiny_distilled_patch16_224", num_classes=10).eval()
     example = torch.zeros(1, 3, 224, 224)
     fast, eager = _pair(model, example)
-    assert fast.fast is not None and fast.fast.layer == "blocks.11.norm1"
-    assert fast.fast.split.carried >= 1
+    assert compiled(fast).layer == "blocks.11.norm1"
+    assert compiled(fast).split.carried >= 1
     for method in ("gradcam", "layercam"):
         _assert_same(fast, eager, _images(3, 224), method=method)
 
@@ -172,34 +179,6 @@ class Branchy(nn.Module):
         return self.fc(y.mean(dim=(2, 3)))
 
 
-def test_model_that_does_not_export_is_served_eagerly(caplog: pytest.LogCaptureFixture) -> None:
-    torch.manual_seed(0)
-    engine = CamEngine(Branchy().eval())
-    example = torch.zeros(1, 3, 32, 32)
-    engine.trace(example)
-    with pytest.raises(SplitError, match="does not export"):
-        export_model(engine.model, example.expand(2, -1, -1, -1))
-    with caplog.at_level(logging.INFO):
-        execution = choose_execution("branchy", engine, example, mode="auto", max_batch=4, warmup=True)
-    assert execution.startswith("eager: cannot be compiled")
-    assert engine.fast is None
-    assert "model branchy: serving eagerly: cannot be compiled" in caplog.text
-    assert engine.explain(_images(2, 32), method="gradcam").maps.shape == (2, 32, 32)
-
-
-def test_off_no_warmup_and_no_compiler_serve_eagerly(monkeypatch: pytest.MonkeyPatch) -> None:
-    torch.manual_seed(0)
-    engine = CamEngine(Branchy().eval())
-    example = torch.zeros(1, 3, 32, 32)
-    engine.trace(example)
-    assert choose_execution("m", engine, example, mode="off", max_batch=4, warmup=True) == "eager: compile is off"
-    assert "warm-up is off" in choose_execution("m", engine, example, mode="auto", max_batch=4, warmup=False)
-    monkeypatch.setenv("PATH", "/nonexistent")
-    monkeypatch.delenv("CXX", raising=False)
-    assert "no C++ compiler" in choose_execution("m", engine, example, mode="auto", max_batch=4, warmup=True)
-    assert engine.fast is None
-
-
 class Plain(Branchy):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
@@ -217,38 +196,6 @@ def test_split_halves_give_the_model_logits() -> None:
         split_model(export_model(model, torch.zeros(2, 3, 8, 8)), "missing")
 
 
-@pytest.mark.anyio
-async def test_service_with_compile_auto_serves_compiled_maps(registry, chelsea) -> None:
-    """The app as configured by default (CAMSERVE_COMPILE=auto) compiles the default model during warm-up;
-    its answers equal the eager registry's."""
-    import numpy as np
-
-    from tests.apphelpers import running_app
-    from tests.conftest import jpeg_bytes
-
-    cat_jpeg = jpeg_bytes(chelsea)
-    eager = registry.get()
-    async with running_app(None, compile="auto", max_batch_size=MAX_BATCH) as (client, app):
-        listed = (await client.get("/models")).json()["models"][0]
-        assert listed["execution"] == "compiled"
-        assert app.state.service.registry.get().engine.fast is not None
-        files = [("image", ("cat.jpg", cat_jpeg, "image/jpeg"))]
-        explained = await client.post("/explain", params={"method": "gradcampp", "raw": "true"}, files=files)
-        predicted = await client.post("/predict", files=files)
-    assert explained.status_code == predicted.status_code == 200, explained.text
-    from service.images import decode_image, preprocess
-
-    x = preprocess([decode_image(cat_jpeg).pixels], eager.input_size, eager.mean, eager.std)
-    direct = eager.engine.explain(x, method="gradcampp")
-    (result,) = explained.json()["results"]
-    cam = np.array(result["explanations"][0]["cam"])
-    reference = direct.maps[0].numpy()
-    np.testing.assert_allclose(cam / cam.max(), reference / reference.max(), atol=1e-4)
-    top = predicted.json()["results"][0]["predictions"][0]
-    assert top["index"] == 285
-    assert abs(top["score"] - torch.softmax(direct.logits, 1)[0, 285].item()) < 1e-4
-
-
 class Tiny(nn.Module):
     """conv -> bn -> relu (the default layer) -> pool -> fc."""
 
@@ -263,7 +210,7 @@ class Tiny(nn.Module):
         return self.fc(self.relu(self.bn(self.conv(x))).mean(dim=(2, 3)))
 
 
-def test_a_cut_in_the_wrong_place_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_cut_in_the_wrong_place_is_caught(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     """Equal logits do not prove the cut: compile compares the split's activation with the hooked layer's."""
     import dataclasses
 
@@ -278,4 +225,7 @@ def test_a_cut_in_the_wrong_place_is_caught(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(engine_module, "split_model", wrong)
     with pytest.raises(SplitError, match="differs from the layer's output"):
         engine.compile(example, max_batch=4)
-    assert "cannot be compiled" in choose_execution("tiny", engine, example, mode="auto", max_batch=4, warmup=True)
+    choice = choose_runtime(
+        "tiny", engine, example, mode="compiled", max_batch=4, warmup=True, cache_dir=tmp_path, measure_compiled=True
+    )
+    assert "differs from the layer's output" in choice.not_used["compiled"] and engine.runtime is None

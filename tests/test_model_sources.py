@@ -357,7 +357,8 @@ def test_a_missing_extra_is_named(tmp_path, monkeypatch, module, kind, extra):
             "model 'x': input_size values must be from 1 to 4096",
         ),
         ('kind = "torchscript"\nweights = "m.pt"\ndefault_layer = "layer4"', "torchscript .* default_layer cannot"),
-        ('kind = "torchscript"\nweights = "m.pt"\ncompile = "auto"', "torchscript .* so compile cannot apply"),
+        ('kind = "torchscript"\nweights = "m.pt"\nruntime = "auto"', "torchscript .* so runtime cannot apply"),
+        ('architecture = "efficientnet-lite0"\ncompile = "off"', "model 'x': `compile` was replaced by `runtime`"),
         (
             'architecture = "efficientnet-lite0"\ndefault = true\n'
             '[[models]]\nname = "y"\narchitecture = "efficientnet-lite0"',

@@ -229,7 +229,7 @@ def test_stopped_while_loading_it_exits_at_once_without_waiting_for_the_load(tmp
     if stop_by == "port taken":
         taken.bind(("127.0.0.1", port))
         taken.listen()
-    env = {**os.environ, "CAMSERVE_DEVICE": "cpu", "CAMSERVE_MODELS_FILE": str(models), "CAMSERVE_COMPILE": "off"}
+    env = {**os.environ, "CAMSERVE_DEVICE": "cpu", "CAMSERVE_MODELS_FILE": str(models), "CAMSERVE_RUNTIME": "eager"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
     started = time.monotonic()
     process = subprocess.Popen(

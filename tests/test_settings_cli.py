@@ -160,8 +160,8 @@ def test_settings_that_cannot_work_together_are_refused(monkeypatch, tmp_path):
     assert load_settings().max_queue == 8
     a_file = tmp_path / "cache"
     a_file.write_text("")
-    monkeypatch.setenv("CAMSERVE_COMPILE_CACHE_DIR", str(a_file))
-    with pytest.raises(SettingsInvalid, match="CAMSERVE_COMPILE_CACHE_DIR=.*exists and is not a directory"):
+    monkeypatch.setenv("CAMSERVE_CACHE_DIR", str(a_file))
+    with pytest.raises(SettingsInvalid, match="CAMSERVE_CACHE_DIR=.*exists and is not a directory"):
         load_settings()
 
 

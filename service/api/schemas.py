@@ -95,6 +95,27 @@ class ExplainResponse(BaseModel):
     results: list[ExplainResult]
 
 
+class RuntimeBucket(BaseModel):
+    batch_sizes: tuple[int, int] = Field(description="[smallest, largest] batch size of the bucket", examples=[[2, 8]])
+    backend: str = Field(description="eager, onnxruntime or compiled", examples=["onnxruntime"])
+    ms: dict[str, float] = Field(
+        description="median predict milliseconds of each candidate at the largest batch size, timed at warm-up",
+        examples=[{"eager": 150.2, "onnxruntime": 61.7}],
+    )
+
+
+class RuntimeInfo(BaseModel):
+    mode: str = Field(description="auto, eager, compiled or onnxruntime, as configured", examples=["auto"])
+    layer: str | None = Field(description="where the model is split: the default layer", examples=["_swish"])
+    buckets: list[RuntimeBucket] = Field(description="empty when every batch runs eagerly")
+    not_used: dict[str, str] = Field(
+        description="candidates that were not built or did not match eager, and why",
+        examples=[{"compiled": "no C++ compiler on PATH"}],
+    )
+    build_s: float = Field(description="seconds spent exporting, building and timing at start-up")
+    from_cache: bool = Field(description="true when the decision was read from the cache instead of timed")
+
+
 class ModelInfo(BaseModel):
     name: str
     architecture: str
@@ -105,11 +126,7 @@ class ModelInfo(BaseModel):
     interpolation: str = Field(description="resampling filter of the resize: bilinear or bicubic (antialiased)")
     num_classes: int
     default_layer: str | None = Field(description="CAM layer used by default; null when the model cannot explain")
-    execution: str = Field(
-        description="`compiled`: predictions and the default layer's maps run compiled (CAMSERVE_COMPILE); "
-        "otherwise `eager: <why not compiled>`",
-        examples=["compiled", "eager: compile is off"],
-    )
+    runtime: RuntimeInfo = Field(description="what runs predictions and the default layer's prefix (CAMSERVE_RUNTIME)")
     default: bool
 
 

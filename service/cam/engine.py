@@ -29,7 +29,8 @@ from service.cam.methods import get_method
 from service.cam.pairs import PairPlan, TargetSpec, plan_pairs
 from service.cam.render import minmax_normalize, resize_maps
 from service.cam.reruns import EngineReruns
-from service.cam.split import SplitError, split_model
+from service.cam.runtime import Backend, RuntimeTable
+from service.cam.split import ModelSplit, SplitError, split_model
 
 
 @dataclass
@@ -84,8 +85,8 @@ class CamEngine:
         self.gradient_scale = None if gradient_scale is None else scaling.check_scale(gradient_scale)
         self._trace: LayerTrace | None = None
         self._trace_lock = threading.Lock()
-        #: The compiled split at the default layer, once `compile` kept it (predictions and that layer's maps).
-        self.fast: CompiledSplit | None = None
+        #: The backends serving predictions and the default layer's prefix, per batch size (None: eager).
+        self.runtime: RuntimeTable | None = None
         self._reruns = EngineReruns(model, self._autocast, rerun_batch_size)
 
     # -- structure ---------------------------------------------------------------------------
@@ -107,6 +108,11 @@ class CamEngine:
                     default = choose_default_layer(self.model, trace, probe, self._autocast)
                     self._trace = dataclasses.replace(trace, default=default)
         return self._trace
+
+    @property
+    def rerun_batch_size(self) -> int:
+        """Masked or ablated inputs per extra forward of Score-CAM and Ablation-CAM."""
+        return self._reruns.batch_size
 
     @property
     def default_layer(self) -> str:
@@ -134,9 +140,10 @@ class CamEngine:
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
     def predict(self, images: Tensor) -> Tensor:
-        """Logits [B, C] (float32) of a plain inference forward (compiled when the fast path is on)."""
-        if self.fast is not None:
-            return self.fast.logits(images.to(self.device)).float()
+        """Logits [B, C] (float32) of a plain inference forward (on the runtime serving this batch size)."""
+        backend = self.backend_for(images.shape[0])
+        if backend is not None:
+            return backend.logits(images.to(self.device)).float()
         return self.predict_eager(images)
 
     def predict_eager(self, images: Tensor) -> Tensor:
@@ -144,52 +151,63 @@ class CamEngine:
         with torch.inference_mode(), self._autocast():
             return self.model(images.to(self.device)).float()
 
+    def backend_for(self, batch: int) -> Backend | None:
+        """The runtime serving batches of `batch` images (None: the eager model)."""
+        return None if self.runtime is None else self.runtime.for_batch(batch)
+
+    def split(self, example: Tensor) -> ModelSplit:
+        """The model split at the default layer (its export made once per engine); SplitError when it cannot be."""
+        return split_model(self._reruns.export(example.to(self.device)), self.default_layer)
+
     def compile(self, example: Tensor, *, max_batch: int, channels_last: bool | None = None) -> CompiledSplit:
-        """The fast path at the default layer, compiled and warmed up (its `report` says how it did); serve through
-        it with `use_fast_path`. Raises SplitError when the model does not export or split there.
+        """The fast path at the default layer, compiled, warmed up and checked (its `report` says how it did); serve
+        through it with `use_fast_path` or a `RuntimeTable`. Raises SplitError when the model does not export or
+        split there.
 
         Warm-up covers batches up to `max_batch` and the rerun batch size, so that Score-CAM's masked forwards
         run compiled too.
 
         `channels_last` (default: models with convolutions past their first layer) feeds the prefix NHWC inputs.
         """
-        layer = self.default_layer
         example = example.to(self.device)
-        split = split_model(self._reruns.export(example), layer)
+        split = self.split(example)
         if channels_last is None:
             channels_last = sum(isinstance(m, nn.Conv2d) for m in self.model.modules()) > 2
         compiled = CompiledSplit(split, autocast=self._autocast, channels_last=channels_last)
         compiled.warm_up(example, max(max_batch, self._reruns.batch_size), self.predict_eager)
-        self._check_split_activation(compiled, example)
+        self.check_backend(compiled, example)
         return compiled
 
-    def _check_split_activation(self, compiled: CompiledSplit, example: Tensor) -> None:
-        """Raise SplitError unless the split's activation is the layer's output as the hooks see it (equal logits
+    def check_backend(self, backend: Backend, example: Tensor) -> None:
+        """Raise SplitError unless the backend's activation is the layer's output as the hooks see it (equal logits
         alone would not tell a cut in the wrong place)."""
         images = noise(example, 2)
-        layer = compiled.layer
+        layer = backend.layer
         trace = self.trace()
         with torch.inference_mode(False), torch.no_grad():
             modules = {layer: resolve_layer(self.model, layer)}
-            _, (reference,) = self._forward(images, (layer,), modules, trace, record=False)
-        activation, _ = compiled.prefix(images)
+            _, (reference,) = self._forward(images, (layer,), modules, trace, record=False, eager=True)
+        activation, _ = backend.prefix(images)
         reference = reference.detach().float()
         if activation.shape != reference.shape:
             raise SplitError(
                 f"the split at {layer!r} gives shape {tuple(activation.shape)}, the layer {tuple(reference.shape)}"
             )
-        error = (activation.float() - reference).abs().max().item()
+        error = (activation.float().to(reference.device) - reference).abs().max().item()
         tolerance = (1e-3 if self.autocast_dtype is None else 5e-2) * max(1.0, reference.abs().max().item())
         if error > tolerance:
             raise SplitError(f"the split's activation at {layer!r} differs from the layer's output by {error:.3g}")
 
-    def use_fast_path(self, fast: CompiledSplit | None) -> None:
-        """Serve predictions, the default layer's maps and Score-CAM's masked forwards through `fast` (None:
-        eagerly)."""
-        if fast is not None and fast.layer != self.default_layer:
-            raise ValueError(f"the fast path splits at {fast.layer!r}, not at the default layer {self.default_layer!r}")
-        self.fast = fast
-        self._reruns.compiled = fast
+    def use_runtime(self, runtime: RuntimeTable | None) -> None:
+        """Serve predictions, the default layer's maps and full-forward reruns as `runtime` says (None: eagerly)."""
+        if runtime is not None and runtime.layer != self.default_layer:
+            raise ValueError(f"the runtime splits at {runtime.layer!r}, not at the default layer {self.default_layer}")
+        self.runtime = runtime
+        self._reruns.runtime = runtime
+
+    def use_fast_path(self, fast: Backend | None) -> None:
+        """Serve every batch size through `fast` (None: eagerly)."""
+        self.use_runtime(None if fast is None else RuntimeTable.single(fast))
 
     def explain(
         self,
@@ -255,19 +273,22 @@ class CamEngine:
         trace: LayerTrace,
         *,
         record: bool = True,
+        eager: bool = False,
     ) -> tuple[Tensor, list[Tensor]]:
         """Logits, with autograd recorded from the layers' activations on (unless `record` is False), and those
         activations.
 
-        At the fast path's layer: its compiled prefix, then its suffix with autograd. Elsewhere: the eager model
-        with hooks that switch autograd on at the first target layer.
+        At the runtime's layer (unless `eager`): the prefix on the backend serving this batch size, then the
+        suffix in torch with autograd. Elsewhere: the eager model with hooks that switch autograd on at the first
+        target layer.
         """
-        if self.fast is not None and names == (self.fast.layer,):
-            activation, carried = self.fast.prefix(images)
+        backend = None if eager else self.backend_for(images.shape[0])
+        if backend is not None and names == (backend.layer,):
+            activation, carried = backend.prefix(images)
             trace.layouts[names[0]].check(activation.shape, names[0])
-            activation = activation.detach().requires_grad_(record)
+            activation = activation.to(self.device).detach().requires_grad_(record)
             with torch.set_grad_enabled(record):  # a clone: in-place operations of the suffix leave it intact
-                logits = self.fast.suffix(activation.clone(), carried)
+                logits = backend.suffix(activation.clone(), carried)
             return logits, [activation]
         capture = ActivationCapture(modules, trace.calls, trace.layouts, record=record)
         with capture, self._autocast():

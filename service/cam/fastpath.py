@@ -11,7 +11,6 @@ a call that would need a new compilation runs eagerly instead (never waits for a
 from __future__ import annotations
 
 import logging
-import statistics
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -32,21 +31,16 @@ Autocast = Callable[[], AbstractContextManager[object]]
 
 @dataclass(frozen=True)
 class WarmUpReport:
-    """What warm-up measured: compile seconds, and median eager / compiled predict times per batch size."""
+    """What warm-up found: compile seconds and the largest |compiled - eager| logit."""
 
     compile_s: float
-    eager_ms: dict[int, float]
-    compiled_ms: dict[int, float]
     max_logit_error: float
-
-    @property
-    def slower(self) -> bool:
-        """True when the compiled predict is slower than eager at every measured batch size."""
-        return all(self.compiled_ms[b] >= self.eager_ms[b] for b in self.eager_ms)
 
 
 class CompiledSplit:
-    """The compiled halves of a `ModelSplit`; call `warm_up` before serving."""
+    """The compiled halves of a `ModelSplit` (a `runtime.Backend`); call `warm_up` before serving."""
+
+    name = "compiled"
 
     def __init__(self, split: ModelSplit, *, autocast: Autocast, channels_last: bool) -> None:
         self.split = split
@@ -98,8 +92,7 @@ class CompiledSplit:
             return eager(*args)
 
     def warm_up(self, example: Tensor, max_batch: int, eager: Callable[[Tensor], Tensor]) -> WarmUpReport:
-        """Compile every graph a batch of 1..max_batch needs, check the logits against `eager` and time both at
-        batch 1 and 8 (or max_batch when smaller).
+        """Compile every graph a batch of 1..max_batch needs and check the logits against `eager`.
 
         Batch 1 gets its own graph, 2 and 3 make the batch dimension dynamic; kernels may still guard on ranges
         of it (oneDNN choices at 16, say), so the warm-up also runs the sizes around each power of two and
@@ -116,11 +109,7 @@ class CompiledSplit:
         compile_s = time.perf_counter() - started
         self._warm = True
         self.max_batch = max_batch
-        eager_ms: dict[int, float] = {}
-        compiled_ms: dict[int, float] = {}
-        for size in sorted({1, min(max_batch, 8)}):
-            eager_ms[size], compiled_ms[size] = _medians_ms([eager, self.logits], noise(example, size))
-        self.report = WarmUpReport(compile_s, eager_ms, compiled_ms, error)
+        self.report = WarmUpReport(compile_s, error)
         return self.report
 
 
@@ -138,19 +127,3 @@ def noise(example: Tensor, batch: int) -> Tensor:
     """`batch` seeded standard-normal images of `example`'s shape, on its device."""
     generator = torch.Generator().manual_seed(batch)
     return torch.randn((batch, *example.shape[1:]), generator=generator).to(example.device)
-
-
-def _medians_ms(functions: list[Callable[[Tensor], Tensor]], images: Tensor, repeats: int = 5) -> list[float]:
-    """Median milliseconds of each function on `images`, timed in turns so that a busy host slows all alike."""
-    times: list[list[float]] = [[] for _ in functions]
-    with torch.no_grad():
-        for fn in functions:
-            fn(images)
-        for _ in range(repeats):
-            for fn, spent in zip(functions, times, strict=True):
-                started = time.perf_counter()
-                fn(images)
-                if images.device.type == "cuda":
-                    torch.cuda.synchronize(images.device)
-                spent.append((time.perf_counter() - started) * 1000)
-    return [statistics.median(spent) for spent in times]

@@ -64,6 +64,34 @@ def split_model(graph_module: fx.GraphModule, layer: str) -> ModelSplit:
     return ModelSplit(layer, prefix, suffix, len(carried))
 
 
+def carried_kinds(split: ModelSplit) -> tuple[str, ...]:
+    """How each carried value depends on the batch, read from the suffix's placeholders (export's symbolic
+    shapes): "rows" (a tensor with one row per image), "batch" (the batch size) or "fixed"."""
+    placeholders = [n for n in split.suffix.graph.nodes if n.op == "placeholder"]
+    activation = placeholders[0].meta.get("val")
+    if not isinstance(activation, Tensor) or not isinstance(activation.shape[0], torch.SymInt):
+        raise SplitError("the layer's output has no dynamic batch dimension")
+    batch = activation.shape[0].node.expr
+    kinds = []
+    for node in placeholders[1:]:
+        value = node.meta.get("val")
+        if isinstance(value, torch.SymInt):
+            if value.node.expr != batch:
+                raise SplitError(f"a carried size ({value.node.expr}) is not the batch size")
+            kinds.append("batch")
+        elif isinstance(value, Tensor):
+            first = value.shape[0] if value.dim() else None
+            if isinstance(first, torch.SymInt) and first.node.expr == batch:
+                kinds.append("rows")
+            elif any(isinstance(d, torch.SymInt) for d in value.shape):
+                raise SplitError("a carried tensor depends on the batch other than by its rows")
+            else:
+                kinds.append("fixed")
+        else:
+            kinds.append("fixed")
+    return tuple(kinds)
+
+
 def _layer_output(nodes: list[fx.Node], layer: str) -> fx.Node:
     """The last node run inside module `layer` (so, of its last call), from export's `nn_module_stack`."""
     inside = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -14,13 +14,13 @@ from torch import nn
 from service.cam import CamEngine, UnknownLayerError
 from service.device import configure_device, no_cuda_message
 from service.errors import InvalidParameterError, UnknownModelError
-from service.models.compiling import CompileMode, choose_execution, set_cache_dir
 from service.models.errors import ModelConfigError
 from service.models.loader import build_model
 from service.models.preprocessing import Preprocessing
+from service.models.runtimes import RuntimeChoice, choose_runtime, default_cache_dir, set_inductor_cache
 from service.models.spec import ModelsFile, ModelSpec, default_models, read_models_file
 from service.numbers import whole_number
-from service.settings import Settings
+from service.settings import RuntimeMode, Settings
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,8 @@ class ServedModel:
     load_seconds: float
     preprocessing: Preprocessing
     architecture: str
-    #: "compiled" (the fast path at the default layer) or "eager: <why not compiled>"
-    execution: str = "eager"
+    #: what runs its forwards, per batch-size bucket
+    runtime: RuntimeChoice = field(default_factory=lambda: RuntimeChoice("eager"))
 
     @property
     def explainable(self) -> bool:
@@ -111,13 +111,15 @@ def load_model(
     spec: ModelSpec,
     device: torch.device,
     warmup: bool = True,
-    compile: CompileMode = "off",
+    runtime: RuntimeMode = "eager",
     max_batch: int = 16,
     masked_batch_size: int = 32,
+    cache_dir: Path | None = None,
+    measure_compiled: bool = False,
 ) -> ServedModel:
-    """Build, move, freeze and (optionally) warm up one model; compile its fast path as `compile` (or the
-    spec's own `compile`) says, for batches up to `max_batch`. `masked_batch_size`: inputs per extra forward of
-    Score-CAM and Ablation-CAM."""
+    """Build, move, freeze and (optionally) warm up one model; choose its runtime as `runtime` (or the spec's
+    own `runtime`) says, for batches up to `max_batch` (`service.models.runtimes`). `masked_batch_size`: inputs
+    per extra forward of Score-CAM and Ablation-CAM."""
     started = time.perf_counter()
     built = build_model(spec)
     module = built.module.to(device).eval()
@@ -160,10 +162,17 @@ def load_model(
     labels = built.labels or [str(i) for i in range(num_classes)]
     if len(labels) != num_classes:
         raise ModelConfigError(f"model {spec.name!r}: {len(labels)} labels for a model with {num_classes} outputs")
-    execution = "eager: TorchScript (predict only)"
+    choice = RuntimeChoice("eager", not_used={"every backend": "TorchScript (predict only)"})
     if explainable:
-        execution = choose_execution(
-            spec.name, engine, example, mode=spec.compile or compile, max_batch=max_batch, warmup=warmup
+        choice = choose_runtime(
+            spec.name,
+            engine,
+            example,
+            mode=spec.runtime or runtime,
+            max_batch=max_batch,
+            warmup=warmup,
+            cache_dir=cache_dir or default_cache_dir(),
+            measure_compiled=measure_compiled,
         )
     if warmup and explainable:
         engine.explain(example, method="gradcampp")
@@ -177,7 +186,7 @@ def load_model(
         load_seconds=time.perf_counter() - started,
         preprocessing=built.preprocessing,
         architecture=built.architecture,
-        execution=execution,
+        runtime=choice,
     )
 
 
@@ -196,38 +205,48 @@ class ModelRegistry:
         warmup: bool = True,
         allow_tf32: bool = False,
         *,
-        compile: CompileMode = "off",
+        runtime: RuntimeMode = "eager",
         max_batch: int = 16,
-        compile_cache_dir: Path | None = None,
+        cache_dir: Path | None = None,
         masked_batch_size: int = 32,
+        measure_compiled: bool = False,
     ) -> ModelRegistry:
-        """Read the models file, set up the device (TF32 as configured, logged once) and load every model,
-        compiled as `compile` and each model's own setting say."""
+        """Read the models file, set up the device (TF32 as configured, logged once) and load every model on the
+        runtime `runtime` and each model's own setting say (`measure_compiled`: `auto` times inductor too)."""
         config: ModelsFile = read_models_file(models_file) if models_file else default_models()
         target = resolve_device(device)
         configure_device(target, allow_tf32)
-        set_cache_dir(compile_cache_dir)
+        cache_dir = cache_dir or default_cache_dir()
+        set_inductor_cache(cache_dir)
         loaded = []
         for spec in config.models:
             served = load_model(
-                spec, target, warmup=warmup, compile=compile, max_batch=max_batch, masked_batch_size=masked_batch_size
+                spec,
+                target,
+                warmup=warmup,
+                runtime=runtime,
+                max_batch=max_batch,
+                masked_batch_size=masked_batch_size,
+                cache_dir=cache_dir,
+                measure_compiled=measure_compiled,
             )
             log.info("loaded model %s on %s in %.2fs", spec.name, target, served.load_seconds)
             loaded.append(served)
         return cls(loaded, config.default_name)
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> ModelRegistry:
+    def from_settings(cls, settings: Settings, *, measure_compiled: bool = False) -> ModelRegistry:
         """`load` with the service's settings."""
         return cls.load(
             settings.models_file,
             settings.device,
             settings.warmup,
             settings.allow_tf32,
-            compile=settings.compile,
+            runtime=settings.runtime,
             max_batch=settings.max_batch_size,
-            compile_cache_dir=settings.compile_cache_dir,
+            cache_dir=settings.cache_dir,
             masked_batch_size=settings.masked_batch_size,
+            measure_compiled=measure_compiled,
         )
 
     def get(self, name: str | None = None) -> ServedModel:

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from service.models.errors import ModelConfigError
 from service.models.preprocessing import Interpolation
 from service.models.sources import SOURCE_FIELDS, AnySource, LocalPath
+from service.settings import RuntimeMode
 
 DEFAULT_MODEL = "efficientnet-lite0"
 #: The largest input side a models file may ask for (a 4096 x 4096 input is 200 MB per image as float32).
@@ -34,8 +35,8 @@ class ModelSpec(BaseModel):
     interpolation: Interpolation | None = None
     default_layer: str | None = None
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    #: the compiled fast path for this model: None follows CAMSERVE_COMPILE
-    compile: Literal["auto", "off"] | None = None
+    #: what runs this model's forwards (see service.models.runtimes): None follows CAMSERVE_RUNTIME
+    runtime: RuntimeMode | None = None
     default: bool = False
 
     @model_validator(mode="before")
@@ -44,6 +45,9 @@ class ModelSpec(BaseModel):
         """The flat TOML table -> common fields + `source` (its `kind` and the fields of that kind)."""
         if not isinstance(data, dict) or "source" in data:
             return data
+        if "compile" in data:
+            raise ValueError('`compile` was replaced by `runtime` ("off" is "eager"; "auto" is "compiled", or "auto" '
+                             "for the fastest of every backend)")
         common = {k: v for k, v in data.items() if k not in SOURCE_FIELDS}
         source = {k: v for k, v in data.items() if k in SOURCE_FIELDS}
         source.setdefault("kind", "builtin")
@@ -59,7 +63,7 @@ class ModelSpec(BaseModel):
             raise ValueError(f"input_size values must be from 1 to {MAX_INPUT_SIDE}")
         if self.kind == "torchscript":
             ignored = ["default_layer"] if self.default_layer is not None else []
-            ignored += ["compile"] if self.compile == "auto" else []  # "off" is what it gets anyway
+            ignored += ["runtime"] if self.runtime not in (None, "eager") else []  # eager is what it gets anyway
             if ignored:
                 raise ValueError(
                     f"a torchscript model only predicts (scripted modules take no hooks), so "

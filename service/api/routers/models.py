@@ -7,9 +7,18 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path
 
 from service.api.deps import get_service
-from service.api.schemas import ErrorResponse, LayerInfo, LayersResponse, ModelInfo, ModelsResponse
+from service.api.schemas import (
+    ErrorResponse,
+    LayerInfo,
+    LayersResponse,
+    ModelInfo,
+    ModelsResponse,
+    RuntimeBucket,
+    RuntimeInfo,
+)
 from service.api.security import check_api_key
 from service.inference import InferenceService
+from service.models.runtimes import RuntimeChoice
 
 router = APIRouter(tags=["models"], dependencies=[Depends(check_api_key)])
 
@@ -34,7 +43,7 @@ async def list_models(service: Annotated[InferenceService, Depends(get_service)]
                 interpolation=m.interpolation,
                 num_classes=m.num_classes,
                 default_layer=m.default_layer,
-                execution=m.execution,
+                runtime=runtime_info(m.runtime),
                 default=m.name == registry.default_name,
             )
             for m in registry
@@ -71,3 +80,19 @@ async def list_layers(
             )
         )
     return LayersResponse(model=served.name, default_layer=served.default_layer, layers=layers)
+
+
+def runtime_info(choice: RuntimeChoice) -> RuntimeInfo:
+    """The model's runtime as /models reports it: each bucket's batch sizes, backend and measured times."""
+    lows = [1] + [bucket.largest + 1 for bucket in choice.buckets[:-1]]
+    return RuntimeInfo(
+        mode=choice.mode,
+        layer=choice.layer,
+        buckets=[
+            RuntimeBucket(batch_sizes=(low, bucket.largest), backend=bucket.backend, ms=dict(bucket.ms))
+            for low, bucket in zip(lows, choice.buckets, strict=True)
+        ],
+        not_used=choice.not_used,
+        build_s=round(choice.build_s, 3),
+        from_cache=choice.from_cache,
+    )
