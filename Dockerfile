@@ -44,25 +44,16 @@ RUN /opt/venv/bin/pip install ${PIP_EXTRA_ARGS} "/src[timm,hf]" \
 
 FROM base AS runtime
 ARG TORCH_CUDA
-# The compiled fast path (CAMSERVE_COMPILE=auto) builds its kernels at start-up: inductor needs a C++ compiler
-# for CPU kernels (and Triton a C compiler for its GPU launchers). g++ costs ~210-250 MB beside torch's ~5 GB;
-# without it every model is served eagerly (1.8-3x slower predictions on CPU). See docs/deployment.md.
-# The CPU kernels' Python bindings also include Python.h: python:*-slim ships it, a distribution's python3
-# does not (Debian: libpython3-dev, ~26 MB), and without it every compile fails ("Python.h: No such file").
-# hadolint ignore=SC2086
-RUN headers=""; \
-    python3 -c "import os, sys, sysconfig; sys.exit(not os.path.isfile(os.path.join(sysconfig.get_path('include'), 'Python.h')))" \
-        || headers=libpython3-dev; \
-    apt-get update \
-    && apt-get install -y --no-install-recommends g++ ${headers} \
-    && rm -rf /var/lib/apt/lists/*
+# No C++ compiler: `auto` serves ONNX Runtime or eager, which need none (docs/runtimes.md). A runtime of
+# `compiled` (inductor) needs g++ and Python.h: build FROM this image and apt-get install g++ libpython3-dev.
 COPY --from=builder /opt/venv /opt/venv
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin camserve \
     && mkdir -p /var/cache/camserve \
     && chown 10001 /var/cache/camserve
-# Compiled graphs and kernels are cached here; mount a volume to keep them across restarts (~7 MB per model).
+# Exported ONNX graphs and runtime decisions are cached here (~14 MB per model); `camserve prepare` below fills
+# it for the embedded model, so the image starts warm. Mount a volume to keep what other models add.
 ENV PATH=/opt/venv/bin:$PATH \
-    CAMSERVE_COMPILE_CACHE_DIR=/var/cache/camserve/compile \
+    CAMSERVE_CACHE_DIR=/var/cache/camserve \
     MPLCONFIGDIR=/tmp/matplotlib \
     CAMSERVE_DEVICE=auto \
     CAMSERVE_HOST=0.0.0.0 \
@@ -74,6 +65,9 @@ ENV PATH=/opt/venv/bin:$PATH \
 ENV NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     NVIDIA_REQUIRE_CUDA="cuda>=${TORCH_CUDA}"
 USER 10001
+# Timings are per machine, so a host other than the builder times eager against ONNX Runtime once at start-up
+# (seconds); the exported graph is reused.
+RUN CAMSERVE_DEVICE=cpu camserve prepare --no-compiled
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
     CMD ["python3", "-c", "import os, sys, urllib.request; port = os.environ.get('CAMSERVE_PORT', '8000'); sys.exit(0 if urllib.request.urlopen(f'http://127.0.0.1:{port}/health/ready', timeout=4).status == 200 else 1)"]

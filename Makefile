@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 HOST ?= 0.0.0.0
 PORT ?= 8000
 
-.PHONY: install install-test serve test lint openapi screenshot bench bench-methods bench-transformers bench-load evaluate container-test container-lint clean
+.PHONY: install install-test serve prepare test lint openapi screenshot bench bench-methods bench-transformers bench-load bench-runtime evaluate container-test container-lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ install-test: $(PY)
 
 serve: install
 	$(VENV)/bin/camserve serve --host $(HOST) --port $(PORT)
+
+# builds every cache for the models file (CAMSERVE_MODELS_FILE; embedded model when unset) so `serve` starts warm
+prepare: install
+	$(VENV)/bin/camserve prepare
 
 test: install-test
 	$(VENV)/bin/ruff check service tests bench
@@ -49,6 +53,11 @@ bench-transformers: install-test
 bench-load: install-test
 	$(PY) -m bench.bench_load --spawn --concurrency 1 4 16 64 --json docs/bench_load_cpu.json
 
+# OpenVINO XAI is the anchor only: it pins an old OpenVINO, so it gets a venv of its own
+bench-runtime: install-test
+	test -x .venv-ovxai/bin/python || ($(PYTHON) -m venv .venv-ovxai && .venv-ovxai/bin/pip install -q openvino-xai==1.1.0)
+	$(PY) -m bench.bench_runtime --openvino-xai-python .venv-ovxai/bin/python --json docs/bench_runtime_cpu.json
+
 evaluate: install-test
 	$(PIP) install -q --no-deps imgaug  # only its quokka photo and box are read
 	$(PY) -m bench.evaluate --out docs/evaluation.json
@@ -56,8 +65,12 @@ evaluate: install-test
 container-lint: install-test
 	bash scripts/lint-container.sh
 
-container-test: install-test
+container-# builds every cache for the models file (CAMSERVE_MODELS_FILE; embedded model when unset) so `serve` starts warm
+prepare: install
+	$(VENV)/bin/camserve prepare
+
+test: install-test
 	bash scripts/container-test.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .venv-ovxai .pytest_cache

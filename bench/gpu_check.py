@@ -32,8 +32,18 @@ import torch
 from PIL import Image
 from skimage import data
 
-STEPS = ("environment", "pytest_gpu", "sweep", "race", "corrupt_jpeg", "memory", "bench_engine", "bench_load")
-PARTS = {"checks": STEPS[:6], "bench": ("environment", "bench_engine", "bench_load"), "all": STEPS}
+STEPS = (
+    "environment",
+    "pytest_gpu",
+    "sweep",
+    "race",
+    "corrupt_jpeg",
+    "memory",
+    "onnxruntime",
+    "bench_engine",
+    "bench_load",
+)
+PARTS = {"checks": STEPS[:7], "bench": ("environment", "bench_engine", "bench_load"), "all": STEPS}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MIN_SPEARMAN = 0.99
 RACE_TOLERANCE = 1e-3  # max |map - baseline| / max |baseline|: batch composition may change kernels, not maps
@@ -336,6 +346,44 @@ def _bench(args: argparse.Namespace, name: str, extra: list[str]) -> dict:
             command, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
         ).returncode
     return {"ok": rc == 0, "returncode": rc, "command": " ".join(command[1:])}
+
+
+def step_onnxruntime(args: argparse.Namespace) -> dict:
+    """ONNX Runtime's providers on this device (CUDA, TensorRT where installed): the runtime layer's logits and
+    Grad-CAM++ maps against the eager engine's, and each bucket's timing; skipped where none is installed."""
+    from service.cam import CamEngine
+    from service.cam.render import minmax_normalize
+    from service.models import ModelSpec, load_model
+    from service.models.runtimes import choose_runtime
+
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise Skipped(f"onnxruntime is not installed ({exc})") from None
+    providers = onnxruntime.get_available_providers()
+    if args.device == "cuda" and "CUDAExecutionProvider" not in providers:
+        raise Skipped(f"onnxruntime has no CUDA provider here (install onnxruntime-gpu); it has {providers}")
+    device = torch.device(args.device)
+    module = load_model(ModelSpec(name="efficientnet-lite0"), device, runtime="eager").module
+    example = torch.zeros(1, 3, 224, 224, device=device)
+    eager, served = CamEngine(copy.deepcopy(module)), CamEngine(module)
+    eager.trace(example)
+    served.trace(example)
+    choice = choose_runtime(
+        "lite0", served, example, mode="onnxruntime", max_batch=16, warmup=True, cache_dir=Path(args.out, "cache")
+    )
+    x = torch.randn(5, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(device)
+    a, b = served.explain(x, method="gradcampp"), eager.explain(x, method="gradcampp")
+    logit_error = (a.logits - b.logits).abs().max().item()
+    map_error = (minmax_normalize(a.maps) - minmax_normalize(b.maps)).abs().max().item()
+    return {
+        "ok": "onnxruntime" not in choice.not_used and logit_error <= 1e-3 and map_error <= 1e-3,
+        "providers": providers,
+        "runtime": choice.summary,
+        "not_used": choice.not_used,
+        "max_logit_error": logit_error,
+        "max_map_error": map_error,
+    }
 
 
 def step_bench_engine(args: argparse.Namespace) -> dict:

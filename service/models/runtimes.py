@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -65,18 +66,22 @@ class RuntimeChoice:
     build_s: float = 0.0
     from_cache: bool = False
 
+    def ranges(self) -> list[tuple[int, Bucket]]:
+        """Each bucket with the smallest batch size it serves."""
+        lows = [1] + [bucket.largest + 1 for bucket in self.buckets]
+        return list(zip(lows, self.buckets, strict=False))
+
     @property
     def summary(self) -> str:
         """One line: each bucket's backend, or "eager" with the reasons."""
         if not self.buckets:
             why = "; ".join(f"{name}: {reason}" for name, reason in self.not_used.items())
             return f"eager ({why})" if why else EAGER
-        parts, low = [], 1
-        for bucket in self.buckets:
+        parts = []
+        for low, bucket in self.ranges():
             times = ", ".join(f"{name} {ms:.1f} ms" for name, ms in bucket.ms.items())
             sizes = f"{low}" if low == bucket.largest else f"{low}-{bucket.largest}"
             parts.append(f"batch {sizes}: {bucket.backend}" + (f" ({times})" if times else ""))
-            low = bucket.largest + 1
         return "; ".join(parts)
 
 
@@ -228,8 +233,6 @@ def _reason(exc: BaseException) -> str:
 def _artifact_key(engine: CamEngine, example: torch.Tensor, layer: str) -> str:
     """A digest of what the exported graph depends on: the model's structure and weights, the input shape, the
     layer, the precision and the library versions."""
-    import onnxruntime
-
     digest = hashlib.blake2b(digest_size=16)
     header = [
         CACHE_FORMAT,
@@ -239,13 +242,21 @@ def _artifact_key(engine: CamEngine, example: torch.Tensor, layer: str) -> str:
         layer,
         str(engine.autocast_dtype),
         torch.__version__,
-        onnxruntime.__version__,
+        _version("onnxruntime"),
+        _version("onnxscript"),
     ]
     digest.update(json.dumps(header, default=str).encode())
     for key, tensor in engine.model.state_dict().items():
         digest.update(key.encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def _version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
 
 
 def _machine_key(device: torch.device) -> str:

@@ -84,13 +84,12 @@ async def list_layers(
 
 def runtime_info(choice: RuntimeChoice) -> RuntimeInfo:
     """The model's runtime as /models reports it: each bucket's batch sizes, backend and measured times."""
-    lows = [1] + [bucket.largest + 1 for bucket in choice.buckets[:-1]]
     return RuntimeInfo(
         mode=choice.mode,
         layer=choice.layer,
         buckets=[
             RuntimeBucket(batch_sizes=(low, bucket.largest), backend=bucket.backend, ms=dict(bucket.ms))
-            for low, bucket in zip(lows, choice.buckets, strict=True)
+            for low, bucket in choice.ranges()
         ],
         not_used=choice.not_used,
         build_s=round(choice.build_s, 3),
