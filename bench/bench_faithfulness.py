@@ -47,7 +47,7 @@ def main() -> int:
         ModelSpec(name="efficientnet-lite0"),
         device,
         warmup=True,
-        compile="auto" if args.compile else "off",
+        runtime="compiled" if args.compile else "eager",
         max_batch=args.max_batch_size,
     )
     worker = BatchWorker(served, max_batch_size=args.max_batch_size, max_queue=1024)
@@ -96,7 +96,7 @@ def main() -> int:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "malloc_tuned": tuned,
-        "execution": served.execution,
+        "runtime": served.runtime.summary,
         "max_batch_size": args.max_batch_size,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }

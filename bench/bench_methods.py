@@ -87,7 +87,7 @@ def main() -> int:
     parser.add_argument("--methods", nargs="+", default=["ablationcam", "scorecam"])
     parser.add_argument("--json", default=None)
     parser.add_argument(
-        "--compile", action="store_true", help="camserve on its compiled fast path (CAMSERVE_COMPILE=auto's engine)"
+        "--compile", action="store_true", help="camserve on its compiled fast path (CAMSERVE_RUNTIME=compiled's engine)"
     )
     args = parser.parse_args()
     tuned = keep_freed_memory()

@@ -263,3 +263,34 @@ def test_the_exit_while_loading_keeps_the_stops_status(monkeypatch, caplog, rais
     unexpected = [r for r in caplog.records if r.getMessage() == "the server failed"]
     assert len(unexpected) == (1 if isinstance(raised, RuntimeError) else 0)
     assert not unexpected or unexpected[0].exc_info[1] is raised  # the traceback is logged
+
+
+def test_replaced_compile_settings_are_refused_naming_what_replaces_them(monkeypatch, capsys):
+    """CAMSERVE_COMPILE=off used to mean eager: start-up says to set CAMSERVE_RUNTIME instead of changing silently."""
+    from service.cli import main
+
+    monkeypatch.setenv("CAMSERVE_COMPILE", "off")
+    monkeypatch.setenv("CAMSERVE_COMPILE_CACHE_DIR", "/tmp/x")
+    assert main(["serve"]) == 2
+    assert main(["prepare"]) == 2
+    err = capsys.readouterr().err
+    assert "CAMSERVE_COMPILE was replaced by CAMSERVE_RUNTIME (compile=off is runtime=eager" in err
+    assert "CAMSERVE_COMPILE_CACHE_DIR was replaced by CAMSERVE_CACHE_DIR" in err
+
+
+def test_prepare_fills_the_cache_so_the_next_load_decides_from_it(monkeypatch, tmp_path, capsys):
+    """`camserve prepare` builds what `serve` would (the ONNX graph, the decision per bucket); a load after it reads
+    both instead of exporting and timing again."""
+    from service.cli import main
+    from service.models import ModelRegistry
+
+    monkeypatch.setenv("CAMSERVE_RUNTIME", "auto")
+    monkeypatch.setenv("CAMSERVE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CAMSERVE_MAX_BATCH_SIZE", "4")
+    assert main(["prepare", "--no-compiled"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("efficientnet-lite0: batch 1: ") and "batch 2-4: " in printed
+    assert len(list(tmp_path.glob("runtime/*/prefix.onnx"))) == 1
+    assert len(list(tmp_path.glob("runtime/*/decision-*.json"))) == 1
+    loaded = ModelRegistry.load(None, "cpu", runtime="auto", max_batch=4, cache_dir=tmp_path).get()
+    assert loaded.runtime.from_cache and loaded.runtime.summary == printed.split(": ", 1)[1].strip()
