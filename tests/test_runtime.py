@@ -14,7 +14,7 @@ import torch
 import torchvision
 from torch import nn
 
-from service.cam import CamEngine
+from service.cam import CamEngine, reruns
 from service.cam.render import minmax_normalize
 from service.cam.runtime import Bucket, OnnxRuntimeSplit, RuntimeTable, export_onnx, time_alternating
 from service.cam.split import SplitError
@@ -189,8 +189,8 @@ def choose(engine: CamEngine, example: torch.Tensor, cache: Path, **kwargs: obje
 
 
 def test_auto_serves_each_bucket_on_the_measured_fastest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Eager is made slow on purpose: ONNX Runtime serves every bucket, and the decision is stored and reused
-    by a restart without exporting or timing again."""
+    """Eager is made slow on purpose: ONNX Runtime serves every bucket, and the split, the graph and the decision
+    are stored and reused by a restart without exporting or timing again."""
     engine, example = tiny_engine()
     predict_eager = engine.predict_eager
     monkeypatch.setattr(engine, "predict_eager", lambda x: time.sleep(0.02) or predict_eager(x))
@@ -200,11 +200,15 @@ def test_auto_serves_each_bucket_on_the_measured_fastest(tmp_path: Path, monkeyp
     assert isinstance(engine.backend_for(5), OnnxRuntimeSplit)
 
     again, example = tiny_engine()
+    monkeypatch.setattr(again, "split", lambda *a: pytest.fail("split again"))
+    monkeypatch.setattr(reruns, "export_model", lambda *a: pytest.fail("exported for reruns"))
     monkeypatch.setattr(runtimes, "export_onnx", lambda *a: pytest.fail("exported again"))
     monkeypatch.setattr(runtimes, "time_alternating", lambda *a, **k: pytest.fail("timed again"))
     cached = choose(again, example, tmp_path)
     assert cached.from_cache and cached.buckets == choice.buckets
     assert isinstance(again.backend_for(1), OnnxRuntimeSplit)
+    assert_same(again, engine, images(3, 32), method="gradcampp")
+    assert_same(again, engine, images(2, 32), method="ablationcam")  # reruns through the cached split
 
 
 def test_a_backend_slower_than_eager_is_never_served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -159,7 +159,18 @@ class CamEngine:
         """The model split at the default layer (its export made once per engine); SplitError when it cannot be."""
         return split_model(self._reruns.export(example.to(self.device)), self.default_layer)
 
-    def compile(self, example: Tensor, *, max_batch: int, channels_last: bool | None = None) -> CompiledSplit:
+    def adopt_split(self, split: ModelSplit) -> None:
+        """Use `split` (loaded from a cache) for Ablation-CAM's reruns at its layer instead of exporting."""
+        self._reruns.adopt(split)
+
+    def compile(
+        self,
+        example: Tensor,
+        *,
+        max_batch: int,
+        channels_last: bool | None = None,
+        split: ModelSplit | None = None,
+    ) -> CompiledSplit:
         """The fast path at the default layer, compiled, warmed up and checked (its `report` says how it did); serve
         through it with `use_fast_path` or a `RuntimeTable`. Raises SplitError when the model does not export or
         split there.
@@ -168,9 +179,10 @@ class CamEngine:
         run compiled too.
 
         `channels_last` (default: models with convolutions past their first layer) feeds the prefix NHWC inputs.
+        `split`: the split at the default layer when the caller has it (else exported here).
         """
         example = example.to(self.device)
-        split = self.split(example)
+        split = split or self.split(example)
         if channels_last is None:
             channels_last = sum(isinstance(m, nn.Conv2d) for m in self.model.modules()) > 2
         compiled = CompiledSplit(split, autocast=self._autocast, channels_last=channels_last)

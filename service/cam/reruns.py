@@ -72,6 +72,13 @@ class EngineReruns:
             return _HookSuffix(self.model, module, layer.calls, layer.images, self.autocast, self.batch_size)
         return _SplitSuffix(plan, layer.images, self.autocast, _rows(layer.activation, self.batch_size))
 
+    def adopt(self, split: ModelSplit) -> None:
+        """Serve `split.layer`'s reruns through `split` (made elsewhere, e.g. loaded from a cache)."""
+        with self._lock:
+            self._splits[split.layer] = _SplitPlan.of(split)
+            while len(self._splits) > CACHED_SPLITS:
+                self._splits.popitem(last=False)
+
     def _split(self, layer: LayerInput) -> _SplitPlan | None:
         """The cached split at `layer.name`, or None where the model or the layer cannot be split."""
         with self._lock:

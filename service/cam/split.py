@@ -11,6 +11,7 @@ the suffix runs with autograd from A to the logits (and, without gradients, may 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, fx, nn
@@ -30,6 +31,8 @@ class ModelSplit:
     prefix: fx.GraphModule
     suffix: fx.GraphModule
     carried: int
+    #: How each carried value depends on the batch (`carried_kinds`), once known.
+    kinds: tuple[str, ...] | None = None
 
     def __call__(self, images: Tensor) -> Tensor:
         """Logits through both halves (no autograd): what a plain forward gives."""
@@ -64,9 +67,28 @@ def split_model(graph_module: fx.GraphModule, layer: str) -> ModelSplit:
     return ModelSplit(layer, prefix, suffix, len(carried))
 
 
+def save_split(split: ModelSplit, path: Path) -> None:
+    """Write the split's halves (code and weights) and carried kinds to `path`, atomically: loading it (0.3 s for
+    EfficientNet-Lite0) replaces an export (1.5-2 s)."""
+    kinds = carried_kinds(split)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    state = {"layer": split.layer, "prefix": split.prefix, "suffix": split.suffix, "carried": split.carried}
+    torch.save({**state, "kinds": kinds}, partial)
+    partial.replace(path)
+
+
+def load_split(path: Path, device: torch.device) -> ModelSplit:
+    """A split `save_split` wrote (a pickle: the cache directory is trusted as inductor's own cache is)."""
+    state = torch.load(path, map_location=device, weights_only=False)
+    return ModelSplit(state["layer"], state["prefix"], state["suffix"], state["carried"], tuple(state["kinds"]))
+
+
 def carried_kinds(split: ModelSplit) -> tuple[str, ...]:
     """How each carried value depends on the batch, read from the suffix's placeholders (export's symbolic
     shapes): "rows" (a tensor with one row per image), "batch" (the batch size) or "fixed"."""
+    if split.kinds is not None:
+        return split.kinds
     placeholders = [n for n in split.suffix.graph.nodes if n.op == "placeholder"]
     activation = placeholders[0].meta.get("val")
     if not isinstance(activation, Tensor) or not isinstance(activation.shape[0], torch.SymInt):
@@ -89,7 +111,8 @@ def carried_kinds(split: ModelSplit) -> tuple[str, ...]:
                 kinds.append("fixed")
         else:
             kinds.append("fixed")
-    return tuple(kinds)
+    split.kinds = tuple(kinds)
+    return split.kinds
 
 
 def _layer_output(nodes: list[fx.Node], layer: str) -> fx.Node:
