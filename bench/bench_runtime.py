@@ -8,8 +8,10 @@ round: camserve's eager predict; the whole model exported to ONNX and run by ONN
 plain forward on this CPU); camserve predict and Grad-CAM++ explain with `CAMSERVE_RUNTIME=auto`'s choice; and,
 when `--openvino-xai-python` names a Python with `openvino-xai` installed (it pins an old OpenVINO, so it lives in
 a venv of its own: `make bench-runtime` makes one), OpenVINO XAI 1.1's ReciproCAM (white-box, raw maps of all
-classes: its cheapest call) and OpenVINO's plain forward on the same ONNX file, run by a child process that times
-its own calls when told to: only one contender runs at a time.
+classes: its cheapest call) and OpenVINO's plain forward on the same ONNX file, each as OpenVINO runs by default
+(bfloat16 on a CPU that has it: its INFERENCE_PRECISION_HINT) and in float32 (ReciproCAM as its inserted branch,
+compiled with the f32 hint), run by a child process that times its own calls when told to: only one contender runs
+at a time.
 """
 
 from __future__ import annotations
@@ -44,16 +46,28 @@ onnx_path, images_path = sys.argv[1], sys.argv[2]
 images = np.load(images_path)
 core = ov.Core()
 model = core.read_model(onnx_path)
+# OpenVINO infers in bfloat16 by default where the CPU has it (INFERENCE_PRECISION_HINT): "default"
+# is what users get, "f32" the precision camserve computes in.
+F32 = {"INFERENCE_PRECISION_HINT": "f32"}
 explainer = xai.Explainer(model=model, task=xai.Task.CLASSIFICATION, explain_mode=ExplainMode.WHITEBOX,
                           explain_method=xai.Method.RECIPROCAM)
-plain = core.compile_model(model, "CPU")
-request = plain.create_infer_request()
+branch = xai.insert_xai(core.read_model(onnx_path), task=xai.Task.CLASSIFICATION,
+                        explain_method=xai.Method.RECIPROCAM)
+reciprocam_f32 = core.compile_model(branch, "CPU", F32).create_infer_request()
+forward = {hint: core.compile_model(model, "CPU", config).create_infer_request()
+           for hint, config in (("default", {}), ("f32", F32))}
 def reciprocam(batch):
     for image in images[:batch]:
         explainer(image[None], targets=-1, resize=False, colormap=False)  # raw maps, as camserve's engine gives
-def forward(batch):
-    request.infer({0: images[:batch]})
-contenders = {"reciprocam": reciprocam, "forward": forward}
+def reciprocam_branch_f32(batch):
+    for image in images[:batch]:
+        reciprocam_f32.infer({0: image[None]})
+contenders = {
+    "reciprocam": reciprocam,
+    "reciprocam-f32": reciprocam_branch_f32,
+    "forward": lambda batch: forward["default"].infer({0: images[:batch]}),
+    "forward-f32": lambda batch: forward["f32"].infer({0: images[:batch]}),
+}
 print("ready", flush=True)
 for line in sys.stdin:
     name, batch = line.split()
@@ -72,7 +86,8 @@ class OpenVinoChild:
         command = [python, str(folder / "child.py"), str(onnx_path), str(folder / "images.npy")]
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.process.stdout is not None and self.process.stdout.readline().strip() == "ready"
-        version = [python, "-c", "import openvino, openvino_xai; print(openvino.__version__, openvino_xai.__version__)"]
+        script = 'from importlib.metadata import version; print(version("openvino"), version("openvino-xai"))'
+        version = [python, "-c", script]
         self.versions = subprocess.run(version, capture_output=True, text=True, check=True).stdout.split()
 
     def run(self, name: str, batch: int) -> float:
@@ -134,7 +149,7 @@ def main() -> int:
             "camserve auto Grad-CAM++ explain": lambda x=x: served.engine.explain(x, method="gradcampp"),
         }
         times: dict[str, list[float]] = {name: [] for name in ours}
-        theirs = ("reciprocam", "forward") if child else ()
+        theirs = ("reciprocam", "reciprocam-f32", "forward", "forward-f32") if child else ()
         for name in theirs:
             times[f"openvino {name}"] = []
         for fn in ours.values():
@@ -149,15 +164,18 @@ def main() -> int:
             for name in theirs:
                 times[f"openvino {name}"].append(child.run(name, batch))  # type: ignore[union-attr]
         medians = {name: statistics.median(values) for name, values in times.items()}
-        fastest_forward = min(medians["onnxruntime plain forward"], medians.get("openvino forward", float("inf")))
+        explain = medians["camserve auto Grad-CAM++ explain"]
+        fastest_f32 = min(medians["onnxruntime plain forward"], medians.get("openvino forward-f32", float("inf")))
         row: dict[str, object] = {"batch": batch, "median_ms": medians}
-        row["explain_x_fastest_forward"] = medians["camserve auto Grad-CAM++ explain"] / fastest_forward
+        row["explain_x_fastest_f32_forward"] = explain / fastest_f32
         row["auto_predict_x_eager"] = medians["camserve eager predict"] / medians["camserve auto predict"]
         if child:
-            row["reciprocam_x_explain"] = medians["openvino reciprocam"] / medians["camserve auto Grad-CAM++ explain"]
+            row["explain_x_openvino_default_forward"] = explain / medians["openvino forward"]
+            row["reciprocam_x_explain"] = medians["openvino reciprocam"] / explain
+            row["reciprocam_f32_x_explain"] = medians["openvino reciprocam-f32"] / explain
         table.append(row)
         print(f"batch {batch}: " + ", ".join(f"{n} {m:.1f} ms" for n, m in medians.items()), flush=True)
-        print("  " + ", ".join(f"{k} {v:.2f}" for k, v in row.items() if k.endswith(("x_explain", "forward", "eager"))))
+        print("  " + ", ".join(f"{k} {v:.2f}" for k, v in row.items() if "_x_" in k))
     if child:
         child.close()
     if args.json:
