@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from service.cam import render
@@ -408,11 +407,10 @@ class InferenceService:
                 raise ClientDisconnectedError("client disconnected")
 
     def _top_k(self, served: ServedModel, probabilities: Tensor, k: int) -> list[Prediction]:
-        scores, indices = torch.topk(probabilities, k)
-        return [
-            Prediction(index=int(i), label=served.labels[int(i)], score=float(s))
-            for s, i in zip(scores.tolist(), indices.tolist(), strict=True)
-        ]
+        """The k most probable classes, in numpy: this runs off the torch thread, where torch ops must not."""
+        values = probabilities.numpy()
+        indices = np.argsort(-values, kind="stable")[:k]
+        return [Prediction(index=int(i), label=served.labels[int(i)], score=float(values[i])) for i in indices]
 
     def _encode_all(
         self,
