@@ -23,6 +23,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 
 import httpx
 import torch
@@ -149,6 +150,29 @@ def time_to_ready(env: dict[str, str], timeout_s: float = 600.0) -> float:
         server.wait(timeout=60)
 
 
+def transformer_models_file(folder: Path) -> str:
+    """A models file of EfficientNet-Lite0, ViT-B/16, Swin-T (torchvision) and DeiT-tiny (timm), the last three
+    with seeded random weights written to `folder`; returns its path."""
+    import timm
+    from safetensors.torch import save_file
+
+    from bench.bench_transformers import build_model
+
+    entries = ['[[models]]\nname = "efficientnet-lite0"\n']
+    for name in ("vit_b_16", "swin_t"):
+        save_file(build_model(name).state_dict(), folder / f"{name}.safetensors")
+        entries.append(f'[[models]]\nname = "{name}"\nkind = "torchvision"\narchitecture = "{name}"\n'
+                       f'weights = "{folder / name}.safetensors"\n')
+    torch.manual_seed(0)
+    deit = timm.create_model("deit_tiny_patch16_224", pretrained=False)
+    save_file(deit.state_dict(), folder / "deit.safetensors")
+    entries.append(f'[[models]]\nname = "deit-tiny"\nkind = "timm"\narchitecture = "deit_tiny_patch16_224"\n'
+                   f'weights = "{folder}/deit.safetensors"\n')
+    path = folder / "models.toml"
+    path.write_text("\n".join(entries))
+    return str(path)
+
+
 def bench_ready(models_file: str | None = None) -> dict[str, float]:
     """The default runtime (auto) from an empty cache, again on that cache, and eager; with a models file if given."""
     models = {"CAMSERVE_MODELS_FILE": models_file} if models_file else {}
@@ -169,6 +193,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, nargs="+", default=None, help="per batch size (default 30, 10)")
     parser.add_argument("--ready", action="store_true", help="time to ready instead of the engine table")
     parser.add_argument("--models-file", default=None, help="with --ready: serve this models file")
+    parser.add_argument(
+        "--transformers", action="store_true", help="with --ready: Lite0, ViT-B/16, Swin-T and DeiT-tiny"
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     repeats = args.repeats or [30 if b == 1 else 10 for b in args.batches]
@@ -178,7 +205,10 @@ def main() -> int:
         "command": " ".join(["python -m bench.bench_fastpath", *sys.argv[1:]]),
     }
     if args.ready:
-        report["ready"] = bench_ready(args.models_file)
+        models_file = args.models_file
+        if args.transformers:
+            models_file = transformer_models_file(Path(tempfile.mkdtemp(prefix="bench-ready-")))
+        report["ready"] = bench_ready(models_file)
     else:
         report["engine"] = engine = bench_engine(args.batches, repeats)
         print(markdown(engine))

@@ -17,6 +17,7 @@ at a time.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -118,13 +119,65 @@ def plain_onnx_session(module: torch.nn.Module, folder: Path) -> tuple[Path, Cal
     return path, lambda x: session.run(None, {"images": x})
 
 
+def transformers(rounds: int, folder: Path) -> list[dict[str, object]]:
+    """ViT-B/16 and Swin-T (seeded random weights) eager against `auto`'s choice, predict and Grad-CAM++ explain at
+    batch 1 and 8, in turns: `auto` must never be slower than eager."""
+    import copy
+
+    from bench.bench_transformers import IMAGENET_MEAN, IMAGENET_STD, build_model
+    from service.cam import CamEngine
+    from service.models.runtimes import choose_runtime
+
+    rows = []
+    for name in ("vit_b_16", "swin_t"):
+        model = build_model(name)
+        eager, auto = CamEngine(copy.deepcopy(model)), CamEngine(model)
+        example = torch.zeros(1, 3, 224, 224)
+        eager.trace(example)
+        auto.trace(example)
+        choice = choose_runtime(name, auto, example, mode="auto", max_batch=16, warmup=True, cache_dir=folder)
+        print(f"{name}: {choice.summary} (built in {choice.build_s:.1f} s)", flush=True)
+        for batch in (1, 8):
+            x = photo_batch(batch, 224, torch.device("cpu"), IMAGENET_MEAN, IMAGENET_STD)
+            contenders: dict[str, Callable[[], object]] = {
+                "eager predict": functools.partial(eager.predict, x),
+                "auto predict": functools.partial(auto.predict, x),
+                "eager explain": functools.partial(eager.explain, x, method="gradcampp"),
+                "auto explain": functools.partial(auto.explain, x, method="gradcampp"),
+            }
+            times: dict[str, list[float]] = {n: [] for n in contenders}
+            for fn in contenders.values():
+                fn()
+            for _ in range(rounds):
+                for n, fn in contenders.items():
+                    begun = time.perf_counter()
+                    fn()
+                    times[n].append((time.perf_counter() - begun) * 1000)
+            medians = {n: statistics.median(v) for n, v in times.items()}
+            row = {"model": name, "batch": batch, "runtime": choice.summary, "median_ms": medians}
+            row["predict_eager_over_auto"] = medians["eager predict"] / medians["auto predict"]
+            row["explain_eager_over_auto"] = medians["eager explain"] / medians["auto explain"]
+            print(f"{name} batch {batch}: " + ", ".join(f"{n} {m:.1f} ms" for n, m in medians.items()), flush=True)
+            rows.append(row)
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--openvino-xai-python", default=None, help="a Python with openvino-xai installed")
+    parser.add_argument("--transformers", action="store_true", help="ViT-B/16 and Swin-T: auto against eager")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    if args.transformers:
+        table = transformers(args.rounds, Path(tempfile.mkdtemp(prefix="bench-runtime-")))
+        if args.json:
+            machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
+            command = " ".join(["python -m bench.bench_runtime", *sys.argv[1:]])
+            result = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine, "command": command}
+            Path(args.json).write_text(json.dumps({**result, "table": table}, indent=1) + "\n")
+        return 0
     torch.set_num_threads(torch.get_num_threads())
     folder = Path(tempfile.mkdtemp(prefix="bench-runtime-"))
     started = time.perf_counter()
