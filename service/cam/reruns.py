@@ -20,7 +20,7 @@ from torch import Tensor, fx, nn
 
 from service.cam.family import LayerInput
 from service.cam.runtime import RuntimeTable
-from service.cam.split import ModelSplit, SplitError, carried_kinds, export_model, split_model
+from service.cam.split import ModelSplit, SplitError, batch_multiple, carried_kinds, export_model, split_model
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,8 @@ class _SplitPlan:
     """A split, and how each value it carries past the layer depends on the batch."""
 
     split: ModelSplit
-    #: Per carried value: "rows" (a tensor with one row per image), "batch" (the batch size), "fixed".
+    #: Per carried value: "rows" (a tensor with one row per image), "batch" or "batch*k" (k times the batch
+    #: size), "fixed".
     kinds: tuple[str, ...]
 
     @classmethod
@@ -143,7 +144,7 @@ class _SplitSuffix:
         self.autocast = autocast
         self.batch_size = rows
         self._carried: tuple[object, ...] = ()
-        if any(kind != "batch" for kind in plan.kinds):
+        if any(batch_multiple(kind) is None for kind in plan.kinds):
             with torch.inference_mode(), autocast():
                 _, *carried = plan.split.prefix(images)
             self._carried = tuple(carried)
@@ -152,8 +153,8 @@ class _SplitSuffix:
         count = rows.shape[0]
         carried: list[object] = []
         for i, kind in enumerate(self.plan.kinds):
-            if kind == "batch":
-                carried.append(count)
+            if (multiple := batch_multiple(kind)) is not None:
+                carried.append(multiple * count)
             elif kind == "rows":
                 value = self._carried[i]
                 assert isinstance(value, Tensor)

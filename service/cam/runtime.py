@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from service.cam.split import ModelSplit, SplitError, carried_kinds
+from service.cam.split import ModelSplit, SplitError, batch_multiple, carried_kinds
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +85,17 @@ class OnnxRuntimeSplit:
                 f"the ONNX prefix has {len(inputs)} inputs and {len(outputs)} outputs, not 1 and {1 + len(kinds)}"
             )
         self._input = inputs[0].name
-        # "batch" values are the batch size, known here; only tensors come back from the session
+        # sizes that are multiples of the batch size are known here; only tensors come back from the session
         self._tensors = [outputs[0].name] + [o.name for o, k in zip(outputs[1:], kinds, strict=True) if k == "rows"]
         self._shapes = [o.shape for o in outputs if o.name in self._tensors]
 
     def prefix(self, images: Tensor) -> tuple[Tensor, tuple[object, ...]]:
         values = self._run_cuda(images) if self.device.type == "cuda" else self._run_cpu(images)
         activation, rest = values[0], iter(values[1:])
-        carried = tuple(images.shape[0] if kind == "batch" else next(rest) for kind in self._kinds)
+        batch = images.shape[0]
+        carried = tuple(
+            next(rest) if (multiple := batch_multiple(kind)) is None else multiple * batch for kind in self._kinds
+        )
         return activation, carried
 
     def suffix(self, activation: Tensor, carried: tuple[object, ...]) -> Tensor:

@@ -86,7 +86,8 @@ def load_split(path: Path, device: torch.device) -> ModelSplit:
 
 def carried_kinds(split: ModelSplit) -> tuple[str, ...]:
     """How each carried value depends on the batch, read from the suffix's placeholders (export's symbolic
-    shapes): "rows" (a tensor with one row per image), "batch" (the batch size) or "fixed"."""
+    shapes): "rows" (a tensor with one row per image), "batch" (the batch size), "batch*k" (k times it) or
+    "fixed"."""
     if split.kinds is not None:
         return split.kinds
     placeholders = [n for n in split.suffix.graph.nodes if n.op == "placeholder"]
@@ -98,9 +99,10 @@ def carried_kinds(split: ModelSplit) -> tuple[str, ...]:
     for node in placeholders[1:]:
         value = node.meta.get("val")
         if isinstance(value, torch.SymInt):
-            if value.node.expr != batch:
-                raise SplitError(f"a carried size ({value.node.expr}) is not the batch size")
-            kinds.append("batch")
+            ratio = value.node.expr / batch  # a ViT's batch x heads, say
+            if not (ratio.is_Integer and ratio > 0):
+                raise SplitError(f"a carried size ({value.node.expr}) is not a multiple of the batch size")
+            kinds.append("batch" if ratio == 1 else f"batch*{int(ratio)}")
         elif isinstance(value, Tensor):
             first = value.shape[0] if value.dim() else None
             if isinstance(first, torch.SymInt) and first.node.expr == batch:
@@ -113,6 +115,13 @@ def carried_kinds(split: ModelSplit) -> tuple[str, ...]:
             kinds.append("fixed")
     split.kinds = tuple(kinds)
     return split.kinds
+
+
+def batch_multiple(kind: str) -> int | None:
+    """k for a carried size of k times the batch ("batch", "batch*k"), None for other kinds."""
+    if kind == "batch":
+        return 1
+    return int(kind.removeprefix("batch*")) if kind.startswith("batch*") else None
 
 
 def _layer_output(nodes: list[fx.Node], layer: str) -> fx.Node:
