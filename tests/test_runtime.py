@@ -318,6 +318,9 @@ def test_timing_alternates_and_stops_early_only_for_a_clear_winner() -> None:
     calls.clear()
     time_alternating({"a": sleeper("a", 0.005), "b": sleeper("b", 0.005)}, x)
     assert len(calls) == 2 * 6  # no clear winner: all five rounds
+    calls.clear()
+    time_alternating({"a": sleeper("a", 0.05), "b": sleeper("b", 0.05)}, x, budget_s=0.15)
+    assert len(calls) == 2 * 3  # two rounds spent the budget: no more
 
 
 # -- the service --------------------------------------------------------------------------------------------------

@@ -216,27 +216,31 @@ def time_alternating(
     rounds: int = 5,
     settle: int = 2,
     margin: float = 1.25,
+    budget_s: float = 6.0,
 ) -> dict[str, float]:
     """Median milliseconds of each function on `images`, timed in turns so that a busy host slows all alike; after
     one untimed call each. Stops after `settle` rounds when the fastest leads every other by `margin` in each round
-    (a clear winner needs no more), else runs `rounds`."""
+    (a clear winner needs no more) or when the timed rounds took `budget_s` (a ViT-B forward of 16 images takes 5 s
+    here), else runs `rounds`."""
     times: dict[str, list[float]] = {name: [] for name in functions}
     cuda = images.device.type == "cuda"
     with torch.no_grad():
         for fn in functions.values():
             fn(images)
+        started = time.perf_counter()
         for done in range(1, rounds + 1):
             for name, fn in functions.items():
                 if cuda:
                     torch.cuda.synchronize(images.device)
-                started = time.perf_counter()
+                begun = time.perf_counter()
                 fn(images)
                 if cuda:
                     torch.cuda.synchronize(images.device)
-                times[name].append((time.perf_counter() - started) * 1000)
-            if done >= settle and len(functions) > 1 and _clear(times, margin):
+                times[name].append((time.perf_counter() - begun) * 1000)
+            spent = time.perf_counter() - started
+            if done >= settle and (spent >= budget_s or (len(functions) > 1 and _clear(times, margin))):
                 break
-    return {name: statistics.median(spent) for name, spent in times.items()}
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def _clear(times: dict[str, list[float]], margin: float) -> bool:
