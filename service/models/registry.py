@@ -17,7 +17,7 @@ from service.errors import InvalidParameterError, UnknownModelError
 from service.models.errors import ModelConfigError
 from service.models.loader import build_model
 from service.models.preprocessing import Preprocessing
-from service.models.runtimes import RuntimeChoice, choose_runtime, default_cache_dir, set_inductor_cache
+from service.models.runtimes import RuntimeChoice, choose_runtime, default_cache_dir
 from service.models.spec import ModelsFile, ModelSpec, default_models, read_models_file
 from service.numbers import whole_number
 from service.settings import RuntimeMode, Settings
@@ -216,8 +216,6 @@ class ModelRegistry:
         config: ModelsFile = read_models_file(models_file) if models_file else default_models()
         target = resolve_device(device)
         configure_device(target, allow_tf32)
-        cache_dir = cache_dir or default_cache_dir()
-        set_inductor_cache(cache_dir)
         loaded = []
         for spec in config.models:
             served = load_model(

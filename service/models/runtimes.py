@@ -198,6 +198,7 @@ def _build(
     if candidate == "compiled":
         if engine.autocast_dtype is None and cxx_compiler() is None:
             raise SplitError("no C++ compiler on PATH (inductor needs one; set CXX or install g++)")
+        set_inductor_cache(folder.parent.parent)
         return engine.compile(example, max_batch=max_batch, split=split)
     if engine.autocast_dtype is not None:
         raise SplitError("the model runs in reduced precision (dtype), which the ONNX path does not serve")
