@@ -91,3 +91,11 @@ def test_shell_script_documents_its_modes():
     assert result.returncode == 2
     for mode in ("prepare", "run checks", "run bench", "run cpu"):
         assert mode in result.stdout
+
+
+def test_onnxruntime_step_checks_the_runtime_layer_against_eager(summary):
+    """On CPU the step runs ONNX Runtime's CPU provider; on a GPU host without onnxruntime-gpu it is skipped."""
+    step = summary["steps"]["onnxruntime"]
+    assert step["status"] == "pass" and "CPUExecutionProvider" in step["providers"]
+    assert "onnxruntime" not in step["not_used"] and step["runtime"].startswith("batch 1: ")
+    assert step["max_logit_error"] <= 1e-3 and step["max_map_error"] <= 1e-3
