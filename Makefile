@@ -65,11 +65,7 @@ evaluate: install-test
 container-lint: install-test
 	bash scripts/lint-container.sh
 
-container-# builds every cache for the models file (CAMSERVE_MODELS_FILE; embedded model when unset) so `serve` starts warm
-prepare: install
-	$(VENV)/bin/camserve prepare
-
-test: install-test
+container-test: install-test
 	bash scripts/container-test.sh
 
 clean:
