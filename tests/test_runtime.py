@@ -356,3 +356,17 @@ async def test_service_with_runtime_auto_reports_and_serves_the_eager_answers(re
     top = predicted.json()["results"][0]["predictions"][0]
     assert top["index"] == 285
     assert abs(top["score"] - torch.softmax(direct.logits, 1)[0, 285].item()) < 1e-4
+
+
+def test_prepare_times_inductor_even_where_serve_decided_without_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A decision `serve` stored (ONNX Runtime and eager only) does not stop `camserve prepare` from timing
+    inductor: prepare builds every candidate and times again."""
+    engine, example = tiny_engine()
+    assert not choose(engine, example, tmp_path).from_cache
+    again, example = tiny_engine()
+    assert choose(again, example, tmp_path).from_cache  # serve again: read
+    monkeypatch.setattr(runtimes, "cxx_compiler", lambda: None)
+    prepared, example = tiny_engine()
+    choice = choose(prepared, example, tmp_path, measure_compiled=True)
+    assert not choice.from_cache and "no C++ compiler" in choice.not_used["compiled"]
+    assert "onnxruntime" in choice.buckets[0].ms

@@ -110,11 +110,6 @@ class CamEngine:
         return self._trace
 
     @property
-    def rerun_batch_size(self) -> int:
-        """Masked or ablated inputs per extra forward of Score-CAM and Ablation-CAM."""
-        return self._reruns.batch_size
-
-    @property
     def default_layer(self) -> str:
         """The configured default layer, or the automatic one (requires a prior trace)."""
         return self._default_layer or self.trace().default_layer

@@ -138,7 +138,8 @@ def choose_runtime(
     choice.layer = split.layer
     sizes = bucket_sizes(max_batch)  # larger batches (Score-CAM's masked forwards) go to the last bucket
     decision_path = folder / f"decision-{_machine_key(engine.device)}.json"
-    decided = _read_decision(decision_path, sizes) if mode == "auto" else None
+    # `prepare` times afresh: a decision made without inductor must not keep it from being timed
+    decided = _read_decision(decision_path, sizes) if mode == "auto" and not measure_compiled else None
     if decided is not None:
         candidates = sorted({bucket.backend for bucket in decided} - {EAGER})
     backends: dict[str, Backend] = {}
