@@ -6,9 +6,9 @@ Predictions are prefix then suffix without autograd. Three backends: torch eager
 reference, no object here), torch compiled (`fastpath.CompiledSplit`) and ONNX Runtime (`OnnxRuntimeSplit`).
 
 A `RuntimeTable` says which backend serves each batch-size bucket, as measured at warm-up
-(`service.models.runtimes` measures and chooses). Measured on this 2-core CPU (EfficientNet-Lite0, 8
-images): the prefix on ONNX Runtime 60 ms, the eager model 168 ms; its session builds in 0.1-0.2 s once the
-graph is exported (5-9 s, cached on disk).
+(`service.models.runtimes` measures and chooses). Measured on a 2-core CPU (EfficientNet-Lite0, 8 images,
+docs/benchmarks.md): predictions 55 ms with the prefix on ONNX Runtime, 270 ms eager; a session builds in
+0.1-0.2 s once the prefix is exported (5-9 s, cached on disk).
 """
 
 from __future__ import annotations
