@@ -67,7 +67,7 @@ ENV NVIDIA_DRIVER_CAPABILITIES=compute,utility \
 USER 10001
 # Timings are per machine, so a host other than the builder times eager against ONNX Runtime once at start-up
 # (seconds); the exported graph is reused.
-RUN CAMSERVE_DEVICE=cpu camserve prepare --no-compiled
+RUN HOME=/tmp CAMSERVE_DEVICE=cpu camserve prepare --no-compiled
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
     CMD ["python3", "-c", "import os, sys, urllib.request; port = os.environ.get('CAMSERVE_PORT', '8000'); sys.exit(0 if urllib.request.urlopen(f'http://127.0.0.1:{port}/health/ready', timeout=4).status == 200 else 1)"]
