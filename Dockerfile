@@ -50,7 +50,7 @@ COPY --from=builder /opt/venv /opt/venv
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin camserve \
     && mkdir -p /var/cache/camserve \
     && chown 10001 /var/cache/camserve
-# Exported ONNX graphs and runtime decisions are cached here (~14 MB per model); `camserve prepare` below fills
+# The split, its ONNX graph and runtime decisions are cached here (31 MB for Lite0); `camserve prepare` below fills
 # it for the embedded model, so the image starts warm. Mount a volume to keep what other models add.
 ENV PATH=/opt/venv/bin:$PATH \
     CAMSERVE_CACHE_DIR=/var/cache/camserve \
