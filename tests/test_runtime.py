@@ -370,3 +370,29 @@ def test_prepare_times_inductor_even_where_serve_decided_without_it(tmp_path: Pa
     choice = choose(prepared, example, tmp_path, measure_compiled=True)
     assert not choice.from_cache and "no C++ compiler" in choice.not_used["compiled"]
     assert "onnxruntime" in choice.buckets[0].ms
+
+
+def test_a_backend_failing_while_serving_falls_back_to_eager_saying_so_once(
+    lite0_onnx: tuple[CamEngine, CamEngine], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A runtime fault at serve time (here the session raises) never fails a request eager torch can answer:
+    predictions, maps and Score-CAM's masked forwards run eagerly, and one warning says why."""
+    engine, eager = lite0_onnx
+    backend = engine.backend_for(1)
+    assert backend is not None and engine.runtime is not None
+
+    def broken(x: torch.Tensor) -> object:
+        raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : simulated")
+
+    monkeypatch.setattr(backend, "prefix", broken)
+    monkeypatch.setattr(backend, "logits", broken)
+    monkeypatch.setattr(engine.runtime, "failures", {})
+    x = images(2, 224, seed=3)
+    with caplog.at_level(logging.WARNING):
+        torch.testing.assert_close(engine.predict(x), eager.predict(x))
+        assert_same(engine, eager, x, method="gradcampp")
+        assert_same(engine, eager, x[:1], method="scorecam")
+    assert engine.runtime.failures["onnxruntime"] >= 3
+    warnings = [r.getMessage() for r in caplog.records if "onnxruntime failed" in r.getMessage()]
+    assert warnings == ["layer _swish: onnxruntime failed (RuntimeError: [ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : "
+                        "simulated); such calls run eagerly"]

@@ -136,9 +136,11 @@ class CamEngine:
 
     def predict(self, images: Tensor) -> Tensor:
         """Logits [B, C] (float32) of a plain inference forward (on the runtime serving this batch size)."""
-        backend = self.backend_for(images.shape[0])
-        if backend is not None:
-            return backend.logits(images.to(self.device)).float()
+        images = images.to(self.device)
+        if self.runtime is not None:
+            logits = self.runtime.attempt(images.shape[0], lambda backend: backend.logits(images).float())
+            if logits is not None:
+                return logits
         return self.predict_eager(images)
 
     def predict_eager(self, images: Tensor) -> Tensor:
@@ -289,19 +291,26 @@ class CamEngine:
         suffix in torch with autograd. Elsewhere: the eager model with hooks that switch autograd on at the first
         target layer.
         """
-        backend = None if eager else self.backend_for(images.shape[0])
-        if backend is not None and names == (backend.layer,):
-            activation, carried = backend.prefix(images)
-            trace.layouts[names[0]].check(activation.shape, names[0])
-            activation = activation.to(self.device).detach().requires_grad_(record)
-            with torch.set_grad_enabled(record):  # a clone: in-place operations of the suffix leave it intact
-                logits = backend.suffix(activation.clone(), carried)
-            return logits, [activation]
+        if not eager and self.runtime is not None and names == (self.runtime.layer,):
+            split = self.runtime.attempt(images.shape[0], lambda b: self._split_forward(b, images, trace, record))
+            if split is not None:
+                return split
         capture = ActivationCapture(modules, trace.calls, trace.layouts, record=record)
         with capture, self._autocast():
             logits = self.model(images)
         capture.check_complete()
         return logits, [capture.activations[name] for name in names]
+
+    def _split_forward(
+        self, backend: Backend, images: Tensor, trace: LayerTrace, record: bool
+    ) -> tuple[Tensor, list[Tensor]]:
+        """`_forward` at the runtime's layer: the prefix on `backend`, the suffix in torch."""
+        activation, carried = backend.prefix(images)
+        trace.layouts[backend.layer].check(activation.shape, backend.layer)
+        activation = activation.to(self.device).detach().requires_grad_(record)
+        with torch.set_grad_enabled(record):  # a clone: in-place operations of the suffix leave it intact
+            logits = backend.suffix(activation.clone(), carried)
+        return logits, [activation]
 
     def _pairs(self, targets: TargetSpec, logits: Tensor) -> PairPlan:
         """Flatten per-image targets into (image, class) rows grouped by round; validate against the logits."""

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from service.cam.split import ModelSplit, SplitError, batch_multiple, carried_ki
 log = logging.getLogger(__name__)
 
 EAGER = "eager"
+T = TypeVar("T")
 
 
 class Backend(Protocol):
@@ -189,6 +190,8 @@ class RuntimeTable:
 
     def __post_init__(self) -> None:
         self._bounds = [bucket.largest for bucket in self.buckets]
+        #: Calls each backend failed (and that ran eagerly instead).
+        self.failures: dict[str, int] = {}
 
     @classmethod
     def single(cls, backend: Backend) -> RuntimeTable:
@@ -199,6 +202,27 @@ class RuntimeTable:
         """The backend for a batch of `size` (beyond the last bucket: the last bucket's); None: eager."""
         index = min(bisect.bisect_left(self._bounds, size), len(self.buckets) - 1)
         return self.backends.get(self.buckets[index].backend)
+
+    def attempt(self, size: int, call: Callable[[Backend], T]) -> T | None:
+        """`call` on the backend for a batch of `size`; None when that is eager, or when the backend failed (logged
+        once per backend, counted in `failures`): the caller then runs eagerly, so a runtime's fault never fails
+        a request that eager torch can answer."""
+        backend = self.for_batch(size)
+        if backend is None:
+            return None
+        try:
+            return call(backend)
+        except Exception as exc:  # any failure of a runtime means: this call runs eagerly
+            self.failures[backend.name] = self.failures.get(backend.name, 0) + 1
+            if self.failures[backend.name] == 1:
+                log.warning(
+                    "layer %s: %s failed (%s: %s); such calls run eagerly",
+                    self.layer,
+                    backend.name,
+                    type(exc).__name__,
+                    str(exc).splitlines()[0][:200] if str(exc) else "",
+                )
+            return None
 
     def served(self) -> set[str]:
         return {bucket.backend for bucket in self.buckets}
