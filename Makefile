@@ -35,7 +35,7 @@ lint:
 	$(VENV)/bin/ruff check service tests bench
 
 openapi:
-	$(PY) -m service.openapi_export openapi/openapi.json
+	$(PY) -m camserve.openapi_export openapi/openapi.json
 
 # the README's picture of the explorer page, taken by its browser test (needs chromium: apt-get install chromium)
 screenshot: install-test

@@ -1,8 +1,8 @@
 """A/B two running servers (e.g. two commits) under the same load, alternating so drift hits both alike.
 
     git worktree add /tmp/before <commit>
-    (cd /tmp/before && ~-/.venv/bin/python -m service.cli serve --port 8123 &)    # A, this repo's venv
-    .venv/bin/python -m service.cli serve --port 8124 &                            # B
+    (cd /tmp/before && ~-/.venv/bin/python -m camserve.cli serve --port 8123 &)    # A, this repo's venv
+    .venv/bin/python -m camserve.cli serve --port 8124 &                            # B
     .venv/bin/python -m bench.ab_servers --a http://127.0.0.1:8123 --b http://127.0.0.1:8124 \\
         --path '/explain?method=gradcampp' --photo-size 1920x1080
 

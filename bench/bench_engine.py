@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from skimage import data
 
-from service.allocator import keep_freed_memory
-from service.cam import METHOD_NAMES, CamEngine, get_method
-from service.models import ModelSpec, load_model
+from camserve.allocator import keep_freed_memory
+from camserve.cam import METHOD_NAMES, CamEngine, get_method
+from camserve.models import ModelSpec, load_model
 
 PHOTOS = (data.chelsea, data.coffee, data.astronaut, data.rocket)
 #: Methods timed here: those without extra forwards (Score-CAM and Ablation-CAM: bench/bench_methods.py).

@@ -22,10 +22,10 @@ from collections.abc import Callable
 import torch
 
 from bench.bench_engine import photo_batch, summarize, time_interleaved
-from service.allocator import keep_freed_memory
-from service.cam.faithfulness import forwards_per_explanation
-from service.models import ModelSpec, load_model
-from service.worker import BatchWorker, ExplainOptions, WorkItem
+from camserve.allocator import keep_freed_memory
+from camserve.cam.faithfulness import forwards_per_explanation
+from camserve.models import ModelSpec, load_model
+from camserve.worker import BatchWorker, ExplainOptions, WorkItem
 
 
 def main() -> int:

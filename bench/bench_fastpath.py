@@ -30,8 +30,8 @@ import torch
 
 from bench.bench_engine import photo_batch, reference_cams, summarize, time_interleaved
 from bench.bench_transformers import cpu_model
-from service.cam import CamEngine
-from service.models import ModelSpec, load_model
+from camserve.cam import CamEngine
+from camserve.models import ModelSpec, load_model
 
 METHODS = ("gradcam", "gradcampp")
 
@@ -129,7 +129,7 @@ def time_to_ready(env: dict[str, str], timeout_s: float = 600.0) -> float:
     port = free_port()
     started = time.perf_counter()
     server = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
+        [sys.executable, "-m", "camserve.cli", "serve", "--port", str(port)],
         env={**os.environ, **env},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

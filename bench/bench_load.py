@@ -38,9 +38,9 @@ import torch
 from PIL import Image
 from skimage import data
 
-from service.allocator import keep_freed_memory
-from service.images import decode_image, preprocess
-from service.models import ModelSpec, ServedModel, load_model
+from camserve.allocator import keep_freed_memory
+from camserve.images import decode_image, preprocess
+from camserve.models import ModelSpec, ServedModel, load_model
 
 PHOTOS = (data.chelsea, data.coffee, data.astronaut, data.rocket)
 
@@ -301,7 +301,7 @@ async def warm_up(url: str, path: str, photos: list[bytes]) -> None:
 
 def spawn(port: int, env: dict[str, str], device: str) -> subprocess.Popen:
     process = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "-m", "camserve.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
         env={**os.environ, "CAMSERVE_DEVICE": device, "CAMSERVE_LOG_LEVEL": "warning", **env},
     )
     for _ in range(600):

@@ -30,11 +30,11 @@ import torch
 import torch.nn.functional as F
 
 from bench.bench_engine import photo_batch
-from service.allocator import keep_freed_memory
-from service.cam import CamEngine
-from service.cam.perturbation import ScoreCAM
-from service.cam.render import minmax_normalize
-from service.models import ModelSpec, load_model
+from camserve.allocator import keep_freed_memory
+from camserve.cam import CamEngine
+from camserve.cam.perturbation import ScoreCAM
+from camserve.cam.render import minmax_normalize
+from camserve.models import ModelSpec, load_model
 
 CHUNK = 32
 os.environ.setdefault("TQDM_DISABLE", "1")  # pytorch-grad-cam draws a progress bar per image

@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.bench_pictures --repeats 15
 
-Uses the service's own rendering (`service.cam.render`) on a real photo (scikit-image astronaut) resized to
+Uses the service's own rendering (`camserve.cam.render`) on a real photo (scikit-image astronaut) resized to
 1920 x 1080 with a smooth synthetic map. Formats run interleaved within every repeat so machine noise hits
 all of them alike; reports median milliseconds and bytes per format and the ratios to PNG.
 """
@@ -18,8 +18,8 @@ import numpy as np
 from PIL import Image
 from skimage import data
 
-from service.cam import render
-from service.settings import Settings
+from camserve.cam import render
+from camserve.settings import Settings
 
 
 def overlay_1080p() -> tuple[np.ndarray, np.ndarray]:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from bench.bench_engine import photo_batch
-from service.models import ModelSpec, load_model
+from camserve.models import ModelSpec, load_model
 
 #: The child: OpenVINO XAI's ReciproCAM on the ONNX file, one image per call (its inserted branch assumes batch 1).
 CHILD = r"""
@@ -125,8 +125,8 @@ def transformers(rounds: int, folder: Path) -> list[dict[str, object]]:
     import copy
 
     from bench.bench_transformers import IMAGENET_MEAN, IMAGENET_STD, build_model
-    from service.cam import CamEngine
-    from service.models.runtimes import choose_runtime
+    from camserve.cam import CamEngine
+    from camserve.models.runtimes import choose_runtime
 
     rows = []
     for name in ("vit_b_16", "swin_t"):

@@ -29,7 +29,7 @@ import torchvision
 from torch import nn
 
 from bench.bench_engine import photo_batch, reference_cams, summarize, time_interleaved
-from service.cam import CamEngine
+from camserve.cam import CamEngine
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

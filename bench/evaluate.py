@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from skimage import data
 
-from service.cam import METHOD_NAMES, CamEngine, metrics
-from service.cam.render import heatmaps
-from service.models import ModelSpec, load_model
+from camserve.cam import METHOD_NAMES, CamEngine, metrics
+from camserve.cam.render import heatmaps
+from camserve.models import ModelSpec, load_model
 
 SIZE = 224
 OBJECTS = {  # name: (photo, crop rows, crop cols, ImageNet class)

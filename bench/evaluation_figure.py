@@ -12,8 +12,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from bench.evaluate import build_scenes
-from service.cam import render
-from service.models import ModelSpec, load_model
+from camserve.cam import render
+from camserve.models import ModelSpec, load_model
 
 PICKS = ("catx2-grass-0", "cupx3-brick-1", "catx3-gravel-2")
 METHODS = ("gradcam", "gradcampp", "layercam")

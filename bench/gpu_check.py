@@ -97,8 +97,8 @@ async def serving(device: str, settings: dict[str, str]) -> AsyncIterator[object
     """The real app (lifespan included) on `device`, behind an httpx client."""
     import httpx
 
-    from service.api import create_app
-    from service.settings import Settings
+    from camserve.api import create_app
+    from camserve.settings import Settings
 
     app = create_app(Settings(device=device, warmup=True, max_queue=4096, **settings))
     async with app.router.lifespan_context(app):
@@ -182,7 +182,7 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
             warnings.simplefilter("ignore")
             value = spearmanr(a.ravel(), b.ravel()).statistic
     except ImportError:
-        from service.cam import metrics
+        from camserve.cam import metrics
 
         value = metrics.spearman_rank_correlation(torch.from_numpy(a), torch.from_numpy(b))
     return 1.0 if math.isnan(value) and np.array_equal(a, b) else float(value)
@@ -191,8 +191,8 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 def step_sweep(args: argparse.Namespace) -> dict:
     """Every method x dtype x {default, earlier, fusion} x counterfactual on `device` against CPU float32."""
     from bench.bench_engine import photo_batch
-    from service.cam import METHOD_NAMES, CamEngine
-    from service.models import ModelSpec, load_model
+    from camserve.cam import METHOD_NAMES, CamEngine
+    from camserve.models import ModelSpec, load_model
 
     module = load_model(ModelSpec(name="efficientnet-lite0"), torch.device("cpu"), warmup=False).module
     x = photo_batch(2, 224, torch.device("cpu"))
@@ -351,10 +351,10 @@ def _bench(args: argparse.Namespace, name: str, extra: list[str]) -> dict:
 def step_onnxruntime(args: argparse.Namespace) -> dict:
     """ONNX Runtime's providers on this device (CUDA, TensorRT where installed): the runtime layer's logits and
     Grad-CAM++ maps against the eager engine's, and each bucket's timing; skipped where none is installed."""
-    from service.cam import CamEngine
-    from service.cam.render import minmax_normalize
-    from service.models import ModelSpec, load_model
-    from service.models.runtimes import choose_runtime
+    from camserve.cam import CamEngine
+    from camserve.cam.render import minmax_normalize
+    from camserve.models import ModelSpec, load_model
+    from camserve.models.runtimes import choose_runtime
 
     try:
         import onnxruntime

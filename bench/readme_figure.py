@@ -16,8 +16,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from skimage import data
 
-from service.api import create_app
-from service.settings import Settings
+from camserve.api import create_app
+from camserve.settings import Settings
 
 PHOTOS = {"chelsea": data.chelsea, "coffee": data.coffee, "astronaut": data.astronaut, "rocket": data.rocket}
 METHODS = ("gradcam", "gradcampp")

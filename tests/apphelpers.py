@@ -9,8 +9,8 @@ from contextlib import asynccontextmanager, contextmanager
 
 import httpx
 
-from service.api import create_app
-from service.settings import Settings
+from camserve.api import create_app
+from camserve.settings import Settings
 
 
 @asynccontextmanager

@@ -84,7 +84,7 @@ def jpeg_bytes(photo: np.ndarray, quality: int = 90) -> bytes:
 @pytest.fixture(scope="session")
 def registry():
     """The embedded default model, loaded once for all service tests."""
-    from service.models import ModelRegistry
+    from camserve.models import ModelRegistry
 
     return ModelRegistry.load(None, "cpu")
 

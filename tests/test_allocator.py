@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from service.allocator import user_chose_allocator
+from camserve.allocator import user_chose_allocator
 
 glibc_only = pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="mallopt tuning is glibc-specific"
@@ -19,7 +19,7 @@ glibc_only = pytest.mark.skipif(
 # the last 4 rounds (glibc needs a few rounds to coalesce the aligned blocks it can reuse)
 PROBE = """
 import resource, sys, torch
-from service.allocator import keep_freed_memory
+from camserve.allocator import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "tuned" else False
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -17,11 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
-from service.api import create_app
-from service.cam.render import heatmaps, to_uint8
-from service.images import decode_image, preprocess
-from service.settings import Settings
-from service.worker import BatchWorker
+from camserve.api import create_app
+from camserve.cam.render import heatmaps, to_uint8
+from camserve.images import decode_image, preprocess
+from camserve.settings import Settings
+from camserve.worker import BatchWorker
 from tests.apphelpers import running_app
 from tests.conftest import jpeg_bytes
 
@@ -362,7 +362,7 @@ async def test_error_statuses_name_their_cause(registry, cat_jpeg):
 async def test_inputs_found_by_fuzzing_are_4xx_not_500(registry, cat_jpeg, monkeypatch):
     """Non-ASCII digits, deeply nested JSON, JSON booleans where numbers go, too many multipart files, and a
     render budget that the image headers already exceed (refused before anything is decoded)."""
-    import service.inference as inference
+    import camserve.inference as inference
 
     jpeg = {"content-type": "image/jpeg"}
     as_json = {"images": [base64.b64encode(cat_jpeg).decode()]}
@@ -592,7 +592,7 @@ async def test_load_failure_is_reported_alike_by_readiness_and_routes():
 def test_committed_openapi_matches_the_app():
     from pathlib import Path
 
-    from service.openapi_export import openapi_text
+    from camserve.openapi_export import openapi_text
 
     committed = Path(__file__).resolve().parent.parent / "openapi" / "openapi.json"
     assert committed.read_text(encoding="utf-8") == openapi_text(), "run `make openapi` and commit the result"
@@ -724,7 +724,7 @@ async def test_random_parameters_and_bodies_never_give_a_500(registry, cat_jpeg)
 
 
 async def test_torch_threads_setting_applies_to_the_torch_thread(registry):
-    from service.worker import torch_executor
+    from camserve.worker import torch_executor
 
     before = torch_executor().submit(torch.get_num_threads).result()
     try:
@@ -736,7 +736,7 @@ async def test_torch_threads_setting_applies_to_the_torch_thread(registry):
 
 
 async def test_several_models_are_served_side_by_side(registry, cat_jpeg, tmp_path):
-    from service.models import ModelRegistry, ModelSpec, load_model
+    from camserve.models import ModelRegistry, ModelSpec, load_model
     from tests.fixtures.tiny_models import tiny_classifier
 
     scripted = torch.jit.script(tiny_classifier().eval())
@@ -766,7 +766,7 @@ async def test_several_models_are_served_side_by_side(registry, cat_jpeg, tmp_pa
 async def test_large_images_are_resized_while_decoding_and_explain_the_same(registry, chelsea, monkeypatch):
     """Above the pixel threshold the decode thread resizes (PIL, float): the batch gets model-size float
     inputs, and maps and scores equal those of resizing in the batch (torch)."""
-    import service.inference as inference
+    import camserve.inference as inference
 
     big = np.asarray(Image.fromarray(chelsea).resize((1600, 1064), Image.Resampling.BICUBIC))
     submitted: list[torch.Tensor] = []
@@ -804,7 +804,7 @@ async def test_large_images_are_resized_while_decoding_and_explain_the_same(regi
 async def test_cuda_service_explains_gpu_decoded_and_large_cpu_decoded_images(registry, cat_jpeg, chelsea):
     """On CUDA: a JPEG decoded by nvJPEG (pixels on the GPU) and a large PNG resized while decoding
     (float input moved to the GPU) both explain, with overlays, like the CPU service."""
-    from service.models import ModelRegistry
+    from camserve.models import ModelRegistry
 
     big = np.asarray(Image.fromarray(chelsea).resize((1600, 1064), Image.Resampling.BICUBIC))
     buffer = io.BytesIO()
@@ -832,7 +832,7 @@ async def test_cuda_service_explains_gpu_decoded_and_large_cpu_decoded_images(re
 async def test_full_pixels_are_kept_only_for_overlays(registry, chelsea):
     """A 1.7 MP photo: the model gets a 224 x 224 float input; the 5 MB of full pixels stay only when an
     overlay will be drawn from them."""
-    from service.inference import ImagePayload
+    from camserve.inference import ImagePayload
 
     big = np.asarray(Image.fromarray(chelsea).resize((1600, 1064), Image.Resampling.BICUBIC))
     payload = [ImagePayload(jpeg_bytes(big), "image/jpeg")]
@@ -848,7 +848,7 @@ async def test_full_pixels_are_kept_only_for_overlays(registry, chelsea):
 
 # -- picture format and size ----------------------------------------------------------------------
 async def test_overlay_formats_and_picture_sizes(registry, cat_jpeg):
-    from service.cam.render import heatmap_image
+    from camserve.cam.render import heatmap_image
 
     jpeg = {"content-type": "image/jpeg"}
 

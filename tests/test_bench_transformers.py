@@ -16,7 +16,7 @@ from bench.bench_transformers import (
     targets_met,
     tokens_to_nchw,
 )
-from service.cam import get_method
+from camserve.cam import get_method
 
 
 def test_tokens_to_nchw_drops_the_prefix_and_moves_channels_first():

@@ -11,9 +11,9 @@ import copy
 import pytest
 import torch
 
-from service.cam import CamEngine, metrics
-from service.cam.render import minmax_normalize
-from service.device import apply_tf32, tf32_state
+from camserve.cam import CamEngine, metrics
+from camserve.cam.render import minmax_normalize
+from camserve.device import apply_tf32, tf32_state
 from tests.conftest import to_lite_input
 
 TOLERANCE, MIN_SPEARMAN = 0.05, 0.99

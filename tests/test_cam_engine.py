@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import spearmanr
 
-from service.cam import CamEngine, UnknownLayerError
-from service.cam.capture import ActivationCapture
-from service.cam.layouts import FeatureLayout
-from service.cam.render import minmax_normalize
+from camserve.cam import CamEngine, UnknownLayerError
+from camserve.cam.capture import ActivationCapture
+from camserve.cam.layouts import FeatureLayout
+from camserve.cam.render import minmax_normalize
 from tests.conftest import to_lite_input
 
 EGYPTIAN_CAT, ESPRESSO = 285, 967

@@ -1,4 +1,4 @@
-"""float16 gradient scaling (service/cam/scaling.py) and host-built pair plans (service/cam/pairs.py), on CPU.
+"""float16 gradient scaling (camserve/cam/scaling.py) and host-built pair plans (camserve/cam/pairs.py), on CPU.
 
 torch's CPU autocast runs convolutions and linear layers in float16, so the underflow the scaling fixes
 shows here as it would on a GPU: a head scaled down makes every gradient smaller than float16 can hold.
@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from service.cam import CamEngine, InvalidTargetError, metrics, scaling
-from service.cam.pairs import plan_pairs
+from camserve.cam import CamEngine, InvalidTargetError, metrics, scaling
+from camserve.cam.pairs import plan_pairs
 
 X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
 TARGETS = [[3, 7], [4]]

@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from service.cam import CamEngine, CamError, get_method
-from service.cam import reruns as reruns_module
-from service.cam.split import SplitError
+from camserve.cam import CamEngine, CamError, get_method
+from camserve.cam import reruns as reruns_module
+from camserve.cam.split import SplitError
 from tests.test_cam_methods import A, G, tiny_model
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from service.cam import CamEngine, InvalidTargetError, UnknownMethodError, get_method
+from camserve.cam import CamEngine, InvalidTargetError, UnknownMethodError, get_method
 
 
 def tiny_model(weight: torch.Tensor) -> nn.Module:

@@ -11,9 +11,9 @@ from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGrad
 from pytorch_grad_cam.guided_backprop import GuidedBackpropReLUModel
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from service.cam import CamEngine
-from service.cam.methods import GradCAMPlusPlus as OurGradCAMPlusPlus
-from service.cam.render import minmax_normalize
+from camserve.cam import CamEngine
+from camserve.cam.methods import GradCAMPlusPlus as OurGradCAMPlusPlus
+from camserve.cam.render import minmax_normalize
 from tests.conftest import to_lite_input
 
 REFERENCES = {

@@ -23,9 +23,9 @@ from pytorch_grad_cam.ablation_layer import AblationLayer
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
 
-from service.cam import CamEngine
-from service.cam.perturbation import ScoreCAM as OurScoreCAM
-from service.cam.render import minmax_normalize
+from camserve.cam import CamEngine
+from camserve.cam.perturbation import ScoreCAM as OurScoreCAM
+from camserve.cam.render import minmax_normalize
 from tests.conftest import to_lite_input
 
 TARGETS = [281, 967]  # tabby, espresso

@@ -15,8 +15,8 @@ import torch
 import torchvision
 from torch import nn
 
-from service.cam import CamEngine, CamError, UnknownLayerError
-from service.cam.render import minmax_normalize
+from camserve.cam import CamEngine, CamError, UnknownLayerError
+from camserve.cam.render import minmax_normalize
 from tests.conftest import to_lite_input
 from tests.test_cam_reference import EpsGradCAMPlusPlus, reference_maps
 

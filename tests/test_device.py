@@ -9,11 +9,11 @@ import types
 import pytest
 import torch
 
-import service.device as device_module
-from service.api import create_app
-from service.device import configure_device, cudnn_version, driver_cuda_version, driver_version, tf32_state
-from service.models import ModelConfigError, resolve_device
-from service.settings import Settings
+import camserve.device as device_module
+from camserve.api import create_app
+from camserve.device import configure_device, cudnn_version, driver_cuda_version, driver_version, tf32_state
+from camserve.models import ModelConfigError, resolve_device
+from camserve.settings import Settings
 
 PROPRIETARY = "NVRM version: NVIDIA UNIX x86_64 Kernel Module  570.124.06  Wed Feb 26 01:00:00 UTC 2025\nGCC version:\n"
 OPEN = "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.65.06  Release Build  (dvs-builder@U16)\n"
@@ -62,7 +62,7 @@ def fake_h100(monkeypatch, nvrm, fake_driver_api):
 
 
 def device_records(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "service.device" and r.levelno == logging.INFO]
+    return [r.getMessage() for r in caplog.records if r.name == "camserve.device" and r.levelno == logging.INFO]
 
 
 @pytest.mark.parametrize("allow", [True, False])
@@ -92,8 +92,8 @@ async def test_start_up_applies_camserve_allow_tf32(monkeypatch, caplog, env, al
     def stop(*_args, **_kwargs):
         raise RuntimeError("stop after the device set-up")
 
-    monkeypatch.setattr("service.models.registry.load_model", stop)
-    caplog.set_level(logging.INFO, logger="service.device")
+    monkeypatch.setattr("camserve.models.registry.load_model", stop)
+    caplog.set_level(logging.INFO, logger="camserve.device")
     app = create_app(Settings(device="cpu", warmup=False))
     async with app.router.lifespan_context(app):
         await app.state.loaded.wait()
@@ -102,14 +102,14 @@ async def test_start_up_applies_camserve_allow_tf32(monkeypatch, caplog, env, al
 
 
 def test_cpu_start_up_logs_torch_and_threads(caplog):
-    caplog.set_level(logging.INFO, logger="service.device")
+    caplog.set_level(logging.INFO, logger="camserve.device")
     configure_device(torch.device("cpu"))
     (line,) = device_records(caplog)
     assert line == f"device: device=cpu; torch={torch.__version__}; threads={torch.get_num_threads()}"
 
 
 def test_cuda_start_up_logs_device_driver_cuda_cudnn_and_tf32(fake_h100, caplog):
-    caplog.set_level(logging.INFO, logger="service.device")
+    caplog.set_level(logging.INFO, logger="camserve.device")
     configure_device(torch.device("cuda"), allow_tf32=False)
     (line,) = device_records(caplog)
     fields = dict(part.split("=", 1) for part in line.removeprefix("device: ").split("; "))
@@ -131,7 +131,7 @@ def test_cuda_start_up_logs_device_driver_cuda_cudnn_and_tf32(fake_h100, caplog)
 def test_cuda_log_says_unknown_without_driver_details(fake_h100, fake_driver_api, nvrm, caplog, tmp_path):
     nvrm("no version line here\n")
     fake_driver_api["value"] = (100, 0)  # CUDA_ERROR_NO_DEVICE
-    caplog.set_level(logging.INFO, logger="service.device")
+    caplog.set_level(logging.INFO, logger="camserve.device")
     configure_device(torch.device("cuda:0"), allow_tf32=True)
     (line,) = device_records(caplog)
     assert "driver=unknown; driver_cuda=unknown;" in line and "tf32_conv=True; tf32_matmul=True" in line

@@ -14,14 +14,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.api.routers.explorer import static_files
-from service.cam.methods import METHOD_NAMES
-from service.cam.render import COLORMAPS
+from camserve.api.routers.explorer import static_files
+from camserve.cam.methods import METHOD_NAMES
+from camserve.cam.render import COLORMAPS
 from tests.apphelpers import live_server, running_app
 from tests.conftest import jpeg_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
-STATIC = ROOT / "service" / "static" / "explorer"
+PACKAGE = ROOT / "service" / "camserve"
+STATIC = PACKAGE / "static" / "explorer"
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
 
@@ -70,8 +71,8 @@ def test_the_page_loads_nothing_from_elsewhere():
 def test_package_data_ships_every_explorer_file():
     """The wheel and the container image carry the page: pyproject's package-data globs match every file."""
     config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-    patterns = config["tool"]["setuptools"]["package-data"]["service"]
-    files = sorted(p.relative_to(ROOT / "service").as_posix() for p in STATIC.iterdir() if p.is_file())
+    patterns = config["tool"]["setuptools"]["package-data"]["camserve"]
+    files = sorted(p.relative_to(PACKAGE).as_posix() for p in STATIC.iterdir() if p.is_file())
     assert files and all(any(fnmatch(f, pattern) for pattern in patterns) for f in files), (files, patterns)
 
 
@@ -90,8 +91,8 @@ def test_the_colormap_tables_are_the_servers():
 
 def test_the_openapi_document_lists_the_methods_and_colormaps_the_way_the_page_reads_them():
     """app.js reads `/explain`'s `method` and `colormap` parameters: 'text: a, b, c (remark)'."""
-    from service.api import create_app
-    from service.settings import Settings
+    from camserve.api import create_app
+    from camserve.settings import Settings
 
     parameters = {p["name"]: p for p in create_app(Settings()).openapi()["paths"]["/explain"]["post"]["parameters"]}
 

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 from scipy.ndimage import gaussian_filter
 
-from service.cam import CamEngine, faithfulness
-from service.images import decode_image, preprocess
-from service.settings import Settings
+from camserve.cam import CamEngine, faithfulness
+from camserve.images import decode_image, preprocess
+from camserve.settings import Settings
 from tests.apphelpers import running_app
 from tests.conftest import jpeg_bytes, to_lite_input
 

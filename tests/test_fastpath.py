@@ -10,12 +10,12 @@ import timm
 import torch
 from torch import nn
 
-from service.cam import CamEngine
-from service.cam.fastpath import CompiledSplit
-from service.cam.render import minmax_normalize
-from service.cam.split import SplitError, export_model, split_model
-from service.models import runtimes
-from service.models.runtimes import choose_runtime
+from camserve.cam import CamEngine
+from camserve.cam.fastpath import CompiledSplit
+from camserve.cam.render import minmax_normalize
+from camserve.cam.split import SplitError, export_model, split_model
+from camserve.models import runtimes
+from camserve.models.runtimes import choose_runtime
 
 METHODS = ["gradcam", "gradcampp", "xgradcam", "layercam", "hirescam", "guided-gradcam"]
 MAX_BATCH = 16
@@ -214,7 +214,7 @@ def test_a_cut_in_the_wrong_place_is_caught(monkeypatch: pytest.MonkeyPatch, tmp
     """Equal logits do not prove the cut: compile compares the split's activation with the hooked layer's."""
     import dataclasses
 
-    from service.cam import engine as engine_module
+    from camserve.cam import engine as engine_module
 
     torch.manual_seed(0)
     engine = CamEngine(Tiny().eval(), default_layer="relu")

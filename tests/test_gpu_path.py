@@ -20,12 +20,12 @@ import torch
 import torchvision.io
 from PIL import Image
 
-import service.worker as worker_module
-from service.device_faults import as_service_error, is_sticky_device_error
-from service.errors import DeviceFailedError, DeviceMemoryError, OverloadedError
-from service.images import EncodedJpeg
-from service.models import ModelRegistry
-from service.worker import BatchWorker, ExplainOptions, WorkItem, _chunks
+import camserve.worker as worker_module
+from camserve.device_faults import as_service_error, is_sticky_device_error
+from camserve.errors import DeviceFailedError, DeviceMemoryError, OverloadedError
+from camserve.images import EncodedJpeg
+from camserve.models import ModelRegistry
+from camserve.worker import BatchWorker, ExplainOptions, WorkItem, _chunks
 from tests.apphelpers import running_app
 from tests.conftest import jpeg_bytes
 
@@ -233,7 +233,7 @@ async def test_a_sticky_device_error_fails_readiness_and_liveness_logged_once(
 
 
 def test_lifecycle_broken_is_final_and_logged_once(caplog):
-    from service.lifecycle import Lifecycle, Phase
+    from camserve.lifecycle import Lifecycle, Phase
 
     phases: list[Phase] = []
     lifecycle = Lifecycle(on_change=phases.append)

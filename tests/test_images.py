@@ -14,8 +14,8 @@ import torch
 import torchvision.io
 from PIL import Image, ImageFile
 
-from service.errors import CamserveError, InvalidInputError, PayloadTooLargeError, UnsupportedMediaError
-from service.images import (
+from camserve.errors import CamserveError, InvalidInputError, PayloadTooLargeError, UnsupportedMediaError
+from camserve.images import (
     SUPPORTED_FORMATS,
     SUPPORTED_MEDIA_TYPES,
     DecodedImage,

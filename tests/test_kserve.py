@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service.api import create_app
-from service.settings import Settings
+from camserve.api import create_app
+from camserve.settings import Settings
 from tests.test_kubernetes import K8S_VERSION
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,9 +15,9 @@ import httpx
 import pytest
 import yaml
 
-from service.models import read_models_file
-from service.settings import Settings
-from service.worker import BatchWorker
+from camserve.models import read_models_file
+from camserve.settings import Settings
+from camserve.worker import BatchWorker
 from tests.apphelpers import running_app
 from tests.test_server import start_server, stop
 

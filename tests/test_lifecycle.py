@@ -8,8 +8,8 @@ import time
 
 import uvicorn
 
-from service.lifecycle import Lifecycle, Phase
-from service.server import DrainingServer
+from camserve.lifecycle import Lifecycle, Phase
+from camserve.server import DrainingServer
 
 
 def test_phases_and_the_reasons_readiness_gives():

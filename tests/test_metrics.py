@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from service.cam import metrics
+from camserve.cam import metrics
 
 
 def test_box_to_mask_clips_to_the_image():

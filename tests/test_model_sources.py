@@ -14,11 +14,11 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from service.images import decode_image, preprocess
-from service.models import ModelConfigError, ModelSpec, read_models_file
-from service.models.loader import build_model, imagenet_labels
-from service.models.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-from service.models.sources import LogitsOnly
+from camserve.images import decode_image, preprocess
+from camserve.models import ModelConfigError, ModelSpec, read_models_file
+from camserve.models.loader import build_model, imagenet_labels
+from camserve.models.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from camserve.models.sources import LogitsOnly
 from tests.apphelpers import running_app
 from tests.conftest import jpeg_bytes
 
@@ -466,7 +466,7 @@ path = "hf-vit"
 
 def test_weights_that_torch_itself_loads_are_accepted():
     """A 1-element num_batches_tracked from an old checkpoint, and a lazy module's uninitialised parameters."""
-    from service.models.weights import load_into
+    from camserve.models.weights import load_into
 
     old = torchvision.models.resnet18().state_dict()
     old["bn1.num_batches_tracked"] = torch.tensor([7])

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torchvision
 
-from service.errors import InvalidParameterError, UnknownModelError
-from service.images import decode_image, preprocess
-from service.models import ModelConfigError, ModelRegistry, ModelSpec, load_model, read_models_file, resolve_device
+from camserve.errors import InvalidParameterError, UnknownModelError
+from camserve.images import decode_image, preprocess
+from camserve.models import ModelConfigError, ModelRegistry, ModelSpec, load_model, read_models_file, resolve_device
 from tests.conftest import jpeg_bytes
 
 CAT_CLASSES = {"Egyptian cat", "tabby", "tiger cat", "Persian cat", "Siamese cat"}
@@ -196,7 +196,7 @@ def test_a_model_whose_head_gives_no_gradient_is_served_with_a_warning(tmp_path,
     torch.nn.init.zeros_(model.fc.weight)  # as torchvision initialises its ViT heads
     torch.save(model.state_dict(), tmp_path / "r.pth")
     spec = ModelSpec(name="zero", kind="torchvision", architecture="resnet18", weights=tmp_path / "r.pth")
-    with caplog.at_level("WARNING", logger="service.models.registry"):
+    with caplog.at_level("WARNING", logger="camserve.models.registry"):
         served = load_model(spec, torch.device("cpu"), warmup=False)
     assert served.default_layer == "layer4"
     assert "model zero: no layer's gradient reaches its grid" in caplog.text and "layer4" in caplog.text

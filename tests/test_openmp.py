@@ -8,13 +8,13 @@ import sys
 
 import pytest
 
-from service.openmp import SPIN_COUNT, WAIT_VARIABLES, limit_openmp_spinning
+from camserve.openmp import SPIN_COUNT, WAIT_VARIABLES, limit_openmp_spinning
 
 # 200 short parallel torch ops, each followed by a 5 ms pause of the calling thread: prints the process's
 # CPU seconds per wall second over the loop. Spinning OpenMP workers burn their core through every pause.
 PROBE = """
 import sys, time
-from service.openmp import limit_openmp_spinning
+from camserve.openmp import limit_openmp_spinning
 applied = limit_openmp_spinning() if sys.argv[1] == "limited" else False
 import os, torch
 torch.set_num_threads(2)
@@ -75,7 +75,7 @@ def test_too_late_once_torch_is_imported(monkeypatch):
 def test_camserve_serve_sets_the_spin_count_before_torch_loads():
     probe = (
         "import os, sys, uvicorn\n"
-        "from service.cli import main\n"
+        "from camserve.cli import main\n"
         "uvicorn.Server.run = lambda self: print(os.environ.get('GOMP_SPINCOUNT'), 'torch' in sys.modules)\n"
         "main(['serve'])\n"
     )

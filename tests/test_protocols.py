@@ -415,7 +415,7 @@ def test_v2_goes_through_the_batching_queue(registry, cat, monkeypatch):
     """One v2 request with two images and a /predict: the worker batches them like any other items."""
     import asyncio
 
-    from service.worker import BatchWorker
+    from camserve.worker import BatchWorker
     from tests.apphelpers import running_app
 
     sizes: list[int] = []
@@ -489,8 +489,8 @@ def test_schemathesis_finds_no_rejected_example_and_no_server_error(live, tmp_pa
 def test_v2_readiness_follows_the_lifecycle_loading_ready_draining(registry):
     import asyncio
 
-    from service.api import create_app
-    from service.settings import Settings
+    from camserve.api import create_app
+    from camserve.settings import Settings
 
     release = threading.Event()
 

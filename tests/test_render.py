@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from service.cam import render
-from service.errors import InvalidParameterError
+from camserve.cam import render
+from camserve.errors import InvalidParameterError
 
 
 def test_minmax_normalize_per_map_and_zero_map_stays_zero():

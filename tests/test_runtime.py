@@ -14,12 +14,12 @@ import torch
 import torchvision
 from torch import nn
 
-from service.cam import CamEngine, reruns
-from service.cam.render import minmax_normalize
-from service.cam.runtime import Bucket, OnnxRuntimeSplit, RuntimeTable, export_onnx, time_alternating
-from service.cam.split import SplitError, carried_kinds
-from service.models import runtimes
-from service.models.runtimes import choose_runtime
+from camserve.cam import CamEngine, reruns
+from camserve.cam.render import minmax_normalize
+from camserve.cam.runtime import Bucket, OnnxRuntimeSplit, RuntimeTable, export_onnx, time_alternating
+from camserve.cam.split import SplitError, carried_kinds
+from camserve.models import runtimes
+from camserve.models.runtimes import choose_runtime
 from tests.test_cam_transformers import seeded
 
 GRADIENT_METHODS = ["gradcam", "gradcampp", "xgradcam", "layercam", "hirescam"]
@@ -330,7 +330,7 @@ def test_timing_alternates_and_stops_early_only_for_a_clear_winner() -> None:
 async def test_service_with_runtime_auto_reports_and_serves_the_eager_answers(registry, chelsea, tmp_path) -> None:
     """The default configuration (CAMSERVE_RUNTIME=auto) builds ONNX Runtime for the embedded model, reports
     each bucket in /models, and answers as the eager registry does."""
-    from service.images import decode_image, preprocess
+    from camserve.images import decode_image, preprocess
     from tests.apphelpers import running_app
     from tests.conftest import jpeg_bytes
 

@@ -34,7 +34,7 @@ def start_server(**env: str) -> tuple[subprocess.Popen, str]:
         **env,
     }
     process = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "-m", "camserve.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -142,7 +142,7 @@ def test_sigterm_without_drain_stops_accepting_at_once_and_finishes_accepted_req
 
 
 def test_cli_client_commands_against_a_real_server(server, chelsea, tmp_path, capsys):
-    from service.cli import main
+    from camserve.cli import main
 
     _process, url = server
     image = tmp_path / "chelsea.jpg"
@@ -167,9 +167,9 @@ def test_client_that_disconnects_has_its_waiting_items_dropped(registry, chelsea
 
     import uvicorn
 
-    from service.api import create_app
-    from service.settings import Settings
-    from service.worker import BatchWorker
+    from camserve.api import create_app
+    from camserve.settings import Settings
+    from camserve.worker import BatchWorker
 
     seen: list[int] = []
     original = BatchWorker.compute
@@ -233,7 +233,7 @@ def test_stopped_while_loading_it_exits_at_once_without_waiting_for_the_load(tmp
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
     started = time.monotonic()
     process = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "-m", "camserve.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

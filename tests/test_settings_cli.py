@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from service.cli import build_parser, main
-from service.settings import Settings
+from camserve.cli import build_parser, main
+from camserve.settings import Settings
 
 
 def test_settings_from_environment(monkeypatch):
@@ -62,7 +62,7 @@ def test_server_runs_on_the_compiled_http_parser_and_event_loop():
 def test_explain_passes_overlay_format_and_size_and_names_the_file_by_format(tmp_path, monkeypatch, capsys):
     import base64
 
-    import service.cli as cli
+    import camserve.cli as cli
 
     sent: list = []
 
@@ -87,7 +87,7 @@ def test_explain_passes_overlay_format_and_size_and_names_the_file_by_format(tmp
 def test_explain_faithfulness_flags_are_sent_and_the_scores_printed(tmp_path, monkeypatch, capsys):
     import base64
 
-    import service.cli as cli
+    import camserve.cli as cli
 
     sent: list = []
     scores = {"drop": 0.25, "increase": 0.0, "deletion_auc": 0.125, "insertion_auc": 0.75, "steps": 8}
@@ -113,7 +113,7 @@ def test_explain_faithfulness_flags_are_sent_and_the_scores_printed(tmp_path, mo
 
 
 def test_every_invalid_variable_is_named_in_one_message_and_serve_refuses_to_start(monkeypatch, capsys):
-    from service.settings import SettingsInvalid, load_settings
+    from camserve.settings import SettingsInvalid, load_settings
 
     monkeypatch.setenv("CAMSERVE_MAX_BATCH_SIZE", "0")
     monkeypatch.setenv("CAMSERVE_REQUEST_TIMEOUT_S", "inf")
@@ -131,7 +131,7 @@ def test_every_invalid_variable_is_named_in_one_message_and_serve_refuses_to_sta
 
 
 def test_settings_accept_what_operators_write(monkeypatch):
-    from service.settings import SettingsInvalid, load_settings
+    from camserve.settings import SettingsInvalid, load_settings
 
     for text, origins in [
         ("*", ["*"]),
@@ -149,7 +149,7 @@ def test_settings_accept_what_operators_write(monkeypatch):
 
 
 def test_settings_that_cannot_work_together_are_refused(monkeypatch, tmp_path):
-    from service.settings import SettingsInvalid, load_settings
+    from camserve.settings import SettingsInvalid, load_settings
 
     monkeypatch.setenv("CAMSERVE_MAX_QUEUE", "8")
     with pytest.raises(
@@ -166,7 +166,7 @@ def test_settings_that_cannot_work_together_are_refused(monkeypatch, tmp_path):
 
 
 def test_unknown_camserve_variables_are_named_with_the_close_settings():
-    from service.settings import unknown_variables
+    from camserve.settings import unknown_variables
 
     environ = {
         "CAMSERVE_MAX_BATCHSIZE": "4",  # a typo
@@ -205,7 +205,7 @@ def test_bad_ports_and_timeouts_are_argument_errors(monkeypatch, capsys):
 
 
 def test_client_reports_unreadable_inputs_and_a_bad_url(tmp_path, capsys, monkeypatch):
-    import service.cli as cli
+    import camserve.cli as cli
 
     assert main(["predict", str(tmp_path), "--url", "http://127.0.0.1:9"]) == 1
     assert "cannot be read" in capsys.readouterr().err
@@ -225,7 +225,7 @@ def test_client_reports_unreadable_inputs_and_a_bad_url(tmp_path, capsys, monkey
 def test_explain_keeps_images_with_the_same_name_apart(tmp_path, monkeypatch, capsys):
     import base64
 
-    import service.cli as cli
+    import camserve.cli as cli
 
     def fake_post(args, path, params):
         explanation = {"index": 1, "label": "goldfish", "score": 0.5, "heatmap": "", "overlay": ""}
@@ -249,7 +249,7 @@ def test_explain_keeps_images_with_the_same_name_apart(tmp_path, monkeypatch, ca
     [(None, 0), (SystemExit(3), 3), (SystemExit("message"), 1), (KeyboardInterrupt(), 130), (RuntimeError("x"), 1)],
 )
 def test_the_exit_while_loading_keeps_the_stops_status(monkeypatch, caplog, raised, code):
-    import service.cli as cli
+    import camserve.cli as cli
 
     exits: list[int] = []
 
@@ -267,7 +267,7 @@ def test_the_exit_while_loading_keeps_the_stops_status(monkeypatch, caplog, rais
 
 def test_replaced_compile_settings_are_refused_naming_what_replaces_them(monkeypatch, capsys):
     """CAMSERVE_COMPILE=off used to mean eager: start-up says to set CAMSERVE_RUNTIME instead of changing silently."""
-    from service.cli import main
+    from camserve.cli import main
 
     monkeypatch.setenv("CAMSERVE_COMPILE", "off")
     monkeypatch.setenv("CAMSERVE_COMPILE_CACHE_DIR", "/tmp/x")
@@ -281,8 +281,8 @@ def test_replaced_compile_settings_are_refused_naming_what_replaces_them(monkeyp
 def test_prepare_fills_the_cache_so_the_next_load_decides_from_it(monkeypatch, tmp_path, capsys):
     """`camserve prepare` builds what `serve` would (the ONNX graph, the decision per bucket); a load after it reads
     both instead of exporting and timing again."""
-    from service.cli import main
-    from service.models import ModelRegistry
+    from camserve.cli import main
+    from camserve.models import ModelRegistry
 
     monkeypatch.setenv("CAMSERVE_RUNTIME", "auto")
     monkeypatch.setenv("CAMSERVE_CACHE_DIR", str(tmp_path))

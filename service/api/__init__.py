@@ -1,5 +1,0 @@
-"""HTTP layer: FastAPI app, routers, schemas, error mapping. Knows nothing of gradients."""
-
-from service.api.app import create_app
-
-__all__ = ["create_app"]

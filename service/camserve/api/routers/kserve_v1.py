@@ -1,0 +1,125 @@
+"""KServe v1 protocol: `GET /v1/models/{name}`, `POST /v1/models/{name}:predict` and `:explain`.
+
+A thin adapter: instances -> InferenceRequest -> the one inference path -> `/predict`'s and `/explain`'s per-image
+objects, as `{"predictions": [...]}` and `{"explanations": [...]}`. Errors are `{"error": ...}` (service.api.errors).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Path, Request
+
+from camserve.api.deps import get_service
+from camserve.api.inputs import decode_base64
+from camserve.api.results import explain_result, predict_result
+from camserve.api.schemas_v1 import (
+    V1Error,
+    V1ExplainRequest,
+    V1ExplainResponse,
+    V1Instance,
+    V1ModelList,
+    V1ModelStatus,
+    V1PredictRequest,
+    V1PredictResponse,
+)
+from camserve.api.security import check_api_key
+from camserve.inference import ExplainRequest, ImagePayload, InferenceRequest, InferenceService, RenderOptions
+
+router = APIRouter(prefix="/v1", tags=["kserve-v1"], dependencies=[Depends(check_api_key)])
+
+ModelName = Annotated[str, Path(description="a served model's name", examples=["efficientnet-lite0"])]
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": V1Error, "description": description}
+    for status, description in {
+        400: "bad base64 or undecodable image",
+        401: "missing or wrong API key (when one is configured)",
+        404: "unknown model",
+        413: "image, pixel count, image count or body too large",
+        422: "invalid parameter or request body",
+        503: "overloaded (Retry-After) or not ready",
+        504: "timed out",
+    }.items()
+}
+
+
+def _images(instances: list[V1Instance]) -> list[ImagePayload]:
+    return [ImagePayload(decode_base64(x.image.b64, f"instances[{i}].image.b64")) for i, x in enumerate(instances)]
+
+
+def _as_list(value: Any) -> list | None:
+    return None if value is None else value if isinstance(value, list) else [value]
+
+
+@router.get("/models", response_model=V1ModelList, summary="KServe v1: served models", responses=_ERRORS)
+async def list_models(service: Annotated[InferenceService, Depends(get_service)]) -> V1ModelList:
+    return V1ModelList(models=[m.name for m in service.registry])
+
+
+@router.get("/models/{name}", response_model=V1ModelStatus, summary="KServe v1: model status", responses=_ERRORS)
+async def model_status(
+    name: ModelName, request: Request, service: Annotated[InferenceService, Depends(get_service)]
+) -> V1ModelStatus:
+    model, _, verb = name.rpartition(":")
+    if model and verb in ("predict", "explain"):  # `GET /v1/models/x:predict`: the verb exists, the method not
+        raise HTTPException(405, f"{verb} takes POST, not {request.method}", headers={"Allow": "POST"})
+    served = service.registry.get(name)
+    return V1ModelStatus(name=served.name, ready=request.app.state.lifecycle.is_ready)
+
+
+@router.post(
+    "/models/{name}:predict",
+    response_model=V1PredictResponse,
+    summary="KServe v1: classify instances (top-k per image)",
+    responses=_ERRORS,
+)
+async def predict(
+    name: ModelName,
+    body: V1PredictRequest,
+    request: Request,
+    service: Annotated[InferenceService, Depends(get_service)],
+) -> dict:
+    inference = InferenceRequest(_images(body.instances), model=name, top_k=5 if body.top_k is None else body.top_k)
+    result = await service.infer(inference, request.is_disconnected)
+    return {"predictions": [predict_result(image) for image in result.images]}
+
+
+@router.post(
+    "/models/{name}:explain",
+    response_model=V1ExplainResponse,
+    response_model_exclude_none=True,
+    summary="KServe v1: classify and explain instances with class activation maps",
+    responses=_ERRORS,
+)
+async def explain(
+    name: ModelName,
+    body: V1ExplainRequest,
+    request: Request,
+    service: Annotated[InferenceService, Depends(get_service)],
+) -> dict:
+    defaults = RenderOptions()
+    inference = InferenceRequest(
+        _images(body.instances),
+        model=name,
+        top_k=5 if body.top_k is None else body.top_k,
+        explain=ExplainRequest(
+            method=body.method or "gradcampp",
+            targets=_as_list(body.target),
+            layers=_as_list(body.layer),
+            counterfactual=bool(body.counterfactual),
+            faithfulness=bool(body.faithfulness),
+            faithfulness_steps=body.faithfulness_steps,
+        ),
+        render=RenderOptions(
+            overlay=bool(body.overlay),
+            colormap=body.colormap or defaults.colormap,
+            alpha=defaults.alpha if body.alpha is None else body.alpha,
+            overlay_format=body.overlay_format or defaults.overlay_format,
+            size=defaults.size if body.size is None else body.size,
+        ),
+    )
+    result = await service.infer(inference, request.is_disconnected)
+    raw = bool(body.raw)
+    explanations = await asyncio.to_thread(lambda: [explain_result(image, raw) for image in result.images])
+    return {"explanations": explanations}

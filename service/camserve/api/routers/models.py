@@ -1,0 +1,97 @@
+"""The models this process serves."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path
+
+from camserve.api.deps import get_service
+from camserve.api.schemas import (
+    ErrorResponse,
+    LayerInfo,
+    LayersResponse,
+    ModelInfo,
+    ModelsResponse,
+    RuntimeBucket,
+    RuntimeInfo,
+)
+from camserve.api.security import check_api_key
+from camserve.inference import InferenceService
+from camserve.models.runtimes import RuntimeChoice
+
+router = APIRouter(tags=["models"], dependencies=[Depends(check_api_key)])
+
+
+@router.get(
+    "/models",
+    response_model=ModelsResponse,
+    summary="List served models with their input size, normalization and default CAM layer",
+    responses={401: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+)
+async def list_models(service: Annotated[InferenceService, Depends(get_service)]) -> ModelsResponse:
+    registry = service.registry
+    return ModelsResponse(
+        models=[
+            ModelInfo(
+                name=m.name,
+                architecture=m.architecture,
+                device=str(m.device),
+                input_size=m.input_size,
+                mean=m.mean,
+                std=m.std,
+                interpolation=m.interpolation,
+                num_classes=m.num_classes,
+                default_layer=m.default_layer,
+                runtime=runtime_info(m.runtime),
+                default=m.name == registry.default_name,
+            )
+            for m in registry
+        ]
+    )
+
+
+@router.get(
+    "/models/{name}/layers",
+    response_model=LayersResponse,
+    summary="The layers of a model that `layer=` can name, with their output shapes and layouts",
+    responses={401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+)
+async def list_layers(
+    name: Annotated[str, Path(description="a served model's name")],
+    service: Annotated[InferenceService, Depends(get_service)],
+) -> LayersResponse:
+    served = service.registry.get(name)
+    if not served.explainable:
+        return LayersResponse(model=served.name, default_layer=None, layers=[])
+    trace = served.engine.trace()
+    layers = []
+    for layer, shape in trace.shapes.items():
+        layout = trace.layouts.get(layer)
+        layers.append(
+            LayerInfo(
+                name=layer,
+                module=trace.modules.get(layer, ""),
+                shape=list(shape[1:]),
+                spatial=layout is not None,
+                layout=layout.kind if layout else None,
+                grid=layout.grid if layout else None,
+                prefix_tokens=layout.prefix if layout and layout.kind == "tokens" else None,
+            )
+        )
+    return LayersResponse(model=served.name, default_layer=served.default_layer, layers=layers)
+
+
+def runtime_info(choice: RuntimeChoice) -> RuntimeInfo:
+    """The model's runtime as /models reports it: each bucket's batch sizes, backend and measured times."""
+    return RuntimeInfo(
+        mode=choice.mode,
+        layer=choice.layer,
+        buckets=[
+            RuntimeBucket(batch_sizes=(low, bucket.largest), backend=bucket.backend, ms=dict(bucket.ms))
+            for low, bucket in choice.ranges()
+        ],
+        not_used=choice.not_used,
+        build_s=round(choice.build_s, 3),
+        from_cache=choice.from_cache,
+    )

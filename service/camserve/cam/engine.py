@@ -1,0 +1,386 @@
+"""The CAM engine: logits and class activation maps from one forward pass.
+
+Usable on its own from a notebook::
+
+    engine = CamEngine(model)
+    result = engine.explain(batch, targets=[[281], [282, 285]], method="gradcampp")
+    result.maps  # [N, h, w] on the model's device, one row per (image, target) pair
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from camserve.cam import scaling
+from camserve.cam.capture import ActivationCapture, guided_backprop
+from camserve.cam.errors import CamError, InvalidTargetError
+from camserve.cam.family import LayerInput, Method
+from camserve.cam.fastpath import CompiledSplit, noise
+from camserve.cam.layers import LayerTrace, choose_default_layer, resolve_layer, trace_layers
+from camserve.cam.methods import get_method
+from camserve.cam.pairs import PairPlan, TargetSpec, plan_pairs
+from camserve.cam.render import minmax_normalize, resize_maps
+from camserve.cam.reruns import EngineReruns
+from camserve.cam.runtime import Backend, RuntimeTable
+from camserve.cam.split import ModelSplit, SplitError, split_model
+
+
+@dataclass
+class Explanation:
+    """Maps for every (image, target) pair of a batch, and the logits of the same forward pass.
+
+    `maps` is the raw map (after ReLU, before normalization) for a single layer; for several layers
+    it is the fusion (each layer's map min-max normalized, resized to the largest, averaged); for
+    guided Grad-CAM it is max_c |guided backprop * Grad-CAM| at input resolution.
+    """
+
+    method: str
+    layers: tuple[str, ...]
+    counterfactual: bool
+    logits: Tensor
+    image_index: Tensor
+    class_index: Tensor
+    maps: Tensor
+    layer_maps: dict[str, Tensor] = field(default_factory=dict)
+    guided: Tensor | None = None
+    #: (image, class) of each row on the host, the same as image_index/class_index without a device sync.
+    pairs: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def scores(self) -> Tensor:
+        """The logit of each pair's target class."""
+        return self.logits[self.image_index, self.class_index]
+
+
+class CamEngine:
+    """Explains a classifier's decisions. Thread-safe: callers may share one engine and model."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        autocast_dtype: torch.dtype | None = None,
+        default_layer: str | None = None,
+        gradient_scale: float | None = None,
+        rerun_batch_size: int = 32,
+    ) -> None:
+        """`gradient_scale`: a power of two for the backward's gradient output (None: 2**12 in float16, else 1).
+        `rerun_batch_size`: masked or ablated inputs per extra forward of Score-CAM and Ablation-CAM."""
+        model.eval()
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        self.model = model
+        first = next(model.parameters(), None)
+        self.device = first.device if first is not None else torch.device("cpu")
+        self.autocast_dtype = autocast_dtype
+        self._default_layer = default_layer
+        self.gradient_scale = None if gradient_scale is None else scaling.check_scale(gradient_scale)
+        self._trace: LayerTrace | None = None
+        self._trace_lock = threading.Lock()
+        #: The backends serving predictions and the default layer's prefix, per batch size (None: eager).
+        self.runtime: RuntimeTable | None = None
+        self._reruns = EngineReruns(model, self._autocast, rerun_batch_size)
+
+    # -- structure ---------------------------------------------------------------------------
+    def trace(self, example: Tensor | None = None) -> LayerTrace:
+        """Module calls, output shapes, feature layouts and the default layer, found once.
+
+        The probe is two seeded-noise images of `example`'s size (two, so the batch dimension is told
+        apart from the others); the default layer is the deepest one whose gradient reaches its grid.
+        """
+        if self._trace is None:
+            with self._trace_lock:
+                if self._trace is None:
+                    if example is None:
+                        raise RuntimeError("call explain() once or pass an example input to trace()")
+                    generator = torch.Generator().manual_seed(0)
+                    probe = torch.randn((2, *example.shape[1:]), generator=generator).to(self.device)
+                    with self._autocast():
+                        trace = trace_layers(self.model, probe)
+                    default = choose_default_layer(self.model, trace, probe, self._autocast)
+                    self._trace = dataclasses.replace(trace, default=default)
+        return self._trace
+
+    @property
+    def default_layer(self) -> str:
+        """The configured default layer, or the automatic one (requires a prior trace)."""
+        return self._default_layer or self.trace().default_layer
+
+    def resolve_layers(self, layers: Sequence[str] | str | None, example: Tensor | None = None) -> tuple[str, ...]:
+        """Validate layer paths (default when none) and return them without duplicates."""
+        trace = self.trace(example)
+        if layers is None or (isinstance(layers, str) and not layers):
+            names: Sequence[str] = [self._default_layer or trace.default_layer]
+        else:
+            names = [layers] if isinstance(layers, str) else list(layers)
+            if not names:
+                names = [self._default_layer or trace.default_layer]
+        for name in names:
+            resolve_layer(self.model, name, trace)
+            trace.layout(name)
+        return tuple(dict.fromkeys(names))
+
+    # -- inference ---------------------------------------------------------------------------
+    def _autocast(self) -> AbstractContextManager[object]:
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def predict(self, images: Tensor) -> Tensor:
+        """Logits [B, C] (float32) of a plain inference forward (on the runtime serving this batch size)."""
+        images = images.to(self.device)
+        if self.runtime is not None:
+            logits = self.runtime.attempt(images.shape[0], lambda backend: backend.logits(images).float())
+            if logits is not None:
+                return logits
+        return self.predict_eager(images)
+
+    def predict_eager(self, images: Tensor) -> Tensor:
+        """Logits [B, C] (float32) of the eager model."""
+        with torch.inference_mode(), self._autocast():
+            return self.model(images.to(self.device)).float()
+
+    def backend_for(self, batch: int) -> Backend | None:
+        """The runtime serving batches of `batch` images (None: the eager model)."""
+        return None if self.runtime is None else self.runtime.for_batch(batch)
+
+    def split(self, example: Tensor) -> ModelSplit:
+        """The model split at the default layer (its export made once per engine); SplitError when it cannot be."""
+        return split_model(self._reruns.export(example.to(self.device)), self.default_layer)
+
+    def adopt_split(self, split: ModelSplit) -> None:
+        """Use `split` (loaded from a cache) for Ablation-CAM's reruns at its layer instead of exporting."""
+        self._reruns.adopt(split)
+
+    def compile(
+        self,
+        example: Tensor,
+        *,
+        max_batch: int,
+        channels_last: bool | None = None,
+        split: ModelSplit | None = None,
+    ) -> CompiledSplit:
+        """The fast path at the default layer, compiled, warmed up and checked (its `report` says how it did); serve
+        through it with `use_fast_path` or a `RuntimeTable`. Raises SplitError when the model does not export or
+        split there.
+
+        Warm-up covers batches up to `max_batch` and the rerun batch size, so that Score-CAM's masked forwards
+        run compiled too.
+
+        `channels_last` (default: models with convolutions past their first layer) feeds the prefix NHWC inputs.
+        `split`: the split at the default layer when the caller has it (else exported here).
+        """
+        example = example.to(self.device)
+        split = split or self.split(example)
+        if channels_last is None:
+            channels_last = sum(isinstance(m, nn.Conv2d) for m in self.model.modules()) > 2
+        compiled = CompiledSplit(split, autocast=self._autocast, channels_last=channels_last)
+        compiled.warm_up(example, max(max_batch, self._reruns.batch_size), self.predict_eager)
+        self.check_backend(compiled, example)
+        return compiled
+
+    def check_backend(self, backend: Backend, example: Tensor) -> None:
+        """Raise SplitError unless the backend's activation is the layer's output as the hooks see it (equal logits
+        alone would not tell a cut in the wrong place)."""
+        images = noise(example, 2)
+        layer = backend.layer
+        trace = self.trace()
+        with torch.inference_mode(False), torch.no_grad():
+            modules = {layer: resolve_layer(self.model, layer)}
+            _, (reference,) = self._forward(images, (layer,), modules, trace, record=False, eager=True)
+        activation, _ = backend.prefix(images)
+        reference = reference.detach().float()
+        if activation.shape != reference.shape:
+            raise SplitError(
+                f"the split at {layer!r} gives shape {tuple(activation.shape)}, the layer {tuple(reference.shape)}"
+            )
+        error = (activation.float().to(reference.device) - reference).abs().max().item()
+        tolerance = (1e-3 if self.autocast_dtype is None else 5e-2) * max(1.0, reference.abs().max().item())
+        if error > tolerance:
+            raise SplitError(f"the split's activation at {layer!r} differs from the layer's output by {error:.3g}")
+
+    def use_runtime(self, runtime: RuntimeTable | None) -> None:
+        """Serve predictions, the default layer's maps and full-forward reruns as `runtime` says (None: eagerly)."""
+        if runtime is not None and runtime.layer != self.default_layer:
+            raise ValueError(f"the runtime splits at {runtime.layer!r}, not at the default layer {self.default_layer}")
+        self.runtime = runtime
+        self._reruns.runtime = runtime
+
+    def use_fast_path(self, fast: Backend | None) -> None:
+        """Serve every batch size through `fast` (None: eagerly)."""
+        self.use_runtime(None if fast is None else RuntimeTable.single(fast))
+
+    def explain(
+        self,
+        images: Tensor,
+        targets: TargetSpec = None,
+        *,
+        method: str | Method = "gradcampp",
+        layers: Sequence[str] | str | None = None,
+        counterfactual: bool = False,
+    ) -> Explanation:
+        """Logits and maps for `images` [B, 3, H, W] (already preprocessed).
+
+        `targets` gives per image the classes to explain (default: each image's top-1 prediction).
+        `counterfactual` uses -gradient: regions that lower the class score.
+        """
+        cam = method if isinstance(method, Method) else get_method(method)
+        cam.check(counterfactual=counterfactual)
+        images = images.to(self.device)
+        if images.dim() != 4:
+            raise InvalidTargetError(f"images must be a [B, C, H, W] batch, got shape {tuple(images.shape)}")
+        names = self.resolve_layers(layers, images)
+        trace = self.trace()
+        modules = {name: resolve_layer(self.model, name) for name in names}
+
+        with torch.inference_mode(False), torch.no_grad():
+            logits, activations = self._forward(images, names, modules, trace, record=cam.needs_gradient)
+            plan = self._pairs(targets, logits.detach())
+            sign = -1.0 if counterfactual else 1.0
+            grads = self._gradients(logits, activations, plan, sign) if cam.needs_gradient else [None] * len(names)
+            logits = logits.detach().float()
+
+            layer_maps = {}
+            for name, act, grad in zip(names, activations, grads, strict=True):
+                calls, layout = trace.calls[name], trace.layouts[name]
+                layer = LayerInput(name, layout, calls, act.detach(), grad, images, plan, logits)
+                layer_maps[name] = cam.layer_map(layer, self._reruns)
+            del activations, grads
+            maps = self._fuse(layer_maps) if len(names) > 1 else layer_maps[names[0]]
+            guided = None
+            if cam.needs_input_gradient:
+                guided = self._guided(images, plan, sign, maps)
+                maps = guided.abs().amax(dim=1)
+
+        return Explanation(
+            method=cam.name,
+            layers=names,
+            counterfactual=counterfactual,
+            logits=logits,
+            image_index=plan.image_index,
+            class_index=plan.class_index,
+            maps=maps,
+            layer_maps=layer_maps,
+            guided=guided,
+            pairs=list(zip(plan.images, plan.classes, strict=True)),
+        )
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _forward(
+        self,
+        images: Tensor,
+        names: tuple[str, ...],
+        modules: dict[str, nn.Module],
+        trace: LayerTrace,
+        *,
+        record: bool = True,
+        eager: bool = False,
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Logits, with autograd recorded from the layers' activations on (unless `record` is False), and those
+        activations.
+
+        At the runtime's layer (unless `eager`): the prefix on the backend serving this batch size, then the
+        suffix in torch with autograd. Elsewhere: the eager model with hooks that switch autograd on at the first
+        target layer.
+        """
+        if not eager and self.runtime is not None and names == (self.runtime.layer,):
+            split = self.runtime.attempt(images.shape[0], lambda b: self._split_forward(b, images, trace, record))
+            if split is not None:
+                return split
+        capture = ActivationCapture(modules, trace.calls, trace.layouts, record=record)
+        with capture, self._autocast():
+            logits = self.model(images)
+        capture.check_complete()
+        return logits, [capture.activations[name] for name in names]
+
+    def _split_forward(
+        self, backend: Backend, images: Tensor, trace: LayerTrace, record: bool
+    ) -> tuple[Tensor, list[Tensor]]:
+        """`_forward` at the runtime's layer: the prefix on `backend`, the suffix in torch."""
+        activation, carried = backend.prefix(images)
+        trace.layouts[backend.layer].check(activation.shape, backend.layer)
+        activation = activation.to(self.device).detach().requires_grad_(record)
+        with torch.set_grad_enabled(record):  # a clone: in-place operations of the suffix leave it intact
+            logits = backend.suffix(activation.clone(), carried)
+        return logits, [activation]
+
+    def _pairs(self, targets: TargetSpec, logits: Tensor) -> PairPlan:
+        """Flatten per-image targets into (image, class) rows grouped by round; validate against the logits."""
+        return plan_pairs(targets, logits)
+
+    def _gradient_scales(self, logits: Tensor) -> list[float]:
+        """Scales to try for one backward: see service.cam.scaling (float16 only, unless configured)."""
+        if self.gradient_scale is not None:
+            return scaling.scales(self.gradient_scale)
+        half = self.autocast_dtype == torch.float16 or logits.dtype == torch.float16
+        return scaling.scales(scaling.default_scale(torch.float16 if half else None))
+
+    def _gradients(self, logits: Tensor, inputs: Sequence[Tensor], plan: PairPlan, sign: float) -> list[Tensor]:
+        """d(sign * logit[image, class]) / d input for every pair (float32), one backward per target round.
+
+        Images of a batch are independent in eval mode, so one backward gives every image's gradient for
+        the class it asks for in that round. Under float16 the backward runs on a scaled gradient output,
+        retried at lower scales while the result is not finite, and is unscaled exactly in float32.
+        """
+        tries = self._gradient_scales(logits)
+        for attempt, scale in enumerate(tries):
+            last = attempt == len(tries) - 1
+            out = self._backward(logits, inputs, plan, sign * scale, retain=not last)
+            if scale == 1:
+                return out
+            if last or scaling.all_finite(out):
+                return [buffer.mul_(1.0 / scale) for buffer in out]
+        raise AssertionError("unreachable: the last scale always returns")
+
+    @staticmethod
+    def _backward(
+        logits: Tensor, inputs: Sequence[Tensor], plan: PairPlan, fill: float, *, retain: bool
+    ) -> list[Tensor]:
+        """One backward per round with `fill` at each row's logit; gradients gathered into float32 buffers."""
+        count = len(plan)
+        out = [torch.empty((count, *t.shape[1:]), dtype=torch.float32, device=t.device) for t in inputs]
+        for r, rnd in enumerate(plan.rounds):
+            grad_output = torch.zeros_like(logits)
+            grad_output[rnd.images, rnd.classes] = fill
+            keep = retain or r < len(plan.rounds) - 1
+            grads = torch.autograd.grad(logits, list(inputs), grad_outputs=grad_output, retain_graph=keep)
+            for buffer, grad in zip(out, grads, strict=True):
+                buffer[rnd.rows] = grad[rnd.images].float()
+        return out
+
+    @staticmethod
+    def _fuse(layer_maps: dict[str, Tensor]) -> Tensor:
+        """Average of per-layer min-max normalized maps, resized to the largest layer."""
+        size = max((tuple(m.shape[-2:]) for m in layer_maps.values()), key=lambda s: s[0] * s[1])
+        stacked = [resize_maps(minmax_normalize(m), size) for m in layer_maps.values()]
+        return torch.stack(stacked).mean(dim=0)
+
+    def _guided(
+        self,
+        images: Tensor,
+        plan: PairPlan,
+        sign: float,
+        cam_maps: Tensor,
+    ) -> Tensor:
+        """Guided backpropagation times the normalized, upsampled Grad-CAM: [N, C, H, W]."""
+        inputs = images.detach().clone().requires_grad_(True)
+        with torch.enable_grad(), guided_backprop() as guided, self._autocast():
+            logits = self.model(inputs)
+        if guided.gated == 0:
+            raise CamError(
+                "guided-gradcam needs activation functions (ReLU, GELU, SiLU, ...) to guide, and this model "
+                "runs none that can be intercepted; use gradcam or another method"
+            )
+        (gradient,) = self._gradients(logits, [inputs], plan, sign)
+        weights = F.interpolate(
+            minmax_normalize(cam_maps).unsqueeze(1), size=images.shape[-2:], mode="bilinear", align_corners=False
+        )
+        return gradient * weights

@@ -1,0 +1,319 @@
+"""`camserve` command line: `serve`, and `predict` / `explain` clients against a running server."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import logging
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_URL = os.environ.get("CAMSERVE_URL", "http://127.0.0.1:8000")
+TRACE = 5  # uvicorn's level below DEBUG
+
+
+def _port(text: str) -> int:
+    """A TCP port number, 1-65535 (argparse type; also checks CAMSERVE_PORT, the default)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r} (--port or CAMSERVE_PORT): not a number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid port {port} (--port or CAMSERVE_PORT): use 1-65535")
+    return port
+
+
+def _seconds(text: str) -> float:
+    """A positive, finite number of seconds (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid seconds {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"invalid seconds {text!r}: use a positive number")
+    return value
+
+
+def _settings():
+    """The CAMSERVE_* settings with logging set up, or None after printing why they are invalid (exit 2)."""
+    from camserve.openmp import limit_openmp_spinning
+
+    limit_openmp_spinning()  # before anything imports torch
+    from camserve.models import ModelConfigError, read_models_file
+    from camserve.settings import SettingsInvalid, load_settings, unknown_variables
+
+    try:
+        settings = load_settings()
+    except SettingsInvalid as exc:
+        print(f"camserve: invalid settings: {exc}", file=sys.stderr)
+        return None
+    level = TRACE if settings.log_level == "trace" else settings.log_level.upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for warning in unknown_variables():
+        logging.getLogger("camserve").warning(warning)
+    if settings.models_file is not None:
+        try:
+            read_models_file(settings.models_file)  # fail fast on a broken file, before loading or listening
+        except ModelConfigError as exc:
+            print(f"camserve: {exc}", file=sys.stderr)
+            return None
+    return settings
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    """Load every model of the models file as `serve` would, filling the cache: exported ONNX graphs, the runtime
+    decision per bucket and (unless --no-compiled) inductor's kernels where it wins."""
+    settings = _settings()
+    if settings is None:
+        return 2
+    import torch
+
+    from camserve.models import ModelConfigError, ModelRegistry
+
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    try:
+        registry = ModelRegistry.from_settings(settings, measure_compiled=not args.no_compiled)
+    except ModelConfigError as exc:
+        print(f"camserve: {exc}", file=sys.stderr)
+        return 1
+    for model in registry:
+        print(f"{model.name}: {model.runtime.summary}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    settings = _settings()
+    if settings is None:
+        return 2
+    import uvicorn
+
+    from camserve.allocator import keep_freed_memory
+    from camserve.api import create_app
+    from camserve.server import DrainingServer
+
+    if settings.keep_freed_memory:
+        keep_freed_memory()
+    failures: list[BaseException] = []
+
+    def stop_on_load_error(exc: BaseException) -> None:
+        failures.append(exc)
+        server.should_exit = True
+
+    app = create_app(settings, on_load_error=stop_on_load_error)
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=int(settings.request_timeout_s) + 5,
+    )
+    server = DrainingServer(config, app.state.lifecycle, settings.drain_s)
+    try:
+        server.run()
+    finally:
+        if not app.state.load_finished.is_set():
+            _exit_without_waiting_for_the_load(sys.exc_info()[1])
+    if failures:
+        print(f"camserve: {failures[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _exit_without_waiting_for_the_load(raised: BaseException | None) -> None:
+    """Stopped (SIGTERM, or the port was taken) while models are still loading: exit now. Loading runs on the
+    torch thread, which the interpreter would otherwise wait for (a compile can take minutes); nothing is
+    served yet, so nothing is lost. The status is the stop's: 0 for a signal, uvicorn's for its failures, 1 (with
+    the traceback) for anything unexpected, 130 for Ctrl-C."""
+    log = logging.getLogger("camserve")
+    if raised is None:
+        code = 0
+    elif isinstance(raised, SystemExit):
+        code = raised.code if isinstance(raised.code, int) else 1
+    elif isinstance(raised, KeyboardInterrupt):
+        code = 130
+    else:
+        log.error("the server failed", exc_info=raised)
+        code = 1
+    log.warning("stopped while the models were still loading; exiting without them")
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _client(args: argparse.Namespace):
+    import httpx
+
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    return httpx.Client(base_url=args.url, headers=headers, timeout=args.timeout)
+
+
+def _post(args: argparse.Namespace, path: str, params: list[tuple[str, str]]) -> dict | None:
+    import httpx
+
+    files = []
+    for name in args.images:
+        path_ = Path(name)
+        if not path_.exists():
+            print(f"camserve: {name}: no such file", file=sys.stderr)
+            return None
+        try:
+            files.append(("image", (path_.name, path_.read_bytes(), "application/octet-stream")))
+        except OSError as exc:  # a directory, no permission, ...
+            print(f"camserve: {name}: cannot be read ({exc.strerror or exc})", file=sys.stderr)
+            return None
+    try:
+        with _client(args) as client:
+            response = client.post(path, params=params, files=files)
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
+        print(f"camserve: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return None
+    if response.status_code != 200:
+        try:
+            detail = response.json().get("detail", response.text)
+        except ValueError:
+            detail = response.text
+        print(f"camserve: server answered {response.status_code}: {detail}", file=sys.stderr)
+        return None
+    return response.json()
+
+
+def _predict(args: argparse.Namespace) -> int:
+    params = [("top_k", str(args.top_k))] + ([("model", args.model)] if args.model else [])
+    body = _post(args, "/predict", params)
+    if body is None:
+        return 1
+    for name, result in zip(args.images, body["results"], strict=True):
+        print(f"{name} ({result['width']}x{result['height']}, model {body['model']})")
+        for p in result["predictions"]:
+            print(f"  {p['score']:7.4f}  {p['index']:5d}  {p['label']}")
+    return 0
+
+
+_SUFFIXES = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}
+
+
+def _explain(args: argparse.Namespace) -> int:
+    params = [("method", args.method), ("top_k", str(args.top_k)), ("overlay", "true"), ("colormap", args.colormap)]
+    params += [("target", t) for t in args.target or []] + [("layer", layer) for layer in args.layer or []]
+    if args.model:
+        params.append(("model", args.model))
+    if args.counterfactual:
+        params.append(("counterfactual", "true"))
+    params += [("overlay_format", args.overlay_format), ("size", args.size)]
+    if args.faithfulness:
+        params.append(("faithfulness", "true"))
+    if args.faithfulness_steps is not None:
+        params.append(("faithfulness_steps", str(args.faithfulness_steps)))
+    out = Path(args.out)
+    try:  # before asking the server, so that its work is not lost to an unwritable folder
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"camserve: --out {args.out}: cannot be made a folder ({exc.strerror or exc})", file=sys.stderr)
+        return 1
+    body = _post(args, "/explain", params)
+    if body is None:
+        return 1
+    stems = _unique_stems(args.images)
+    try:
+        for name, stem, result in zip(args.images, stems, body["results"], strict=True):
+            for e in result["explanations"]:
+                base = out / f"{stem}_{body['method']}_{e['index']}"
+                Path(f"{base}_heatmap.png").write_bytes(base64.b64decode(e["heatmap"]))
+                suffix = _SUFFIXES.get(e.get("overlay_media_type", "image/png"), ".png")
+                Path(f"{base}_overlay{suffix}").write_bytes(base64.b64decode(e["overlay"]))
+                print(f"{name}: {e['label']} ({e['score']:.4f}) -> {base}_heatmap.png, {base}_overlay{suffix}")
+                if "faithfulness" in e:
+                    print(f"  faithfulness: {_faithfulness_line(e['faithfulness'])}")
+    except OSError as exc:
+        print(f"camserve: cannot write into {args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _unique_stems(names: list[str]) -> list[str]:
+    """Each image's file stem; a stem already taken (a/cat.jpg, b/cat.png) gets -2, -3, ... until it is free."""
+    taken: set[str] = set()
+    stems = []
+    for name in names:
+        stem = candidate = Path(name).stem
+        number = 1
+        while candidate in taken:
+            number += 1
+            candidate = f"{stem}-{number}"
+        taken.add(candidate)
+        stems.append(candidate)
+    return stems
+
+
+def _faithfulness_line(scores: dict) -> str:
+    return (
+        f"drop {scores['drop']:.4f}, increase {scores['increase']:.0f}, deletion AUC {scores['deletion_auc']:.4f}, "
+        f"insertion AUC {scores['insertion_auc']:.4f} ({scores['steps']} steps)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="camserve", description="Image classification explained with CAMs.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the HTTP service (configured by CAMSERVE_* variables)")
+    serve.add_argument("--host", default=os.environ.get("CAMSERVE_HOST", "127.0.0.1"), help="env CAMSERVE_HOST")
+    serve.add_argument("--port", type=_port, default=os.environ.get("CAMSERVE_PORT", "8000"), help="env CAMSERVE_PORT")
+    serve.set_defaults(func=_serve)
+
+    prepare = commands.add_parser(
+        "prepare",
+        help="build every cache for the models file ahead of time (ONNX graphs, runtime decisions, compiled kernels), "
+        "so that `serve` starts in seconds; configured by CAMSERVE_* variables as `serve` is",
+    )
+    prepare.add_argument(
+        "--no-compiled", action="store_true", help="do not compile and time inductor (minutes per model)"
+    )
+    prepare.set_defaults(func=_prepare)
+
+    def client(name: str, help_: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_)
+        sub.add_argument("images", nargs="+", metavar="IMAGE")
+        sub.add_argument("--url", default=DEFAULT_URL, help="server URL (env CAMSERVE_URL)")
+        sub.add_argument("--api-key", default=os.environ.get("CAMSERVE_API_KEY"), help="env CAMSERVE_API_KEY")
+        sub.add_argument("--model", default=None)
+        sub.add_argument("--top-k", type=int, default=5)
+        sub.add_argument("--timeout", type=_seconds, default=120.0, help="seconds to wait for the server")
+        return sub
+
+    predict = client("predict", "classify images with a running server and print a table")
+    predict.set_defaults(func=_predict)
+    explain = client("explain", "explain images with a running server and write heatmap/overlay PNGs")
+    explain.add_argument(
+        "--method",
+        default="gradcampp",
+        help="CAM method: gradcam, gradcampp, xgradcam, layercam, hirescam, guided-gradcam, scorecam, ablationcam, "
+        "eigencam (the server's list: /docs)",
+    )
+    explain.add_argument("--target", action="append", help="class index or exact label (repeatable)")
+    explain.add_argument("--layer", action="append", help="dotted module path (repeatable)")
+    explain.add_argument("--counterfactual", action="store_true")
+    explain.add_argument("--colormap", default="jet")
+    explain.add_argument("--overlay-format", default="png", help="overlay file format: png, jpeg or webp")
+    explain.add_argument("--size", default="original", help="picture size: original, model or a maximum side in pixels")
+    explain.add_argument(
+        "--faithfulness", action="store_true", help="also print each map's drop, increase, deletion and insertion AUC"
+    )
+    explain.add_argument(
+        "--faithfulness-steps", type=int, default=None, help="deletion/insertion steps (2-64; server default 16)"
+    )
+    explain.add_argument("--out", default="camserve-out", help="output folder")
+    explain.set_defaults(func=_explain)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""Loaded models: built once at start-up, moved to their device, frozen, warmed up."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from camserve.cam import CamEngine, UnknownLayerError
+from camserve.device import configure_device, no_cuda_message
+from camserve.errors import InvalidParameterError, UnknownModelError
+from camserve.models.errors import ModelConfigError
+from camserve.models.loader import build_model
+from camserve.models.preprocessing import Preprocessing
+from camserve.models.runtimes import RuntimeChoice, choose_runtime, default_cache_dir
+from camserve.models.spec import ModelsFile, ModelSpec, default_models, read_models_file
+from camserve.numbers import whole_number
+from camserve.settings import RuntimeMode, Settings
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto = CUDA when available, else CPU; asking for CUDA without one fails at start-up, saying why."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ModelConfigError(no_cuda_message())
+    return torch.device(name)
+
+
+@dataclass
+class ServedModel:
+    """One model as the service uses it."""
+
+    spec: ModelSpec
+    module: nn.Module
+    engine: CamEngine
+    labels: list[str]
+    device: torch.device
+    default_layer: str | None
+    load_seconds: float
+    preprocessing: Preprocessing
+    architecture: str
+    #: what runs its forwards, per batch-size bucket
+    runtime: RuntimeChoice = field(default_factory=lambda: RuntimeChoice("eager"))
+
+    @property
+    def explainable(self) -> bool:
+        """False for TorchScript models: they accept no hooks, so they only predict."""
+        return self.default_layer is not None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.preprocessing.input_size
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        return self.preprocessing.mean
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        return self.preprocessing.std
+
+    @property
+    def interpolation(self) -> str:
+        return self.preprocessing.interpolation
+
+    def class_index(self, target: int | str) -> int:
+        """A class index from an index (int or digit string) or an exact label."""
+        if isinstance(target, int) and not isinstance(target, bool):
+            index = target
+        elif isinstance(target, str) and (number := whole_number(target, signed=True)) is not None:
+            index = number
+        else:
+            label = str(target)
+            if label not in self._label_index:
+                raise InvalidParameterError(
+                    f"unknown label {label!r} for model {self.name!r}; give a class index 0..{self.num_classes - 1} "
+                    "or an exact label (see /models)"
+                )
+            return self._label_index[label]
+        if not 0 <= index < self.num_classes:
+            raise InvalidParameterError(
+                f"class index {index} is out of range for model {self.name!r} ({self.num_classes} classes)"
+            )
+        return index
+
+    def __post_init__(self) -> None:
+        self._label_index: dict[str, int] = {}
+        for i, label in enumerate(self.labels):
+            self._label_index.setdefault(label, i)
+
+
+def load_model(
+    spec: ModelSpec,
+    device: torch.device,
+    warmup: bool = True,
+    runtime: RuntimeMode = "eager",
+    max_batch: int = 16,
+    masked_batch_size: int = 32,
+    cache_dir: Path | None = None,
+    measure_compiled: bool = False,
+) -> ServedModel:
+    """Build, move, freeze and (optionally) warm up one model; choose its runtime as `runtime` (or the spec's
+    own `runtime`) says, for batches up to `max_batch` (`camserve.models.runtimes`). `masked_batch_size`: inputs
+    per extra forward of Score-CAM and Ablation-CAM."""
+    started = time.perf_counter()
+    built = build_model(spec)
+    module = built.module.to(device).eval()
+    autocast = _DTYPES.get(spec.dtype)
+    if autocast is torch.float16 and device.type != "cuda":
+        raise ModelConfigError(f"model {spec.name!r}: dtype float16 needs a CUDA device (got {device})")
+    engine = CamEngine(
+        module, autocast_dtype=autocast, default_layer=spec.default_layer, rerun_batch_size=masked_batch_size
+    )
+    height, width = built.preprocessing.input_size
+    example = torch.zeros(1, 3, height, width, device=device)
+    explainable = not isinstance(module, torch.jit.ScriptModule)  # TorchScript modules take no hooks
+    default_layer: str | None = None
+    try:
+        if explainable:
+            engine.trace(example)
+        logits = engine.predict(example)
+    except ModelConfigError:
+        raise
+    except Exception as exc:
+        raise ModelConfigError(
+            f"model {spec.name!r}: a forward pass on a {height}x{width} input failed: {exc}"
+        ) from exc
+    if explainable:
+        try:
+            (default_layer,) = engine.resolve_layers(None)  # the configured one, else the informative one
+        except UnknownLayerError as exc:
+            what = "default_layer: " if spec.default_layer else "cannot explain: "
+            raise ModelConfigError(f"model {spec.name!r}: {what}{exc}") from exc
+        if spec.default_layer is None and engine.trace().default is None:
+            log.warning(
+                "model %s: no layer's gradient reaches its grid on a probe image (a zero-initialised or untrained "
+                "head?); explaining %s by default, whose maps will be zero",
+                spec.name,
+                default_layer,
+            )
+    if logits.dim() != 2:
+        raise ModelConfigError(f"model {spec.name!r}: output shape {tuple(logits.shape)} is not [batch, classes]")
+    num_classes = logits.shape[1]
+    labels = built.labels or [str(i) for i in range(num_classes)]
+    if len(labels) != num_classes:
+        raise ModelConfigError(f"model {spec.name!r}: {len(labels)} labels for a model with {num_classes} outputs")
+    choice = RuntimeChoice("eager", not_used={"every backend": "TorchScript (predict only)"})
+    if explainable:
+        choice = choose_runtime(
+            spec.name,
+            engine,
+            example,
+            mode=spec.runtime or runtime,
+            max_batch=max_batch,
+            warmup=warmup,
+            cache_dir=cache_dir or default_cache_dir(),
+            measure_compiled=measure_compiled,
+        )
+    if warmup and explainable:
+        engine.explain(example, method="gradcampp")
+    return ServedModel(
+        spec=spec,
+        module=module,
+        engine=engine,
+        labels=labels,
+        device=device,
+        default_layer=default_layer,
+        load_seconds=time.perf_counter() - started,
+        preprocessing=built.preprocessing,
+        architecture=built.architecture,
+        runtime=choice,
+    )
+
+
+class ModelRegistry:
+    """The models a process serves, by name; exactly one is the default."""
+
+    def __init__(self, models: Sequence[ServedModel], default: str) -> None:
+        self._models = {m.name: m for m in models}
+        self.default_name = default
+
+    @classmethod
+    def load(
+        cls,
+        models_file: Path | None,
+        device: str = "auto",
+        warmup: bool = True,
+        allow_tf32: bool = False,
+        *,
+        runtime: RuntimeMode = "eager",
+        max_batch: int = 16,
+        cache_dir: Path | None = None,
+        masked_batch_size: int = 32,
+        measure_compiled: bool = False,
+    ) -> ModelRegistry:
+        """Read the models file, set up the device (TF32 as configured, logged once) and load every model on the
+        runtime `runtime` and each model's own setting say (`measure_compiled`: `auto` times inductor too)."""
+        config: ModelsFile = read_models_file(models_file) if models_file else default_models()
+        target = resolve_device(device)
+        configure_device(target, allow_tf32)
+        loaded = []
+        for spec in config.models:
+            served = load_model(
+                spec,
+                target,
+                warmup=warmup,
+                runtime=runtime,
+                max_batch=max_batch,
+                masked_batch_size=masked_batch_size,
+                cache_dir=cache_dir,
+                measure_compiled=measure_compiled,
+            )
+            log.info("loaded model %s on %s in %.2fs", spec.name, target, served.load_seconds)
+            loaded.append(served)
+        return cls(loaded, config.default_name)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, measure_compiled: bool = False) -> ModelRegistry:
+        """`load` with the service's settings."""
+        return cls.load(
+            settings.models_file,
+            settings.device,
+            settings.warmup,
+            settings.allow_tf32,
+            runtime=settings.runtime,
+            max_batch=settings.max_batch_size,
+            cache_dir=settings.cache_dir,
+            masked_batch_size=settings.masked_batch_size,
+            measure_compiled=measure_compiled,
+        )
+
+    def get(self, name: str | None = None) -> ServedModel:
+        """The named model (default when None) or UnknownModelError listing what is served."""
+        key = name or self.default_name
+        try:
+            return self._models[key]
+        except KeyError:
+            raise UnknownModelError(f"unknown model {key!r}; served models: {', '.join(self._models)}") from None
+
+    def __iter__(self) -> Iterator[ServedModel]:
+        return iter(self._models.values())
+
+    def __len__(self) -> int:
+        return len(self._models)

@@ -1,0 +1,47 @@
+"""Model sources: one class per `kind` of the models file, as a pydantic discriminated union."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field
+
+from camserve.models.sources.base import Built, LocalPath, Source
+from camserve.models.sources.builtin import BUILTIN_MODELS, BuiltinSource
+from camserve.models.sources.entrypoint import EntrypointSource
+from camserve.models.sources.huggingface import HuggingFaceSource, LogitsOnly
+from camserve.models.sources.timm_models import TimmSource
+from camserve.models.sources.torchscript import TorchScriptSource
+from camserve.models.sources.torchvision_models import TorchvisionSource
+
+SOURCES: tuple[type[Source], ...] = (
+    BuiltinSource,
+    TorchvisionSource,
+    TorchScriptSource,
+    EntrypointSource,
+    TimmSource,
+    HuggingFaceSource,
+)
+AnySource = Annotated[
+    BuiltinSource | TorchvisionSource | TorchScriptSource | EntrypointSource | TimmSource | HuggingFaceSource,
+    Field(discriminator="kind"),
+]
+SOURCE_FIELDS: frozenset[str] = frozenset(name for cls in SOURCES for name in cls.model_fields)
+"""Keys of a models-file entry that belong to its source (`kind` included)."""
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "SOURCES",
+    "SOURCE_FIELDS",
+    "AnySource",
+    "Built",
+    "BuiltinSource",
+    "EntrypointSource",
+    "HuggingFaceSource",
+    "LocalPath",
+    "LogitsOnly",
+    "Source",
+    "TimmSource",
+    "TorchScriptSource",
+    "TorchvisionSource",
+]

@@ -1,0 +1,55 @@
+"""What every model source has: validated fields, and a `build` giving the module, its labels and preprocessing."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo
+from torch import nn
+
+from camserve.models.errors import ModelConfigError
+from camserve.models.preprocessing import Preprocessing
+
+
+def _relative_to_models_file(value: Path, info: ValidationInfo) -> Path:
+    """Relative paths are relative to the models file (its folder is the validation context's `base`)."""
+    base = (info.context or {}).get("base")
+    return base / value if base is not None and not value.is_absolute() else value
+
+
+LocalPath = Annotated[Path, AfterValidator(_relative_to_models_file)]
+"""A path in the models file: relative to the file's folder."""
+
+
+@dataclass
+class Built:
+    """A source's module on the CPU with its weights, plus what the source says about using it."""
+
+    module: nn.Module
+    architecture: str
+    preprocessing: Preprocessing
+    labels: list[str] | None = None
+
+
+class Source(BaseModel):
+    """One `kind` of model: its fields (validated with the models file) and how to build it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    def build(self) -> Built:
+        raise NotImplementedError
+
+
+def import_extra(module: str, extra: str) -> ModuleType:
+    """Import an optional dependency, or a ModelConfigError saying which extra to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ModelConfigError(
+            f"this model needs the optional package {module!r} ({exc}); "
+            f"install it with: pip install 'camserve[{extra}]'"
+        ) from exc
