@@ -1,6 +1,6 @@
 """Reduced-precision autocast: maps match float32 within the stated tolerance.
 
-Tolerance (documented in the README): after min-max normalization, max |difference| <= 0.05 and
+Tolerance (documented in docs/methods.md): after min-max normalization, max |difference| <= 0.05 and
 Spearman rank correlation >= 0.99 per map.
 """
 

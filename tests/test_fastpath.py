@@ -161,7 +161,7 @@ def test_bfloat16_compiled_within_autocast_tolerance() -> None:
     b = eager.explain(images, method="gradcam")
     assert a.pairs == b.pairs
     difference = (minmax_normalize(a.maps) - minmax_normalize(b.maps)).abs()
-    assert difference.mean().item() < 0.02 and difference.max().item() < 0.15  # README: bf16 map tolerance
+    assert difference.mean().item() < 0.02 and difference.max().item() < 0.15  # docs/methods.md: bf16 map tolerance
 
 
 class Branchy(nn.Module):
