@@ -6,8 +6,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 import tomllib
 from fnmatch import fnmatch
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +34,7 @@ IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 @pytest.mark.anyio
 async def test_root_serves_the_page_and_its_files_without_a_key_while_the_api_needs_one(registry):
     async with running_app(registry, api_key="s3cret") as (client, _):
-        page = await client.get("/")
+        page = await client.get("/", headers={"accept": "text/html"})  # a browser; "/" may answer others in JSON
         assert page.status_code == 200
         assert page.headers["content-type"].startswith("text/html")
         policy = page.headers["content-security-policy"]
@@ -56,6 +58,25 @@ async def test_root_serves_the_page_and_its_files_without_a_key_while_the_api_ne
         assert (await client.get("/docs")).status_code == 200
         document = (await client.get("/openapi.json")).json()
         assert "/" not in document["paths"] and not any(p.startswith("/explorer") for p in document["paths"])
+
+
+@pytest.mark.anyio
+async def test_the_labels_route_lists_the_models_labels_and_names_an_unknown_model_in_its_404(registry):
+    async with running_app(registry, api_key="s3cret") as (client, _):
+        key = {"X-API-Key": "s3cret"}
+        labels = await client.get("/models/efficientnet-lite0/labels", headers=key)
+        unknown = await client.get("/models/nope/labels", headers=key)
+        unknown_layers = await client.get("/models/nope/layers", headers=key)
+        without_key = await client.get("/models/efficientnet-lite0/labels")
+    served = registry.get("efficientnet-lite0")
+    assert labels.status_code == 200
+    assert labels.json() == {"model": "efficientnet-lite0", "labels": list(served.labels)}
+    assert len(labels.json()["labels"]) == served.num_classes == 1000
+    assert labels.json()["labels"][285] == "Egyptian cat" and served.class_index("Egyptian cat") == 285
+    assert unknown.status_code == 404
+    assert unknown.json() == {"detail": "unknown model 'nope'; served models: efficientnet-lite0"}
+    assert unknown.json() == unknown_layers.json()  # the same error path as /models/{name}/layers
+    assert without_key.status_code == 401 and "API key" in without_key.json()["detail"]
 
 
 def test_the_page_loads_nothing_from_elsewhere():
@@ -315,8 +336,10 @@ def test_explorer_in_a_real_browser(browser, registry, chelsea, tmp_path):
 
         # a class typed by label, suggested from the model's labels
         field = card.locator("input[name=target]")
+        before = len(requests)
         field.focus()
         page.wait_for_function("() => document.querySelectorAll('#labels option').length === 1000")
+        assert requests[before:] == ["GET /models/efficientnet-lite0/labels"]  # no /predict of every class
         field.fill("golden retriever")
         field.press("Enter")
         page.wait_for_function("() => document.querySelectorAll('.card .maps .map').length === 3")
@@ -366,5 +389,166 @@ def test_explorer_asks_for_the_key_when_the_server_wants_one(browser, registry):
         key.press("Enter")
         page.wait_for_selector("#key-form[hidden]", state="attached")
         assert page.locator("#model option").count() == 1
+        assert console.unexpected() == [], console.errors
+        page.close()
+
+
+# ---------------------------------------------------------------- start-up: slow, failing, recovering
+
+
+def hold_models(page) -> list:
+    """Hold the page's `GET /models` (not /models/{name}/...) until the test continues it: a slow server, on cue."""
+    held: list = []
+    page.route(re.compile(r"/models(\?.*)?$"), lambda route: held.append(route))
+    return held
+
+
+def wait_for_held(page, held: list) -> None:
+    for _ in range(200):
+        if held:
+            return
+        page.wait_for_timeout(50)
+    raise AssertionError("the page never asked for /models")
+
+
+def test_a_photo_chosen_before_the_models_arrive_is_explained_once_they_do(browser, registry, chelsea, tmp_path):
+    """Chosen right after navigation, while /models is held: a card that says it waits, no request yet; once the
+    models arrive it is explained with no second action, in exactly one /explain."""
+    photo = tmp_path / "chelsea.jpg"
+    photo.write_bytes(jpeg_bytes(chelsea))
+    with live_server(registry, request_timeout_s=240) as url:
+        page = browser.new_page()
+        console = Console(page)
+        page.set_default_timeout(60_000)
+        requests: list[str] = []
+        page.on("request", lambda r: requests.append(f"{r.method} {r.url.removeprefix(url)}"))
+        held = hold_models(page)
+        page.goto(url + "/")
+        page.set_input_files("#files", str(photo))
+        card = page.locator(".card").first
+        card.wait_for()
+        wait_for_held(page, held)
+        assert card.locator("h2").inner_text() == "chelsea.jpg"
+        assert card.locator(".waiting").is_visible()
+        assert page.locator("#status").inner_text() == (
+            "Loading the server's models… 1 image will be explained once they are loaded."
+        )
+        page.wait_for_timeout(500)  # and nothing is sent while the models are unknown
+        assert [r for r in requests if "/explain" in r or "/predict" in r] == []
+        assert page.get_attribute("body", "data-ready") is None
+
+        held[0].continue_()
+        card.locator(".maps .map canvas").wait_for()
+        page.wait_for_function("() => !document.querySelector('.card[aria-busy]')")
+        assert [r for r in requests if "/explain" in r or "/predict" in r] == [
+            "POST /explain?model=efficientnet-lite0&method=gradcampp&top_k=5"
+        ]
+        assert card.locator(".maps .map .title").all_inner_texts() == ["Egyptian cat"]
+        assert card.locator(".waiting").is_hidden() and page.locator(".card").count() == 1
+        assert page.get_attribute("body", "data-ready") == "true"
+        assert console.unexpected() == [], console.errors
+        page.close()
+
+
+def test_the_page_says_it_is_loading_while_the_models_list_is_pending(browser, registry):
+    """Empty dropdowns are never the only sign: the status line says the models are loading (and, after 5 s,
+    that the server has not answered yet), the selects say "loading…", and all of it goes when they arrive."""
+    with live_server(registry) as url:
+        page = browser.new_page()
+        console = Console(page)
+        held = hold_models(page)
+        page.goto(url + "/")
+        wait_for_held(page, held)
+        assert page.locator("#status").inner_text() == "Loading the server's models…"
+        assert page.get_attribute("body", "data-loading") == ""
+        assert page.eval_on_selector("#model", "s => [s.disabled, ...[...s.options].map(o => o.text)]") == [
+            True,
+            "loading…",
+        ]
+        assert page.eval_on_selector("#layer", "s => [s.disabled, ...[...s.options].map(o => o.text)]") == [
+            True,
+            "loading…",
+        ]
+        page.wait_for_function(
+            "() => document.querySelector('#status').textContent.startsWith('Still')", timeout=15_000
+        )
+        assert page.locator("#status").inner_text() == ("Still loading the server's models: no answer for 5.00 s…")
+
+        held[0].continue_()
+        page.wait_for_selector("body[data-ready=true]")
+        assert page.locator("#status").inner_text() == "1 model served. Choose, drop or paste images."
+        assert page.get_attribute("body", "data-loading") is None
+        assert page.eval_on_selector("#model", "s => [s.disabled, ...[...s.options].map(o => o.value)]") == [
+            False,
+            "efficientnet-lite0",
+        ]
+        assert page.eval_on_selector("#layer", "s => [s.disabled, s.value]") == [False, "_swish"]
+        assert page.locator("#startup").is_hidden()
+        assert console.unexpected() == [], console.errors
+        page.close()
+
+
+def test_when_the_models_list_fails_the_page_says_why_and_tries_again(browser, registry, chelsea, tmp_path):
+    """/models answers 503 (models loading), then 500, then the connection is refused: each time the page says why
+    in words and when it tries again (1 s, then 2 s); "Retry now" does not wait. A photo chosen meanwhile is
+    explained once the models are finally listed."""
+    photo = tmp_path / "chelsea.jpg"
+    photo.write_bytes(jpeg_bytes(chelsea))
+    failures = [
+        lambda route: route.fulfill(status=503, json={"detail": "the service is starting: models are still loading"}),
+        lambda route: route.fulfill(status=500, content_type="text/plain", body="Internal Server Error"),
+        lambda route: route.abort("connectionrefused"),
+    ]
+    asked: list[float] = []
+
+    def answer(route) -> None:
+        asked.append(time.monotonic())
+        if failures:
+            failures.pop(0)(route)
+        else:
+            route.continue_()
+
+    with live_server(registry, request_timeout_s=240) as url:
+        page = browser.new_page()
+        console = Console(page)
+        console.allowed += ["status of 503", "status of 500", "ERR_CONNECTION_REFUSED"]
+        page.set_default_timeout(60_000)
+        page.route(re.compile(r"/models$"), answer)
+        page.goto(url + "/")
+        message = page.locator("#startup-message")
+
+        def says(text: str) -> str:
+            page.wait_for_function(
+                "text => document.querySelector('#startup-message').textContent.includes(text)", arg=text
+            )
+            return message.inner_text()
+
+        assert says("503") == (
+            "The server is not ready yet (503: the service is starting: models are still loading). Trying again in 1 s."
+        )
+        assert page.locator("#status").inner_text() == "GET /models: 503."
+        page.set_input_files("#files", str(photo))
+        assert page.locator(".card .waiting").is_visible()
+        assert says("500") == (
+            "The server failed to list its models (500: Internal Server Error). Its log has the cause. "
+            "Trying again in 2 s."
+        )
+        assert page.locator("#status").inner_text() == (
+            "GET /models: 500. 1 image will be explained once they are loaded."
+        )
+        assert says("cannot be reached") == (
+            f"The server cannot be reached (Failed to fetch). Is it running at {url}? Trying again in 3 s."
+        )
+        assert page.locator("#startup").is_visible() and page.eval_on_selector("#model", "s => s.disabled")
+        page.get_by_role("button", name="Retry now").click()
+
+        page.locator(".card .maps .map canvas").wait_for()
+        assert page.locator("#startup").is_hidden()
+        assert page.locator(".card .maps .map .title").all_inner_texts() == ["Egyptian cat"]
+        assert page.eval_on_selector_all("#model option", "options => options.map(o => o.value)") == [
+            "efficientnet-lite0"
+        ]
+        gaps = [later - earlier for earlier, later in pairwise(asked)]
+        assert len(asked) == 4 and 0.9 < gaps[0] < gaps[1] and gaps[1] > 1.9 and gaps[2] < 2.9, gaps
         assert console.unexpected() == [], console.errors
         page.close()

@@ -183,3 +183,11 @@ class JsonExplainRequest(JsonPredictRequest):
     raw: bool | None = None
     faithfulness: bool | None = Field(None, description="score each map's faithfulness (explain only)")
     faithfulness_steps: Integer | None = Field(None, description="deletion/insertion steps of the faithfulness scores")
+
+
+class LabelsResponse(BaseModel):
+    model: str = Field(examples=["efficientnet-lite0"])
+    labels: list[str] = Field(
+        description="class labels in index order: labels[i] names class i, as `target=` takes it (index or label)",
+        examples=[["tench", "goldfish", "great white shark"]],
+    )

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Path
 from camserve.api.deps import get_service
 from camserve.api.schemas import (
     ErrorResponse,
+    LabelsResponse,
     LayerInfo,
     LayersResponse,
     ModelInfo,
@@ -80,6 +81,20 @@ async def list_layers(
             )
         )
     return LayersResponse(model=served.name, default_layer=served.default_layer, layers=layers)
+
+
+@router.get(
+    "/models/{name}/labels",
+    response_model=LabelsResponse,
+    summary="A model's class labels in index order: what `target=` takes, by index or by exact label",
+    responses={401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+)
+async def list_labels(
+    name: Annotated[str, Path(description="a served model's name")],
+    service: Annotated[InferenceService, Depends(get_service)],
+) -> LabelsResponse:
+    served = service.registry.get(name)
+    return LabelsResponse(model=served.name, labels=list(served.labels))
 
 
 def runtime_info(choice: RuntimeChoice) -> RuntimeInfo:

@@ -8,6 +8,9 @@ const FALLBACK_METHODS = [
 ];
 const TOP_K = 5;
 const DISPLAY_MAX = 720; // longest side of an on-screen canvas, in canvas pixels
+const START_TIMEOUT_MS = 30_000; // /models and /openapi.json: past this the page says so and tries again
+const SLOW_MS = 5_000; // a start-up still waiting this long says so
+const RETRY_S = [1, 2, 3, 5, 8, 10]; // waits between start-up attempts after a failure; the last one repeats
 
 const $ = (selector, root = document) => root.querySelector(selector);
 const el = {
@@ -17,6 +20,7 @@ const el = {
   colormap: $("#colormap"), opacity: $("#opacity"), opacityValue: $("#opacity-value"),
   files: $("#files"), drop: $("#drop"), status: $("#status"), error: $("#error"),
   results: $("#results"), labels: $("#labels"),
+  startup: $("#startup"), startupMessage: $("#startup-message"), retry: $("#retry"),
 };
 
 const state = {
@@ -27,7 +31,14 @@ const state = {
   layers: new Map(), // model -> {defaultLayer, spatial: [names]}
   labels: new Map(), // model -> [label by index]
   cards: [],
+  waiting: 0, // images chosen before the models were known: explained once they are
 };
+
+// Settled once the models (and methods) are known: input that arrives earlier waits on it rather than being dropped.
+let markReady;
+const ready = new Promise((resolve) => {
+  markReady = resolve;
+});
 
 // ---------------------------------------------------------------- requests
 
@@ -58,11 +69,12 @@ function curlFor(method, url, headers, fileName) {
 }
 
 /** fetch with the key; returns {data, ms, curl}; throws ApiError with the server's own message. */
-async function api(path, { params = [], file = null } = {}) {
+async function api(path, { params = [], file = null, timeoutMs = 0 } = {}) {
   const query = new URLSearchParams(params).toString();
   const url = new URL(path + (query ? `?${query}` : ""), location.href).href;
   const headers = authHeaders();
   const init = { headers };
+  if (timeoutMs) init.signal = AbortSignal.timeout(timeoutMs);
   if (file) {
     const form = new FormData();
     form.append("image", file, file.name || "image");
@@ -77,7 +89,12 @@ async function api(path, { params = [], file = null } = {}) {
     response = await fetch(url, init);
     text = await response.text();
   } catch (error) {
-    throw new ApiError("network", `the server cannot be reached (${error.message})`);
+    if (error.name === "TimeoutError") {
+      throw new ApiError("timeout", `no answer from ${path} within ${seconds(timeoutMs)}`);
+    }
+    const failed = new ApiError("network", `the server cannot be reached (${error.message})`);
+    failed.cause = error.message;
+    throw failed;
   } finally {
     busy(-1);
   }
@@ -91,7 +108,8 @@ async function api(path, { params = [], file = null } = {}) {
   }
   if (!response.ok) {
     const detail = data && (data.detail ?? data.error);
-    const message = typeof detail === "string" ? detail : detail ? JSON.stringify(detail) : text || response.statusText;
+    const message =
+      typeof detail === "string" ? detail : detail ? JSON.stringify(detail) : response.statusText || text.slice(0, 300);
     const error = new ApiError(response.status, message);
     error.ms = ms;
     error.curl = curl;
@@ -133,11 +151,10 @@ function showError(error) {
 
 // ---------------------------------------------------------------- start-up: key, models, methods, layers
 
+/** GET /models and the default model's layers: "ok", "key" (401: the key form is shown) or an ApiError. */
 async function loadModels() {
   try {
-    const { data } = await api("/models");
-    el.keyForm.hidden = true;
-    showError(null);
+    const { data } = await api("/models", { timeoutMs: START_TIMEOUT_MS });
     state.models = data.models;
   } catch (error) {
     if (error.status === 401) {
@@ -146,27 +163,103 @@ async function loadModels() {
         ? `The key was refused: ${error.detail}`
         : "This server requires an API key.";
       el.key.focus();
-      setStatus("");
-      return false;
+      return "key";
     }
-    showError(error);
-    return false;
+    return error;
   }
+  el.keyForm.hidden = true;
+  showError(null);
   el.model.replaceChildren(
     ...state.models.map((m) => {
       const text = m.architecture === m.name ? `${m.name} (${m.device})` : `${m.name} (${m.architecture}, ${m.device})`;
       return new Option(text, m.name, m.default, m.default);
     }),
   );
+  el.model.disabled = false;
   await loadLayers();
-  setStatus(`${state.models.length} model${state.models.length === 1 ? "" : "s"} served. Choose, drop or paste images.`);
-  return true;
+  return "ok";
+}
+
+let attempt = 0; // start-up failures in a row
+let retryTimer = null;
+let connecting = null;
+
+/** While the page waits for /models: a spinner and words in the status line, and more words if it takes long. */
+function setLoading(on) {
+  clearTimeout(setLoading.slow);
+  document.body.toggleAttribute("data-loading", on);
+  if (!on) return;
+  const again = attempt ? ` (attempt ${attempt + 1})` : "";
+  startupStatus(`Loading the server's models${again}…`);
+  setLoading.slow = setTimeout(() => {
+    startupStatus(`Still loading the server's models: no answer for ${seconds(SLOW_MS)}${again}…`);
+  }, SLOW_MS);
+}
+
+let startupText = "";
+
+/** The status line before the models are known, with how many chosen images wait for them. */
+function startupStatus(text = startupText) {
+  startupText = text;
+  const n = state.waiting;
+  const note = n ? ` ${n} image${n === 1 ? "" : "s"} will be explained once they are loaded.` : "";
+  setStatus(`${text}${note}`.trim());
+}
+
+/** Why the models could not be listed, in words, and what happens next. */
+function startupProblem(error, retryIn) {
+  let why;
+  if (error.status === 503) why = `The server is not ready yet (${error.message}).`;
+  else if (error.status === "network") why = `The server cannot be reached (${error.cause}). Is it running at ${location.origin}?`;
+  else if (error.status === "timeout") why = `The server did not answer: ${error.detail}.`;
+  else if (error.status === "page") why = `The page could not read the server's models: ${error.detail}.`;
+  else if (error.status >= 500) {
+    why = `The server failed to list its models (${error.message}). Its log has the cause.`;
+  } else why = `The server refused to list its models (${error.message}).`;
+  const next = retryIn ? `Trying again in ${retryIn} s.` : "Check the server and the page's address, then retry.";
+  return `${why} ${next}`;
+}
+
+/** Load the models; on a failure say why and try again (5xx, 503 while models load, no answer) with a backoff. */
+function connect() {
+  clearTimeout(retryTimer);
+  retryTimer = null;
+  connecting ??= (async () => {
+    setLoading(true);
+    const outcome = await loadModels().catch((error) => new ApiError("page", String(error.message || error)));
+    setLoading(false);
+    if (outcome === "ok") {
+      attempt = 0;
+      el.startup.hidden = true;
+      await methodsLoaded;
+      markReady();
+      const n = state.models.length;
+      setStatus(`${n} model${n === 1 ? "" : "s"} served. Choose, drop or paste images.`);
+      return;
+    }
+    if (outcome === "key") {
+      el.model.replaceChildren();
+      el.layer.replaceChildren();
+      startupStatus(state.waiting ? "Enter the API key." : "");
+      return;
+    }
+    const transient = ["network", "timeout"].includes(outcome.status) || outcome.status >= 500;
+    const wait = transient ? RETRY_S[Math.min(attempt, RETRY_S.length - 1)] : 0;
+    attempt += 1;
+    el.startupMessage.textContent = startupProblem(outcome, wait);
+    el.startup.hidden = false;
+    startupStatus(`GET /models: ${outcome.status}.`);
+    if (wait) retryTimer = setTimeout(connect, wait * 1000);
+  })().finally(() => {
+    connecting = null;
+  });
+  return connecting;
 }
 
 /** Every method the server offers, read from its OpenAPI document (the /explain `method` parameter). */
 async function loadMethods() {
   try {
-    const { data } = await api("/openapi.json");
+    const { data } = await api("/openapi.json", { timeoutMs: START_TIMEOUT_MS });
     const parameter = data.paths["/explain"].post.parameters.find((p) => p.name === "method");
     const listed = /:\s*([^()]+)/.exec(parameter.description)[1].split(",").map((s) => s.trim()).filter(Boolean);
     if (listed.length) state.methods = listed;
@@ -180,10 +273,12 @@ async function loadMethods() {
   el.method.replaceChildren(
     ...state.methods.map((m) => new Option(m, m, m === state.defaultMethod, m === state.defaultMethod)),
   );
+  el.method.disabled = false;
 }
 
 function fillColormaps(names) {
   el.colormap.replaceChildren(...names.map((name, i) => new Option(name, name, i === 0, i === 0)));
+  el.colormap.disabled = false;
 }
 
 function currentModel() {
@@ -421,7 +516,7 @@ class ImageCard {
     });
     const form = $(".explain-label", this.node);
     const input = form.elements.target;
-    input.addEventListener("focus", () => loadLabels(this));
+    input.addEventListener("focus", () => loadLabels());
     form.addEventListener("submit", (event) => {
       event.preventDefault();
       const target = input.value.trim();
@@ -453,6 +548,7 @@ class ImageCard {
 
   /** POST /explain for these targets (none: the top-1); returns the figures, or null after showing the error. */
   async request(targets, method) {
+    await ready; // nothing asked before the models are known is sent with an empty model
     const busy = `${this.name}: ${method}${targets.length ? ` of ${targets.join(", ")}` : ""}…`;
     setStatus(busy);
     this.node.setAttribute("aria-busy", "true");
@@ -587,17 +683,14 @@ class ImageCard {
   }
 }
 
-/** The model's labels for the datalist: /models does not list them, so one /predict with every class, once. */
-async function loadLabels(card) {
+/** The model's labels for the datalist, in index order: GET /models/{name}/labels, once per model. */
+async function loadLabels() {
   const model = currentModel();
   if (!model || state.labels.has(model.name)) return;
   state.labels.set(model.name, []);
   try {
-    const params = [["model", model.name], ["top_k", String(model.num_classes)]];
-    const { data } = await api("/predict", { params, file: card.file });
-    const labels = [];
-    for (const p of data.results[0].predictions) labels[p.index] = p.label;
-    state.labels.set(model.name, labels);
+    const { data } = await api(`/models/${encodeURIComponent(model.name)}/labels`);
+    state.labels.set(model.name, data.labels);
     if (currentModel() === model) fillLabels();
   } catch {
     state.labels.delete(model.name); // try again on the next focus
@@ -611,19 +704,25 @@ function fillLabels() {
 
 // ---------------------------------------------------------------- input: choose, drop, paste
 
+/** New cards for these images, explained now, or as soon as the models are known when they are not yet. */
 async function addFiles(files) {
   const list = [...files];
   if (!list.length) return;
-  if (!state.models.length) {
-    showError("no model yet: " + (el.keyForm.hidden ? "the server is not ready" : "enter the API key first"));
-    return;
-  }
   const cards = list.map((file) => new ImageCard(file));
   for (const card of cards) {
     state.cards.push(card);
     el.results.prepend(card.node);
   }
-  await whileBusy(Promise.all(cards.map((card) => card.explain([]))));
+  if (!state.models.length) {
+    state.waiting += cards.length;
+    cards.forEach((card) => ($(".waiting", card.node).hidden = false));
+    startupStatus();
+    await ready;
+    state.waiting -= cards.length;
+    cards.forEach((card) => ($(".waiting", card.node).hidden = true));
+  }
+  const kept = cards.filter((card) => state.cards.includes(card)); // not removed while waiting
+  await whileBusy(Promise.all(kept.map((card) => card.explain([]))));
 }
 
 el.files.addEventListener("change", () => {
@@ -682,9 +781,15 @@ el.keyForm.addEventListener("submit", async (event) => {
   event.preventDefault();
   state.apiKey = el.key.value.trim();
   sessionStorage.setItem("camserve-api-key", state.apiKey);
-  await loadModels();
+  await connect();
 });
+el.retry.addEventListener("click", () => connect());
 
-await loadMethods();
-await loadModels();
+// images chosen before this script ran: the input still holds them
+if (el.files.files.length) {
+  addFiles(el.files.files);
+  el.files.value = "";
+}
+const methodsLoaded = loadMethods();
+await connect(); // the first attempt, whatever its outcome; failures go on retrying on their own
 document.body.dataset.ready = "true";
