@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-HOST ?= 0.0.0.0
+HOST ?= 127.0.0.1
 PORT ?= 8000
 
 .PHONY: install install-test serve prepare test lint openapi screenshot bench bench-methods bench-transformers bench-load bench-runtime evaluate container-test container-lint clean
