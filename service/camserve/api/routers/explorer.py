@@ -9,8 +9,8 @@ from __future__ import annotations
 from functools import lru_cache
 from importlib import resources
 
-from fastapi import APIRouter, HTTPException
-from fastapi.responses import Response
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import JSONResponse, Response
 
 router = APIRouter(include_in_schema=False)
 
@@ -52,8 +52,28 @@ def _serve(name: str) -> Response:
 
 
 @router.get("/")
-async def page() -> Response:
-    return _serve("index.html")
+async def page(request: Request) -> Response:
+    """The page for a browser (Accept names text/html); otherwise, as KServe's v1 root answers its SDK's
+    `is_server_live` (Accept `*/*`), liveness as JSON: 200 `{"status": "alive"}`, or 503 `{"detail": reason}`
+    once the device failed (as `/health/live`). Both vary by Accept."""
+    if _wants_html(request.headers.get("accept", "")):
+        response = _serve("index.html")
+    else:
+        lifecycle = request.app.state.lifecycle
+        alive = lifecycle.is_alive
+        body = {"status": "alive"} if alive else {"detail": lifecycle.not_ready_reason()}
+        response = JSONResponse(body, status_code=200 if alive else 503)
+    response.headers["Vary"] = "Accept"
+    return response
+
+
+def _wants_html(accept: str) -> bool:
+    """Whether an Accept header names text/html (or XHTML) with a quality above 0."""
+    for item in accept.split(","):
+        media, *params = (part.strip().lower() for part in item.split(";"))
+        if media in ("text/html", "application/xhtml+xml"):
+            return not any(p.replace(" ", "") in ("q=0", "q=0.0", "q=0.00", "q=0.000") for p in params)
+    return False
 
 
 @router.get("/explorer/{name}")
