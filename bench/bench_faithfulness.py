@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.bench_faithfulness --batches 1 8 --steps 16 --json docs/bench_faithfulness_cpu.json
 
-Each contender is `BatchWorker.compute` on one batch of real photos (scikit-image chelsea, coffee, astronaut, rocket,
+Each contender is `ModelBatches.compute` on one batch of real photos (scikit-image chelsea, coffee, astronaut, rocket,
 already at the model's input size), one explanation per image (its top-1 class), Grad-CAM++ at the default layer:
 exactly what the service runs on its torch thread for such a batch. `predict` is a plain forward of the same images,
 so the extra cost can be read in forwards: faithfulness needs 1 + 2 x steps forwards per explanation. Contenders
@@ -12,7 +12,6 @@ run interleaved within every repeat; medians and p90 in milliseconds per batch.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import platform
 import statistics
@@ -23,9 +22,9 @@ import torch
 
 from bench.bench_engine import photo_batch, summarize, time_interleaved
 from camserve.allocator import keep_freed_memory
+from camserve.batches import ExplainPlan, ModelBatches, WorkItem
 from camserve.cam.faithfulness import forwards_per_explanation
 from camserve.models import ModelSpec, load_model
-from camserve.worker import BatchWorker, ExplainOptions, WorkItem
 
 
 def main() -> int:
@@ -50,11 +49,10 @@ def main() -> int:
         runtime="compiled" if args.compile else "eager",
         max_batch=args.max_batch_size,
     )
-    worker = BatchWorker(served, max_batch_size=args.max_batch_size, max_queue=1024)
-    loop = asyncio.new_event_loop()
+    worker = ModelBatches(served, max_batch_size=args.max_batch_size)
 
-    def items(pixels: torch.Tensor, options: ExplainOptions) -> list[WorkItem]:
-        return [WorkItem(p, options, None, loop.create_future()) for p in pixels]
+    def items(pixels: torch.Tensor, options: ExplainPlan) -> list[WorkItem]:
+        return [WorkItem(p, options, None) for p in pixels]
 
     rows = []
     for batch, reps in zip(args.batches, repeats, strict=True):
@@ -62,13 +60,13 @@ def main() -> int:
         x = ((pixels - torch.tensor(served.mean).view(1, 3, 1, 1)) / torch.tensor(served.std).view(1, 3, 1, 1)).to(
             device
         )
-        explain = ExplainOptions(method="gradcampp", layers=None, counterfactual=False)
+        explain = ExplainPlan(method="gradcampp", layers=None, counterfactual=False)
         contenders: dict[str, Callable[[], object]] = {
             "predict": lambda x=x: served.engine.predict(x),
             "explain": lambda p=pixels, o=explain: worker.compute(items(p, o)),
         }
         for steps in args.steps:
-            scored = ExplainOptions(method="gradcampp", layers=None, counterfactual=False, faithfulness_steps=steps)
+            scored = ExplainPlan(method="gradcampp", layers=None, counterfactual=False, faithfulness_steps=steps)
             contenders[f"explain + faithfulness {steps}"] = lambda p=pixels, o=scored: worker.compute(items(p, o))
         outputs = worker.compute(items(pixels, scored))
         assert all(o.faithfulness is not None for o in outputs), outputs  # type: ignore[union-attr]

@@ -18,10 +18,11 @@ import torch
 from PIL import Image
 
 from camserve.api import create_app
+from camserve.batches import ModelBatches
+from camserve.batching import BatchQueue
 from camserve.cam.render import heatmaps, to_uint8
 from camserve.images import decode_image, preprocess
 from camserve.settings import Settings
-from camserve.worker import BatchWorker
 from tests.apphelpers import running_app
 from tests.conftest import jpeg_bytes
 
@@ -467,7 +468,7 @@ async def test_32_concurrent_explains_batch_and_match_one_by_one(registry, cat_j
 
 
 def slow_compute(seconds: float):
-    original = BatchWorker.compute
+    original = ModelBatches.compute
 
     def compute(self, batch, *staged):
         time.sleep(seconds)
@@ -477,7 +478,7 @@ def slow_compute(seconds: float):
 
 
 async def test_flood_beyond_max_queue_gets_503_and_never_500(registry, cat_jpeg, monkeypatch):
-    monkeypatch.setattr(BatchWorker, "compute", slow_compute(0.3))
+    monkeypatch.setattr(ModelBatches, "compute", slow_compute(0.3))
     async with running_app(registry, max_queue=4, max_batch_size=2, max_images_per_request=4) as (client, _app):
         responses = await asyncio.gather(
             *(client.post("/predict", content=cat_jpeg, headers={"content-type": "image/jpeg"}) for _ in range(20))
@@ -490,7 +491,7 @@ async def test_flood_beyond_max_queue_gets_503_and_never_500(registry, cat_jpeg,
 
 
 async def test_slow_batch_gives_504_and_health_stays_responsive(registry, cat_jpeg, monkeypatch):
-    monkeypatch.setattr(BatchWorker, "compute", slow_compute(1.5))
+    monkeypatch.setattr(ModelBatches, "compute", slow_compute(1.5))
     async with running_app(registry, request_timeout_s=0.5) as (client, _app):
         task = asyncio.create_task(client.post("/predict", content=cat_jpeg, headers={"content-type": "image/jpeg"}))
         await asyncio.sleep(0.1)
@@ -507,14 +508,14 @@ async def test_slow_batch_gives_504_and_health_stays_responsive(registry, cat_jp
 
 async def test_timed_out_items_that_have_not_started_are_dropped(registry, cat_jpeg, monkeypatch, caplog):
     seen: list[int] = []
-    original = BatchWorker.compute
+    original = ModelBatches.compute
 
     def counting(self, batch, *staged):
         seen.append(len(batch))
         time.sleep(0.6)
         return original(self, batch, *staged)
 
-    monkeypatch.setattr(BatchWorker, "compute", counting)
+    monkeypatch.setattr(ModelBatches, "compute", counting)
     async with running_app(registry, request_timeout_s=0.3, max_batch_size=1) as (client, _app):
         responses = await asyncio.gather(
             *(client.post("/predict", content=cat_jpeg, headers={"content-type": "image/jpeg"}) for _ in range(4))
@@ -653,13 +654,13 @@ async def test_max_wait_ms_holds_a_batch_open_for_stragglers(registry, cat_jpeg)
 async def test_all_torch_work_runs_on_the_one_torch_thread(registry, cat_jpeg, monkeypatch):
     """Model loading and every batch run on `camserve-torch` (a second torch thread slows CPU ops ~2.5x)."""
     threads: list[str] = []
-    original = BatchWorker.compute
+    original = ModelBatches.compute
 
     def recording(self, batch, *staged):
         threads.append(threading.current_thread().name)
         return original(self, batch, *staged)
 
-    monkeypatch.setattr(BatchWorker, "compute", recording)
+    monkeypatch.setattr(ModelBatches, "compute", recording)
 
     def load(_settings):
         threads.append(threading.current_thread().name)
@@ -724,15 +725,13 @@ async def test_random_parameters_and_bodies_never_give_a_500(registry, cat_jpeg)
 
 
 async def test_torch_threads_setting_applies_to_the_torch_thread(registry):
-    from camserve.worker import torch_executor
-
-    before = torch_executor().submit(torch.get_num_threads).result()
+    before = torch.get_num_threads()
     try:
-        async with running_app(None, torch_threads=1, warmup=False) as (client, _app):
+        async with running_app(None, torch_threads=1, warmup=False) as (client, app):
             assert (await client.get("/health/ready")).status_code in (200, 503)
-        assert torch_executor().submit(torch.get_num_threads).result() == 1
+            assert await app.state.torch_thread.run(torch.get_num_threads) == 1
     finally:
-        torch_executor().submit(torch.set_num_threads, before).result()
+        torch.set_num_threads(before)
 
 
 async def test_several_models_are_served_side_by_side(registry, cat_jpeg, tmp_path):
@@ -770,13 +769,13 @@ async def test_large_images_are_resized_while_decoding_and_explain_the_same(regi
 
     big = np.asarray(Image.fromarray(chelsea).resize((1600, 1064), Image.Resampling.BICUBIC))
     submitted: list[torch.Tensor] = []
-    original_submit = BatchWorker.submit
+    original_submit = BatchQueue.submit
 
     def spy(self, items):
         submitted.extend(item.pixels for item in items)
         return original_submit(self, items)
 
-    monkeypatch.setattr(BatchWorker, "submit", spy)
+    monkeypatch.setattr(BatchQueue, "submit", spy)
     bodies = {}
     async with running_app(registry) as (client, _app):
         for threshold in (inference.RESIZE_WHILE_DECODING_ABOVE, 10**9):

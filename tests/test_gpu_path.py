@@ -20,12 +20,13 @@ import torch
 import torchvision.io
 from PIL import Image
 
-import camserve.worker as worker_module
+import camserve.batches as worker_module
+from camserve.batches import ExplainPlan, ModelBatches, WorkItem, _chunks
+from camserve.batching import BatchQueue, TorchThread
 from camserve.device_faults import as_service_error, is_sticky_device_error
 from camserve.errors import DeviceFailedError, DeviceMemoryError, OverloadedError
 from camserve.images import EncodedJpeg
 from camserve.models import ModelRegistry
-from camserve.worker import BatchWorker, ExplainOptions, WorkItem, _chunks
 from tests.apphelpers import running_app
 from tests.conftest import jpeg_bytes
 
@@ -68,13 +69,13 @@ def cuda_registry(registry, nvjpeg_calls, monkeypatch) -> ModelRegistry:
 def batches(monkeypatch) -> list[list[object]]:
     """What each computed batch held as model inputs (`WorkItem.pixels`)."""
     seen: list[list[object]] = []
-    real = BatchWorker.compute
+    real = ModelBatches.compute
 
     def spy(self, batch, *staged):
         seen.append([item.pixels for item in batch])
         return real(self, batch, *staged)
 
-    monkeypatch.setattr(BatchWorker, "compute", spy)
+    monkeypatch.setattr(ModelBatches, "compute", spy)
     return seen
 
 
@@ -140,9 +141,9 @@ async def test_a_40_megapixel_image_never_reaches_the_device_at_full_size(cuda_r
     two_mp = jpeg_bytes(np.asarray(huge.resize((1800, 1125))))
     del huge
     queued: list[object] = []
-    real_submit = BatchWorker.submit
+    real_submit = BatchQueue.submit
     monkeypatch.setattr(
-        BatchWorker, "submit", lambda self, items: (queued.extend(i.pixels for i in items), real_submit(self, items))[1]
+        BatchQueue, "submit", lambda self, items: (queued.extend(i.pixels for i in items), real_submit(self, items))[1]
     )
     preprocessed: list[tuple[torch.dtype, tuple[int, ...]]] = []
     patched_preprocess = worker_module.preprocess
@@ -255,28 +256,24 @@ def test_a_batch_copies_each_result_tensor_to_the_host_once(registry, chelsea, c
     the engine's rows for it."""
     served = registry.get()
     photos = [torch.from_numpy(np.ascontiguousarray(p.transpose(2, 0, 1))) for p in (chelsea, coffee)]
-    options = ExplainOptions(method="gradcam", layers=None, counterfactual=False)
-    loop = asyncio.new_event_loop()
-    try:
-        items = [
-            WorkItem(photos[0], options, None, loop.create_future()),
-            WorkItem(photos[1], options, [504, 967], loop.create_future()),
-            WorkItem(photos[1], None, None, loop.create_future()),
-            WorkItem(photos[0], options, None, loop.create_future()),
-        ]
-        copies: list[tuple[int, ...]] = []
-        real_cpu = torch.Tensor.cpu
+    options = ExplainPlan(method="gradcam", layers=None, counterfactual=False)
+    items = [
+        WorkItem(photos[0], options, None),
+        WorkItem(photos[1], options, [504, 967]),
+        WorkItem(photos[1], None, None),
+        WorkItem(photos[0], options, None),
+    ]
+    copies: list[tuple[int, ...]] = []
+    real_cpu = torch.Tensor.cpu
 
-        def counting_cpu(self, *args, **kwargs):
-            copies.append(tuple(self.shape))
-            return real_cpu(self, *args, **kwargs)
+    def counting_cpu(self, *args, **kwargs):
+        copies.append(tuple(self.shape))
+        return real_cpu(self, *args, **kwargs)
 
-        worker = BatchWorker(served, max_batch_size=8, max_queue=8)
-        monkeypatch.setattr(torch.Tensor, "cpu", counting_cpu)
-        outputs = worker.compute(items)
-        monkeypatch.undo()
-    finally:
-        loop.close()
+    batches = ModelBatches(served, max_batch_size=8)
+    monkeypatch.setattr(torch.Tensor, "cpu", counting_cpu)
+    outputs = batches.compute(items)
+    monkeypatch.undo()
     assert sorted(copies) == [(4, 7, 7), (4, 1000)]  # probabilities and maps once each; classes from the host plan
     assert [o.classes for o in outputs[:2]] + [outputs[3].classes] == [[285], [504, 967], [285]]
     assert outputs[2].maps is None and outputs[2].classes == []
@@ -305,7 +302,7 @@ async def test_a_backlog_stages_the_next_batch_during_compute(registry, chelsea,
     stages: list[tuple[str, float]] = []  # (thread, when)
     computes: list[tuple[float, float, bool]] = []  # (start, end, had staged inputs)
     observed: list[tuple[int, int]] = []
-    real_compute = BatchWorker.compute
+    real_compute = ModelBatches.compute
 
     def stage(images):
         stages.append((threading.current_thread().name, time.perf_counter()))
@@ -313,22 +310,25 @@ async def test_a_backlog_stages_the_next_batch_during_compute(registry, chelsea,
             raise RuntimeError("no pinned memory")
         return [None if x is None else x.clone() for x in images]
 
-    def compute(self, batch, *staged):
+    batches = ModelBatches(served, max_batch_size=2)
+
+    def compute(batch, staged):
         started = time.perf_counter()
         time.sleep(0.3)  # long enough for the loop to take and stage the next batch
-        observed.append((self.in_flight, self.depth))
+        observed.append((queue.in_flight, queue.depth))
         computes.append((started, time.perf_counter(), bool(staged and staged[0] is not None)))
-        return real_compute(self, batch, *staged)
+        return real_compute(batches, batch, staged)
 
     monkeypatch.setattr(worker_module, "stage_pinned", stage)
-    monkeypatch.setattr(BatchWorker, "compute", compute)
-    worker = BatchWorker(served, max_batch_size=2, max_queue=16, overlap=True)
-    worker.start()
-    loop = asyncio.get_running_loop()
-    items = [WorkItem(p, None, None, loop.create_future()) for p in photos]
-    worker.submit(items)
-    outputs = await asyncio.gather(*(item.future for item in items))
-    await worker.close()
+    thread = TorchThread()
+    queue = BatchQueue(
+        "m", compute, thread, max_batch_size=2, max_queue=16, stage=batches.stage, overlap=True
+    )
+    queue.start()
+    futures = queue.submit([WorkItem(p, None, None) for p in photos])
+    outputs = await asyncio.gather(*futures)
+    await queue.close()
+    thread.close()
     assert len(stages) == 2 and len(computes) == 3
     assert all(thread != "camserve-torch" for thread, _ in stages)
     for (_, staged_at), (_, running_until, _) in zip(stages, computes, strict=False):
@@ -342,7 +342,12 @@ async def test_a_backlog_stages_the_next_batch_during_compute(registry, chelsea,
 
 
 def test_overlap_is_on_by_default_only_for_cuda_models(registry):
+    from camserve.inference import InferenceService
+    from camserve.settings import Settings
+
     served = registry.get()
-    assert BatchWorker(served, max_batch_size=2, max_queue=4)._overlap is False
     on_cuda = dataclasses.replace(served, device=torch.device("cuda"))
-    assert BatchWorker(on_cuda, max_batch_size=2, max_queue=4)._overlap is True
+    for model, overlap in ((served, False), (on_cuda, True)):
+        service = InferenceService(type(registry)([model], model.name), Settings())
+        assert service.queues[model.name]._overlap is overlap
+        service.thread.close()

@@ -15,9 +15,9 @@ import httpx
 import pytest
 import yaml
 
+from camserve.batches import ModelBatches
 from camserve.models import read_models_file
 from camserve.settings import Settings
-from camserve.worker import BatchWorker
 from tests.apphelpers import running_app
 from tests.test_server import start_server, stop
 
@@ -203,13 +203,13 @@ async def test_pending_images_gauges_count_queued_and_computing_images(registry,
     from tests.conftest import jpeg_bytes
 
     release = threading.Event()
-    original = BatchWorker.compute
+    original = ModelBatches.compute
 
     def held(self, batch, *staged):
         release.wait(30)
         return original(self, batch, *staged)
 
-    monkeypatch.setattr(BatchWorker, "compute", held)
+    monkeypatch.setattr(ModelBatches, "compute", held)
     photo = jpeg_bytes(chelsea)
     async with running_app(registry, max_batch_size=1) as (client, _app):
 

@@ -357,7 +357,7 @@ def test_protocol_inputs_found_by_fuzzing_are_4xx_not_500(live, cat):
             400,
             "Length",
         ),
-        (httpx.post(v2, json={**v2_json, "parameters": {"explain": False, "method": "x"}}), 422, "explain=false"),
+        (httpx.post(v2, json={**v2_json, "parameters": {"explain": False, "method": "gradcam"}}), 422, "explain=false"),
         (
             httpx.post(v2, json={**v2_json, "parameters": {"overlay": False}, "outputs": [{"name": "overlay"}]}),
             422,
@@ -415,18 +415,18 @@ def test_v2_goes_through_the_batching_queue(registry, cat, monkeypatch):
     """One v2 request with two images and a /predict: the worker batches them like any other items."""
     import asyncio
 
-    from camserve.worker import BatchWorker
+    from camserve.batches import ModelBatches
     from tests.apphelpers import running_app
 
     sizes: list[int] = []
-    original = BatchWorker.compute
+    original = ModelBatches.compute
 
     def counting(self, batch, *staged):
         sizes.append(len(batch))
         time.sleep(0.3)
         return original(self, batch, *staged)
 
-    monkeypatch.setattr(BatchWorker, "compute", counting)
+    monkeypatch.setattr(ModelBatches, "compute", counting)
     body = {"inputs": [{"name": "images", "shape": [2], "datatype": "BYTES", "data": [b64(cat), b64(cat)]}]}
 
     async def scenario():
@@ -541,3 +541,220 @@ def test_api_key_guards_the_protocols_but_not_their_health(registry, cat):
     open_routes, refused, with_key = asyncio.run(scenario())
     assert open_routes == [200, 200, 200] and with_key == 200
     assert all(r.status_code == 401 and "API key" in r.json()["error"] for r in refused)
+
+
+# -- third-party clients: KServe's SDK, health bodies, GET / ----------------------------------
+def test_v2_health_answers_the_json_bodies_kserve_sends(live):
+    for path, body in (("/v2/health/live", {"live": True}), ("/v2/health/ready", {"ready": True})):
+        response = httpx.get(f"{live}{path}")
+        assert (response.status_code, response.headers["content-type"], response.json()) == (
+            200,
+            "application/json",
+            body,
+        )
+
+
+def test_root_gives_browsers_the_page_and_other_clients_alive_json(live):
+    browser = httpx.get(f"{live}/", headers={"accept": "text/html,application/xhtml+xml,*/*;q=0.8"})
+    assert browser.status_code == 200 and browser.headers["content-type"].startswith("text/html")
+    assert "<html" in browser.text.lower() and browser.headers["vary"] == "Accept"
+    for accept in ("*/*", "application/json", None, "text/html;q=0, */*"):
+        with httpx.Client() as client:
+            del client.headers["accept"]  # httpx's default is */*, as KServe's SDK sends it
+            answer = client.get(f"{live}/", headers={"accept": accept} if accept is not None else {})
+        assert answer.request.headers.get("accept") == accept
+        assert (answer.status_code, answer.headers["content-type"], answer.json()) == (
+            200,
+            "application/json",
+            {"status": "alive"},
+        ), accept
+        assert answer.headers["vary"] == "Accept"
+
+
+_KSERVE_SDK_PROBE = """
+import asyncio, json, sys
+from kserve import InferenceRESTClient, RESTConfig
+
+async def main(url):
+    answers = {}
+    for protocol in ("v1", "v2"):
+        client = InferenceRESTClient(RESTConfig(protocol=protocol, retries=0))
+        try:
+            answers[protocol] = {"live": await client.is_server_live(url)}
+            if protocol == "v2":
+                answers[protocol]["ready"] = await client.is_server_ready(url)
+            answers[protocol]["model"] = await client.is_model_ready(url, sys.argv[2])
+        finally:
+            await client.close()
+    print(json.dumps(answers))
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+def kserve_python() -> str:
+    """An interpreter with KServe's SDK: CAMSERVE_KSERVE_PYTHON (a scratch venv with `pip install kserve`; the
+    test extras do not bring it: it pulls grpcio and kubernetes), else this one when it has kserve."""
+    import importlib.util
+    import os
+
+    python = os.environ.get("CAMSERVE_KSERVE_PYTHON")
+    if python:
+        return python
+    if importlib.util.find_spec("kserve") is None:
+        pytest.skip("KServe's SDK is not installed: set CAMSERVE_KSERVE_PYTHON to a python with `pip install kserve`")
+    return sys.executable
+
+
+def test_kserve_sdk_sees_the_server_live_and_ready_in_v1_and_v2(live, tmp_path):
+    script = tmp_path / "probe.py"
+    script.write_text(_KSERVE_SDK_PROBE)
+    result = subprocess.run(
+        [kserve_python(), str(script), live, MODEL], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    answers = json.loads(result.stdout.strip().splitlines()[-1])
+    assert answers == {"v1": {"live": True, "model": True}, "v2": {"live": True, "ready": True, "model": True}}
+
+
+def test_own_and_v2_health_read_one_lifecycle_in_every_phase(registry):
+    """/health and /v2/health (and v2 model readiness) give the same verdict: loading, ready, draining, broken;
+    the v2 answers are {"live"/"ready": true} or 503 {"error"} with Retry-After."""
+    import asyncio
+
+    from camserve.api import create_app
+    from camserve.settings import Settings
+
+    release = threading.Event()
+
+    def slow_load(_settings):
+        release.wait(10)
+        return registry
+
+    paths = ("/health/live", "/v2/health/live", "/health/ready", "/v2/health/ready", f"/v2/models/{MODEL}/ready")
+
+    async def scenario():
+        app = create_app(Settings(), load_registry=slow_load)
+        phases = {}
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as client,
+        ):
+            phases["loading"] = [await client.get(p) for p in paths]
+            release.set()
+            await app.state.loaded.wait()
+            phases["ready"] = [await client.get(p) for p in paths]
+            app.state.lifecycle.drain()
+            phases["draining"] = [await client.get(p) for p in paths]
+            app.state.lifecycle.broken(RuntimeError("sticky CUDA error"))
+            phases["broken"] = [await client.get(p) for p in paths]
+            phases["root"] = [await client.get("/", headers={"accept": "application/json"})]
+        return phases
+
+    phases = asyncio.run(scenario())
+    statuses = {phase: [r.status_code for r in answers] for phase, answers in phases.items()}
+    assert statuses == {
+        "loading": [200, 200, 503, 503, 503],
+        "ready": [200, 200, 200, 200, 200],
+        "draining": [200, 200, 503, 503, 503],
+        "broken": [503, 503, 503, 503, 503],
+        "root": [503],
+    }
+    assert [r.json() for r in phases["ready"][1:4:2]] == [{"live": True}, {"ready": True}]
+    restart = "the device failed and this instance needs a restart: sticky CUDA error"
+    broken_live = phases["broken"][1]
+    assert broken_live.json() == {"error": f"not live: {restart}"} and broken_live.headers["retry-after"] == "5"
+    assert phases["draining"][3].json() == {"error": "not ready: shutting down"}
+    assert phases["root"][0].json() == {"detail": restart}
+
+
+# -- the OpenAPI document states what the server accepts (cases schemathesis --checks all found) -------
+def test_v1_verbs_answer_405_allow_post_to_every_other_method(live):
+    for verb in ("predict", "explain"):
+        for method in ("GET", "OPTIONS", "PUT", "DELETE", "PATCH"):
+            response = httpx.request(method, f"{live}/v1/models/{MODEL}:{verb}")
+            assert (response.status_code, response.headers["allow"]) == (405, "POST"), (verb, method)
+    status = httpx.request("OPTIONS", f"{live}/v1/models/{MODEL}")
+    assert (status.status_code, status.headers["allow"]) == (405, "GET")
+
+
+def test_a_raw_image_as_octet_stream_is_one_image_on_v2_infer(live, cat):
+    expected = probabilities_from_predict(live, cat)
+    for path in (f"/v2/models/{MODEL}/infer", f"/v2/models/{MODEL}/versions/1/infer"):
+        response = httpx.post(
+            f"{live}{path}", content=cat, headers={"content-type": "application/octet-stream"}, timeout=60
+        )
+        assert response.status_code == 200 and response.headers["content-type"] == "application/json", response.text
+        (output,) = response.json()["outputs"]
+        assert (output["name"], output["shape"]) == ("probabilities", [1, 1000])
+        np.testing.assert_allclose(output["data"], expected, atol=1e-5)
+
+
+def document_validator(document: dict, schema: dict):
+    """A JSON Schema 2020-12 validator for `schema`, resolving `#/components/...` in `document`."""
+    import jsonschema
+
+    return jsonschema.Draft202012Validator({**schema, "components": document["components"]})
+
+
+def test_requests_the_server_refuses_are_outside_the_document(live, cat):
+    """schemathesis --checks all sent these as valid; the document now excludes them and the server still refuses."""
+    document = httpx.get(f"{live}/openapi.json").json()
+    paths = document["paths"]
+    forms = {p: paths[p]["post"]["requestBody"]["content"]["multipart/form-data"] for p in ("/predict", "/explain")}
+    multipart = {path: document_validator(document, form["schema"]) for path, form in forms.items()}
+    v1 = document_validator(document, {"$ref": "#/components/schemas/V1PredictRequest"})
+    v2 = document_validator(document, {"$ref": "#/components/schemas/V2InferenceRequest"})
+    good_v2_input = {"name": "images", "shape": [1], "datatype": "BYTES", "data": [b64(cat)]}
+    assert v1.is_valid({"instances": [{"image": {"b64": b64(cat)}}]}) and v2.is_valid({"inputs": [good_v2_input]})
+
+    for path, validator in multipart.items():
+        assert validator.is_valid({"image": ["<file>"]}) and not validator.is_valid({"image": []})
+        empty = httpx.post(
+            f"{live}{path}", content=b"--b--\r\n", headers={"content-type": "multipart/form-data; boundary=b"}
+        )
+        assert empty.status_code == 400 and "no 'image' file field" in empty.json()["detail"], path
+
+    assert not v1.is_valid({"instances": [{"image": {"b64": ""}}]})
+    empty_b64 = httpx.post(f"{live}/v1/models/{MODEL}:predict", json={"instances": [{"image": {"b64": ""}}]})
+    assert empty_b64.json() == {"error": "instances[0].image.b64 is empty"} and empty_b64.status_code == 400
+
+    for wrong in ({"name": ""}, {"name": "pixels"}, {"datatype": "FP32"}, {"shape": [-1]}):
+        fields = {**good_v2_input, **wrong}
+        assert not v2.is_valid({"inputs": [fields]}), wrong
+        response = httpx.post(f"{live}/v2/models/{MODEL}/infer", json={"inputs": [fields]})
+        assert response.status_code == 400 and set(response.json()) == {"error"}, wrong
+    assert not v2.is_valid({"inputs": [good_v2_input, good_v2_input]})
+    assert v2.is_valid({"inputs": [{**good_v2_input, "shape": []}]})  # a scalar: one image, and accepted
+    scalar = httpx.post(f"{live}/v2/models/{MODEL}/infer", json={"inputs": [{**good_v2_input, "shape": []}]})
+    assert scalar.status_code == 200, scalar.text
+
+    infer = paths["/v2/models/{name}/infer"]["post"]
+    assert infer["requestBody"]["content"]["application/octet-stream"]["schema"]["format"] == "binary"
+    assert "Inference-Header-Content-Length" in infer["requestBody"]["description"]
+
+
+def test_schemathesis_all_checks_on_the_protocols_find_nothing(live, tmp_path):
+    """Every schemathesis check on the protocol routes (examples and the coverage phase's boundary values and
+    unsupported methods) but positive-data acceptance, which needs real image files where the document can only say
+    base64 (the cases it found are pinned above)."""
+    st = Path(sys.executable).parent / "st"
+    command = [str(st)] if st.is_file() else [shutil.which("st") or pytest.skip("schemathesis is not installed")]
+    result = subprocess.run(
+        [
+            *command,
+            "run",
+            f"{live}/openapi.json",
+            "--checks=all",
+            "--exclude-checks=positive_data_acceptance",
+            "--phases=examples,coverage",
+            "--include-path-regex=^/v[12]",
+            "--no-color",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert "No issues found" in result.stdout

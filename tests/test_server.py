@@ -158,7 +158,7 @@ def test_cli_client_commands_against_a_real_server(server, chelsea, tmp_path, ca
 
     assert Image.open(out / written[1]).size == (451, 300)
     assert main(["explain", str(image), "--url", url, "--method", "smoothgradcam", "--out", str(out)]) == 1
-    assert "server answered 422: unknown CAM method 'smoothgradcam'" in capsys.readouterr().err
+    assert "server answered 422: method: unknown CAM method 'smoothgradcam'" in capsys.readouterr().err
 
 
 def test_client_that_disconnects_has_its_waiting_items_dropped(registry, chelsea, monkeypatch):
@@ -168,18 +168,18 @@ def test_client_that_disconnects_has_its_waiting_items_dropped(registry, chelsea
     import uvicorn
 
     from camserve.api import create_app
+    from camserve.batches import ModelBatches
     from camserve.settings import Settings
-    from camserve.worker import BatchWorker
 
     seen: list[int] = []
-    original = BatchWorker.compute
+    original = ModelBatches.compute
 
     def slow(self, batch, *staged):
         seen.append(len(batch))
         time.sleep(1.0)
         return original(self, batch, *staged)
 
-    monkeypatch.setattr(BatchWorker, "compute", slow)
+    monkeypatch.setattr(ModelBatches, "compute", slow)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = uvicorn.Server(

@@ -81,7 +81,7 @@ def test_explain_passes_overlay_format_and_size_and_names_the_file_by_format(tmp
     assert path == "/explain" and ("overlay_format", "jpeg") in params and ("size", "256") in params
     assert sorted(p.name for p in out.iterdir()) == ["cat_gradcam_285_heatmap.png", "cat_gradcam_285_overlay.jpg"]
     defaults = build_parser().parse_args(["explain", "cat.jpg"])
-    assert (defaults.overlay_format, defaults.size) == ("png", "original")
+    assert (defaults.overlay_format, defaults.size) == (None, None)  # unset: the server applies the declared defaults
 
 
 def test_explain_faithfulness_flags_are_sent_and_the_scores_printed(tmp_path, monkeypatch, capsys):

@@ -196,17 +196,8 @@ _SUFFIXES = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}
 
 
 def _explain(args: argparse.Namespace) -> int:
-    params = [("method", args.method), ("top_k", str(args.top_k)), ("overlay", "true"), ("colormap", args.colormap)]
-    params += [("target", t) for t in args.target or []] + [("layer", layer) for layer in args.layer or []]
-    if args.model:
-        params.append(("model", args.model))
-    if args.counterfactual:
-        params.append(("counterfactual", "true"))
-    params += [("overlay_format", args.overlay_format), ("size", args.size)]
-    if args.faithfulness:
-        params.append(("faithfulness", "true"))
-    if args.faithfulness_steps is not None:
-        params.append(("faithfulness_steps", str(args.faithfulness_steps)))
+    params = [("top_k", str(args.top_k)), ("overlay", "true")] + ([("model", args.model)] if args.model else [])
+    params += _option_params(args)
     out = Path(args.out)
     try:  # before asking the server, so that its work is not lost to an unwritable folder
         out.mkdir(parents=True, exist_ok=True)
@@ -233,6 +224,40 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cli_options() -> dict:
+    """The explain options the CLI takes as flags, from their one declaration: all but `overlay` (always written).
+    Imported on use: `camserve.options` imports torch (4.5 s cold), which the predict client does not need."""
+    from camserve.options import ExplainOptions, PictureOptions
+
+    fields = {**ExplainOptions.model_fields, **PictureOptions.model_fields}
+    return {name: field for name, field in fields.items() if name != "overlay"}
+
+
+def _add_option_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per option, from its declaration (`camserve.options`); unset flags leave the server's default."""
+    for name, field in _cli_options().items():
+        flag = "--" + name.replace("_", "-")
+        default = "" if field.default is None else f"; default {field.default}"
+        if field.annotation is bool:
+            parser.add_argument(flag, action="store_true", help=f"{field.description}")
+        elif name in ("target", "layer"):
+            parser.add_argument(flag, action="append", help=f"{field.description} (repeatable)")
+        else:
+            parser.add_argument(flag, help=f"{field.description}{default}")
+
+
+def _option_params(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """The query parameters of the option flags given."""
+    params: list[tuple[str, str]] = []
+    for name in _cli_options():
+        value = getattr(args, name)
+        if value is None or value is False:
+            continue
+        values = value if isinstance(value, list) else [value]
+        params += [(name, "true" if v is True else str(v)) for v in values]
+    return params
+
+
 def _unique_stems(names: list[str]) -> list[str]:
     """Each image's file stem; a stem already taken (a/cat.jpg, b/cat.png) gets -2, -3, ... until it is free."""
     taken: set[str] = set()
@@ -255,7 +280,8 @@ def _faithfulness_line(scores: dict) -> str:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(explain_flags: bool = True) -> argparse.ArgumentParser:
+    """The command line; `explain_flags`: add the explain command's option flags (they need torch imported)."""
     parser = argparse.ArgumentParser(prog="camserve", description="Image classification explained with CAMs.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -286,32 +312,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = client("predict", "classify images with a running server and print a table")
     predict.set_defaults(func=_predict)
-    explain = client("explain", "explain images with a running server and write heatmap/overlay PNGs")
-    explain.add_argument(
-        "--method",
-        default="gradcampp",
-        help="CAM method: gradcam, gradcampp, xgradcam, layercam, hirescam, guided-gradcam, scorecam, ablationcam, "
-        "eigencam (the server's list: /docs)",
+    explain = client("explain", "explain images with a running server; writes the pictures into --out (camserve-out)")
+    explain.description = (
+        "Explain images with a running server and write, into the folder --out (default camserve-out, made if "
+        "missing), per image and explained class <image>_<method>_<class>_heatmap.png and "
+        "<image>_<method>_<class>_overlay.png (.jpg or .webp with --overlay-format)."
     )
-    explain.add_argument("--target", action="append", help="class index or exact label (repeatable)")
-    explain.add_argument("--layer", action="append", help="dotted module path (repeatable)")
-    explain.add_argument("--counterfactual", action="store_true")
-    explain.add_argument("--colormap", default="jet")
-    explain.add_argument("--overlay-format", default="png", help="overlay file format: png, jpeg or webp")
-    explain.add_argument("--size", default="original", help="picture size: original, model or a maximum side in pixels")
+    if explain_flags:
+        _add_option_flags(explain)
     explain.add_argument(
-        "--faithfulness", action="store_true", help="also print each map's drop, increase, deletion and insertion AUC"
+        "--out",
+        default="camserve-out",
+        help="output folder, made if missing (default: %(default)s): per image and explained class "
+        "<image>_<method>_<class>_heatmap.png and <image>_<method>_<class>_overlay.<png|jpg|webp>",
     )
-    explain.add_argument(
-        "--faithfulness-steps", type=int, default=None, help="deletion/insertion steps (2-64; server default 16)"
-    )
-    explain.add_argument("--out", default="camserve-out", help="output folder")
     explain.set_defaults(func=_explain)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(explain_flags=argv[:1] == ["explain"]).parse_args(argv)
     return int(args.func(args) or 0)
 
 

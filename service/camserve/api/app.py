@@ -22,11 +22,11 @@ from camserve.api.middleware import BodyLimitMiddleware, MetricsMiddleware
 from camserve.api.routers import explorer, health, inference, kserve_v1, metrics, models, oip_v2
 from camserve.api.schemas import JsonExplainRequest, JsonPredictRequest
 from camserve.api.schemas_v2 import V2InferenceRequest, V2Parameters
+from camserve.batching import TorchThread
 from camserve.inference import ClientDisconnectedError, InferenceService
 from camserve.lifecycle import Lifecycle, Phase
 from camserve.models import ModelRegistry
 from camserve.settings import Settings, get_settings
-from camserve.worker import torch_executor
 
 log = logging.getLogger("camserve")
 
@@ -53,6 +53,7 @@ def create_app(
     settings = settings or get_settings()
     metrics_ = Metrics()
     lifecycle = Lifecycle(on_change=lambda phase: metrics_.ready.set(1 if phase is Phase.READY else 0))
+    thread = TorchThread()  # loads the models, then runs every batch
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -66,6 +67,7 @@ def create_app(
                 loader.cancel()
             if app.state.service is not None:
                 await app.state.service.close()
+            thread.close()
 
     async def _load(app: FastAPI) -> None:
         try:
@@ -80,13 +82,13 @@ def create_app(
                         app.state.load_finished.set()
 
                 if settings.torch_threads:
-                    await asyncio.get_running_loop().run_in_executor(
-                        torch_executor(), torch.set_num_threads, settings.torch_threads
-                    )
-                loaded = await asyncio.get_running_loop().run_in_executor(torch_executor(), load_models)
+                    await thread.run(torch.set_num_threads, settings.torch_threads)
+                loaded = await thread.run(load_models)
             for model in loaded:
                 metrics_.model_load_seconds.labels(model.name).set(model.load_seconds)
-            service = InferenceService(loaded, settings, on_batch=metrics_.observe_batch, on_fatal=lifecycle.broken)
+            service = InferenceService(
+                loaded, settings, thread, on_batch=metrics_.observe_batch, on_fatal=lifecycle.broken
+            )
             service.start()
             app.state.service = service
             lifecycle.loaded()
@@ -109,6 +111,7 @@ def create_app(
     #: Set once the torch thread is done loading models (at once when a registry is given): until then the
     #: process must not wait for that thread at exit.
     app.state.load_finished = threading.Event()
+    app.state.torch_thread = thread
     if registry is not None:
         app.state.load_finished.set()
     app.state.metrics = metrics_

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 
 from fastapi import Request
+from pydantic import BaseModel
 
 from camserve.errors import InvalidParameterError, NotReadyError
 from camserve.inference import InferenceService
@@ -35,9 +36,21 @@ def known_query_only(request: Request) -> None:
     dependant = getattr(route, "dependant", None)
     if dependant is None:
         return
-    known = sorted({param.alias for param in dependant.query_params})
+    known = sorted(_query_names(dependant.query_params))
     for name in request.query_params:
         if name not in known:
             close = difflib.get_close_matches(name, known, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; this route takes: {', '.join(known)}"
             raise InvalidParameterError(f"unknown query parameter {name!r}{hint}")
+
+
+def _query_names(params: list) -> set[str]:
+    """The query parameter names of a route; a parameter model (`Annotated[Options, Query()]`) gives its fields."""
+    names: set[str] = set()
+    for param in params:
+        annotation = param.field_info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            names.update(field.alias or name for name, field in annotation.model_fields.items())
+        else:
+            names.add(param.alias)
+    return names

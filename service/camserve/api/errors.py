@@ -14,6 +14,7 @@ from camserve import errors
 from camserve.api.inputs import media_type
 from camserve.device_faults import is_out_of_memory
 from camserve.models.errors import ModelConfigError
+from camserve.options import describe_problems
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +75,7 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
             position = error.get("loc", ("body", "?"))[-1]
             problems.append(f"the JSON body is malformed: {reason} (at character {position})")
             continue
-        loc = [str(p) for p in error.get("loc", ())]
-        where = f"{loc[0]} parameter {'.'.join(loc[1:])!r}" if len(loc) > 1 else ".".join(loc) or "request"
-        problems.append(f"{where}: {error.get('msg', 'invalid')}")
+        problems.append(describe_problems([error]))
     return error_response(status, "; ".join(problems) or "invalid request", path=request.url.path)
 
 

@@ -14,7 +14,8 @@ from starlette.exceptions import HTTPException
 
 from camserve.api.schemas import JsonPredictRequest
 from camserve.errors import InvalidInputError, InvalidParameterError, PayloadTooLargeError, UnsupportedMediaError
-from camserve.inference import ImagePayload
+from camserve.options import describe_problems
+from camserve.plan import ImagePayload
 
 #: The JSON form's schema: JsonPredictRequest or one that extends it.
 Form = TypeVar("Form", bound=JsonPredictRequest)
@@ -80,8 +81,7 @@ def _json(body: bytes, schema: type[Form]) -> tuple[list[ImagePayload], Form]:
     try:
         parsed = schema.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
-        raise InvalidParameterError(f"invalid JSON body: {problems}") from None
+        raise InvalidParameterError(describe_problems(exc.errors())) from None
     return [ImagePayload(decode_base64(text, f"images[{i}]")) for i, text in enumerate(parsed.images)], parsed
 
 

@@ -1,23 +1,16 @@
-"""Pydantic models of the HTTP API (they also generate the OpenAPI document)."""
+"""Pydantic models of the HTTP API (they also generate the OpenAPI document). Request options are declared once,
+in `camserve.options`; the JSON bodies here add the images to them."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from camserve.api.examples import BASE64_STRING, JPEG_BASE64
-from camserve.cam.methods import METHOD_NAMES
+from camserve.options import ExplainQuery, Integer, PredictOptions
 
-
-def _not_a_bool(value: object) -> object:
-    if isinstance(value, bool):  # pydantic's lax mode would read true as 1
-        raise ValueError("a boolean is not a number")
-    return value
-
-
-#: An integer in a request: JSON true/false are refused rather than read as 1/0.
-Integer = Annotated[int, BeforeValidator(_not_a_bool)]
+__all__ = ["Integer"]
 
 
 class ErrorResponse(BaseModel):
@@ -156,33 +149,24 @@ class HealthResponse(BaseModel):
     status: str = Field(examples=["ok"])
 
 
-class JsonPredictRequest(BaseModel):
-    """/predict's JSON input form: base64 images plus, optionally, the same parameters as the query string."""
+class JsonImages(BaseModel):
+    """The images of a JSON body."""
 
     model_config = ConfigDict(extra="forbid")
 
     images: list[Annotated[str, Field(json_schema_extra=BASE64_STRING)]] = Field(
         min_length=1, description="base64-encoded image files (data: URLs accepted)", examples=[[JPEG_BASE64]]
     )
-    model: str | None = None
-    top_k: Integer | None = None
 
 
-class JsonExplainRequest(JsonPredictRequest):
-    """/explain's JSON input form: /predict's, plus the explanation parameters of the query string."""
+class JsonPredictRequest(JsonImages, PredictOptions):
+    """/predict's JSON input form: base64 images plus, optionally, the same parameters as the query string (a field
+    given here wins over the query parameter)."""
 
-    method: str | None = Field(None, description=f"one of {', '.join(METHOD_NAMES)} (or gradcam++)")
-    target: list[Integer | str] | Integer | str | None = None
-    layer: list[str] | str | None = None
-    counterfactual: bool | None = None
-    overlay: bool | None = None
-    colormap: str | None = None
-    alpha: float | None = None
-    overlay_format: str | None = Field(None, description="png (default), jpeg or webp")
-    size: Integer | str | None = Field(None, description="original (default), model or a maximum side in pixels")
-    raw: bool | None = None
-    faithfulness: bool | None = Field(None, description="score each map's faithfulness (explain only)")
-    faithfulness_steps: Integer | None = Field(None, description="deletion/insertion steps of the faithfulness scores")
+
+class JsonExplainRequest(JsonImages, ExplainQuery):
+    """/explain's JSON input form: base64 images plus, optionally, the same parameters as the query string (a field
+    given here wins over the query parameter)."""
 
 
 class LabelsResponse(BaseModel):

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from camserve.api.examples import BASE64_STRING, JPEG_BASE64
-from camserve.api.schemas import ExplainResult, Integer, PredictResult
-from camserve.cam.methods import METHOD_NAMES
+from camserve.api.schemas import ExplainResult, PredictResult
+from camserve.options import ExplainOptions, PictureOptions, RawOption, TopKOption
 
 
 class V1Base64(BaseModel):
@@ -14,7 +14,7 @@ class V1Base64(BaseModel):
 
     b64: str = Field(
         description="the image file, base64-encoded (a data: URL is accepted)",
-        json_schema_extra=BASE64_STRING,
+        json_schema_extra={**BASE64_STRING, "minLength": 1},  # "" is a 400 ("... is empty"), not a 422
         examples=[JPEG_BASE64],
     )
 
@@ -25,7 +25,7 @@ class V1Instance(BaseModel):
     image: V1Base64
 
 
-class V1PredictRequest(BaseModel):
+class V1PredictRequest(TopKOption):
     """`{"instances": [{"image": {"b64": "..."}}, ...]}`; `top_k` beside `instances`."""
 
     model_config = ConfigDict(
@@ -33,10 +33,9 @@ class V1PredictRequest(BaseModel):
     )
 
     instances: list[V1Instance] = Field(min_length=1, description="one instance per image")
-    top_k: Integer | None = Field(None, description="number of top predictions per image (default 5)")
 
 
-class V1ExplainRequest(V1PredictRequest):
+class V1ExplainRequest(V1PredictRequest, ExplainOptions, PictureOptions, RawOption):
     """Instances as for `:predict`; the `/explain` options as fields beside `instances`."""
 
     model_config = ConfigDict(
@@ -45,23 +44,6 @@ class V1ExplainRequest(V1PredictRequest):
             "examples": [{"instances": [{"image": {"b64": JPEG_BASE64}}], "method": "gradcampp", "target": [285]}]
         },
     )
-
-    method: str | None = Field(None, description=f"one of {', '.join(METHOD_NAMES)} (or gradcam++); default gradcampp")
-    target: list[Integer | str] | Integer | str | None = Field(
-        None, description="classes to explain: indices or exact labels; default the top-1 prediction"
-    )
-    layer: list[str] | str | None = Field(None, description="target layers (dotted module paths); several = fusion")
-    counterfactual: bool | None = None
-    overlay: bool | None = None
-    colormap: str | None = None
-    alpha: float | None = None
-    overlay_format: str | None = Field(None, description="overlay file format: png (default), jpeg, webp")
-    size: Integer | str | None = Field(
-        None, description="size of heatmaps and overlays: original (default), model, or a maximum side in pixels"
-    )
-    raw: bool | None = Field(None, description="also return the raw map at feature resolution")
-    faithfulness: bool | None = Field(None, description="also score each map's faithfulness, as /explain does")
-    faithfulness_steps: Integer | None = Field(None, description="deletion/insertion steps (needs faithfulness)")
 
 
 class V1PredictResponse(BaseModel):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from camserve.api.examples import JPEG_BASE64
 from camserve.api.schemas import Integer
-from camserve.cam.methods import METHOD_NAMES
+from camserve.options import ExplainOptions, PictureOptions
 
 INPUT = "images"
 PROBABILITIES, EXPLAINED_CLASS, CAM, HEATMAP, OVERLAY = "probabilities", "explained_class", "cam", "heatmap", "overlay"
@@ -43,50 +43,56 @@ class V2ModelMetadata(BaseModel):
     parameters: dict[str, Any] | None = None
 
 
+class V2ServerLive(BaseModel):
+    live: bool
+
+
+class V2ServerReady(BaseModel):
+    ready: bool
+
+
 class V2ModelReady(BaseModel):
     name: str
     ready: bool
 
 
-class V2Parameters(BaseModel):
-    """The request's `parameters`: the `/explain` options (any of them asks for an explanation) and the standard
-    `binary_data_output`. `target` and `layer` take a list or a comma-separated string."""
+class V2Parameters(ExplainOptions, PictureOptions):
+    """The request's `parameters`: the `/explain` options (any of them asks for an explanation; `overlay` and
+    `faithfulness` also add their outputs) and the standard `binary_data_output`. `target` and `layer` also take a
+    comma-separated string (OIP parameters are usually scalars)."""
 
     model_config = ConfigDict(extra="forbid")
 
     explain: bool | None = Field(None, description="explain (default: when an explanation option or output is asked)")
-    method: str | None = Field(None, description=f"one of {', '.join(METHOD_NAMES)} (or gradcam++); default gradcampp")
-    target: list[Integer | str] | Integer | str | None = Field(
-        None, description="classes to explain: indices or exact labels; default the top-1 prediction"
-    )
-    layer: list[str] | str | None = Field(None, description="target layers (dotted module paths); several = fusion")
-    counterfactual: bool | None = None
-    overlay: bool | None = Field(
-        None, description="also return the `overlay` output (RGB pictures in `overlay_format`)"
-    )
-    colormap: str | None = None
-    alpha: float | None = None
-    overlay_format: str | None = Field(
-        None, description="file format of the `overlay` output: png (default), jpeg, webp (heatmaps stay PNG)"
-    )
-    size: Integer | str | None = Field(
-        None, description="size of heatmaps and overlays: original (default), model, or a maximum side in pixels"
-    )
-    faithfulness: bool | None = Field(
-        None, description="also return the `faithfulness` output (default: when that output is asked for)"
-    )
-    faithfulness_steps: Integer | None = Field(None, description="deletion/insertion steps of the faithfulness scores")
     binary_data_output: bool | None = Field(
         None, description="binary tensor extension: every output not saying otherwise comes as binary data"
     )
     timeout: Integer | None = Field(None, description="accepted and ignored: the server's request timeout applies")
     priority: Integer | None = Field(None, description="accepted and ignored")
 
+    @field_validator("target", "layer", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        if isinstance(value, str) and "," in value:
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+
+#: Parameters whose presence asks for an explanation (booleans ask only when true).
+ASKING_FIELDS = (frozenset(ExplainOptions.model_fields) | frozenset(PictureOptions.model_fields)) - {
+    "overlay",
+    "faithfulness",
+    "counterfactual",
+}
+
 
 class V2RequestInput(BaseModel):
-    name: str = Field(examples=[INPUT])
-    shape: list[Integer] = Field(examples=[[1]])
-    datatype: str = Field(examples=["BYTES"])
+    """One input tensor. The document states what the server accepts (name `images`, BYTES, no negative
+    dimension); the handler checks it and answers 400 with its own words, so these are schema-only."""
+
+    name: str = Field(examples=[INPUT], json_schema_extra={"const": INPUT})
+    shape: list[Integer] = Field(examples=[[1]], json_schema_extra={"items": {"type": "integer", "minimum": 0}})
+    datatype: str = Field(examples=["BYTES"], json_schema_extra={"const": "BYTES"})
     parameters: dict[str, Any] | None = Field(
         None, description="`binary_data_size`: this input's bytes in the binary section after the JSON header"
     )
@@ -122,7 +128,7 @@ class V2InferenceRequest(BaseModel):
 
     id: str | None = None
     parameters: dict[str, Any] | None = Field(None, description="see V2Parameters")
-    inputs: list[V2RequestInput] = Field(min_length=1)
+    inputs: list[V2RequestInput] = Field(min_length=1, json_schema_extra={"maxItems": 1})
     outputs: list[V2RequestOutput] | None = Field(
         None, description="outputs to return (default: probabilities, and with an explanation its outputs)"
     )

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Request
 
 from camserve.api.deps import get_service
 from camserve.api.inputs import decode_base64
-from camserve.api.results import explain_result, predict_result
+from camserve.api.responses import explain_result, predict_result
 from camserve.api.schemas_v1 import (
     V1Error,
     V1ExplainRequest,
@@ -25,7 +25,9 @@ from camserve.api.schemas_v1 import (
     V1PredictResponse,
 )
 from camserve.api.security import check_api_key
-from camserve.inference import ExplainRequest, ImagePayload, InferenceRequest, InferenceService, RenderOptions
+from camserve.inference import InferenceService
+from camserve.options import ExplainOptions, PictureOptions, pick
+from camserve.plan import ImagePayload, InferenceRequest
 
 router = APIRouter(prefix="/v1", tags=["kserve-v1"], dependencies=[Depends(check_api_key)])
 
@@ -48,24 +50,9 @@ def _images(instances: list[V1Instance]) -> list[ImagePayload]:
     return [ImagePayload(decode_base64(x.image.b64, f"instances[{i}].image.b64")) for i, x in enumerate(instances)]
 
 
-def _as_list(value: Any) -> list | None:
-    return None if value is None else value if isinstance(value, list) else [value]
-
-
 @router.get("/models", response_model=V1ModelList, summary="KServe v1: served models", responses=_ERRORS)
 async def list_models(service: Annotated[InferenceService, Depends(get_service)]) -> V1ModelList:
     return V1ModelList(models=[m.name for m in service.registry])
-
-
-@router.get("/models/{name}", response_model=V1ModelStatus, summary="KServe v1: model status", responses=_ERRORS)
-async def model_status(
-    name: ModelName, request: Request, service: Annotated[InferenceService, Depends(get_service)]
-) -> V1ModelStatus:
-    model, _, verb = name.rpartition(":")
-    if model and verb in ("predict", "explain"):  # `GET /v1/models/x:predict`: the verb exists, the method not
-        raise HTTPException(405, f"{verb} takes POST, not {request.method}", headers={"Allow": "POST"})
-    served = service.registry.get(name)
-    return V1ModelStatus(name=served.name, ready=request.app.state.lifecycle.is_ready)
 
 
 @router.post(
@@ -80,7 +67,7 @@ async def predict(
     request: Request,
     service: Annotated[InferenceService, Depends(get_service)],
 ) -> dict:
-    inference = InferenceRequest(_images(body.instances), model=name, top_k=5 if body.top_k is None else body.top_k)
+    inference = InferenceRequest(_images(body.instances), model=name, top_k=body.top_k)
     result = await service.infer(inference, request.is_disconnected)
     return {"predictions": [predict_result(image) for image in result.images]}
 
@@ -98,28 +85,23 @@ async def explain(
     request: Request,
     service: Annotated[InferenceService, Depends(get_service)],
 ) -> dict:
-    defaults = RenderOptions()
+    images = _images(body.instances)
     inference = InferenceRequest(
-        _images(body.instances),
-        model=name,
-        top_k=5 if body.top_k is None else body.top_k,
-        explain=ExplainRequest(
-            method=body.method or "gradcampp",
-            targets=_as_list(body.target),
-            layers=_as_list(body.layer),
-            counterfactual=bool(body.counterfactual),
-            faithfulness=bool(body.faithfulness),
-            faithfulness_steps=body.faithfulness_steps,
-        ),
-        render=RenderOptions(
-            overlay=bool(body.overlay),
-            colormap=body.colormap or defaults.colormap,
-            alpha=defaults.alpha if body.alpha is None else body.alpha,
-            overlay_format=body.overlay_format or defaults.overlay_format,
-            size=defaults.size if body.size is None else body.size,
-        ),
+        images, model=name, top_k=body.top_k, explain=pick(ExplainOptions, body), pictures=pick(PictureOptions, body)
     )
     result = await service.infer(inference, request.is_disconnected)
-    raw = bool(body.raw)
-    explanations = await asyncio.to_thread(lambda: [explain_result(image, raw) for image in result.images])
+    explanations = await asyncio.to_thread(lambda: [explain_result(image, body.raw) for image in result.images])
     return {"explanations": explanations}
+
+
+@router.get("/models/{name}", response_model=V1ModelStatus, summary="KServe v1: model status", responses=_ERRORS)
+async def model_status(
+    name: ModelName, request: Request, service: Annotated[InferenceService, Depends(get_service)]
+) -> V1ModelStatus:
+    """The model's status. Bound after the verbs so that any other method on a verb path (OPTIONS, PUT...) meets
+    the verb's route first and answers 405 `Allow: POST`, as GET does here."""
+    model, _, verb = name.rpartition(":")
+    if model and verb in ("predict", "explain"):  # `GET /v1/models/x:predict`: the verb exists, the method not
+        raise HTTPException(405, f"{verb} takes POST, not {request.method}", headers={"Allow": "POST"})
+    served = service.registry.get(name)
+    return V1ModelStatus(name=served.name, ready=request.app.state.lifecycle.is_ready)

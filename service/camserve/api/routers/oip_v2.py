@@ -5,18 +5,16 @@ become an InferenceRequest, which takes the one inference path (the same batchin
 result becomes the requested outputs: `probabilities` FP32 [N, num_classes] and, with an explanation,
 `explained_class` INT64 [N, T], `cam` FP32 [N, T, h, w] (raw maps), `heatmap` and `overlay` BYTES [N, T] (PNG
 files) and `faithfulness` FP32 [N, T, 4] (drop, increase, deletion AUC, insertion AUC, as `/explain` gives them).
-Errors are `{"error": ...}` with the statuses of the one table in service.api.errors: 400 unreadable request or
+The wire format (gzip, binary data, BYTES tensors, the response body) is camserve.api.oip_codec's. Each model
+route is bound to both `/v2/models/{name}/...` and `/v2/models/{name}/versions/{version}/...`.
+Errors are `{"error": ...}` with the statuses of the one table in camserve.api.errors: 400 unreadable request or
 image, 404 unknown model or version, 413 too large, 422 invalid parameter or output name, 503, 504.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
-import math
-import struct
-import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -26,9 +24,13 @@ from fastapi.responses import Response
 from pydantic import ValidationError
 
 from camserve import __version__
+from camserve.api import oip_codec
 from camserve.api.deps import get_service
-from camserve.api.inputs import decode_base64, parse_json
+from camserve.api.inputs import parse_json
+from camserve.api.oip_codec import BINARY_MEDIA_TYPE, HEADER_LENGTH, OutputTensor
+from camserve.api.routers.health import lifecycle_of
 from camserve.api.schemas_v2 import (
+    ASKING_FIELDS,
     CAM,
     EXPLAINED_CLASS,
     EXPLANATION_OUTPUTS,
@@ -44,34 +46,21 @@ from camserve.api.schemas_v2 import (
     V2ModelMetadata,
     V2ModelReady,
     V2Parameters,
-    V2RequestInput,
+    V2ServerLive,
     V2ServerMetadata,
+    V2ServerReady,
     V2TensorMetadata,
 )
 from camserve.api.security import check_api_key
-from camserve.errors import (
-    InvalidInputError,
-    InvalidParameterError,
-    NotReadyError,
-    PayloadTooLargeError,
-    UnknownModelError,
-    UnsupportedMediaError,
-)
-from camserve.inference import (
-    ClassMap,
-    ExplainRequest,
-    ImagePayload,
-    InferenceRequest,
-    InferenceResult,
-    InferenceService,
-    RenderOptions,
-)
+from camserve.errors import InvalidInputError, InvalidParameterError, NotReadyError, UnknownModelError
+from camserve.inference import InferenceService
+from camserve.lifecycle import Lifecycle
 from camserve.models import ServedModel
-from camserve.numbers import whole_number
+from camserve.options import ExplainOptions, PictureOptions, describe_problems, pick
+from camserve.plan import ImagePayload, InferenceRequest
+from camserve.results import ClassMap, InferenceResult
 
 VERSION = "1"  # each served model has one version
-HEADER_LENGTH = "Inference-Header-Content-Length"
-BINARY_MEDIA_TYPE = "application/octet-stream"
 
 health = APIRouter(prefix="/v2", tags=["oip-v2"])
 router = APIRouter(prefix="/v2", tags=["oip-v2"], dependencies=[Depends(check_api_key)])
@@ -91,22 +80,51 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         504: "timed out",
     }.items()
 }
-_NOT_READY: dict[int | str, dict[str, Any]] = {503: {"model": V2Error, "description": "not ready"}}
+_NOT_READY: dict[int | str, dict[str, Any]] = {503: {"model": V2Error, "description": "not ready (Retry-After)"}}
 
+# The binary extension's Inference-Header-Content-Length is described here, not declared as a header parameter:
+# its one valid value depends on the body, which a declared integer header cannot say (a fuzzer would pair any
+# length with any body, and the server must refuse those with 400).
 _INFER_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
-        "description": "An inference request: JSON, or with the binary tensor data extension the JSON header "
-        f"({HEADER_LENGTH} bytes) followed by the binary data of the inputs that set `binary_data_size`.",
+        "description": "An inference request: JSON; or, with the binary tensor data extension, the JSON header "
+        f"({HEADER_LENGTH} bytes: that header gives its length) followed by the binary data of the inputs that set "
+        f"`binary_data_size`; or, as {BINARY_MEDIA_TYPE} without {HEADER_LENGTH}, one encoded image file (the "
+        f"input `{INPUT}` of shape [1]; a body whose first non-blank byte is `{{` is read as JSON).",
         "content": {
             "application/json": {
                 "schema": {"$ref": "#/components/schemas/V2InferenceRequest"},
                 "example": V2InferenceRequest.model_config["json_schema_extra"]["examples"][0],  # type: ignore[index]
             },
-            BINARY_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}},
+            BINARY_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary", "contentMediaType": "image/*"}},
         },
-    }
+    },
 }
+
+
+def _model_paths(suffix: str = "") -> list[str]:
+    """The unversioned and the versioned path of one model route, as KServe's v2 endpoints bind them."""
+    return [f"/models/{{name}}{suffix}", f"/models/{{name}}/versions/{{version}}{suffix}"]
+
+
+def _declare_version(version: ModelVersion) -> None:
+    """Declares the `{version}` path parameter of the versioned paths (the handlers read it with _version)."""
+
+
+def _version(request: Request) -> str | None:
+    """The `{version}` path parameter, None on the unversioned path."""
+    return request.path_params.get("version")
+
+
+Version = Annotated[str | None, Depends(_version)]
+
+
+def _bind(suffix: str, endpoint: Callable[..., Any], method: str, **options: Any) -> None:
+    """Bind `endpoint` to both paths of a model route (one handler, one summary, two operations)."""
+    for path in _model_paths(suffix):
+        declare = [Depends(_declare_version)] if "{version}" in path else None
+        router.add_api_route(path, endpoint, methods=[method], dependencies=declare, **options)
 
 
 # -- health and metadata ----------------------------------------------------------------------
@@ -117,27 +135,29 @@ async def server_metadata() -> V2ServerMetadata:
 
 @health.get(
     "/health/live",
+    response_model=V2ServerLive,
     summary="OIP v2: liveness (200 while the process can serve; 503 once its device failed)",
-    response_class=Response,  # the protocol's health answers are the status alone, with an empty body
+    responses=_NOT_READY,
 )
-async def live(request: Request) -> Response:
-    lifecycle = request.app.state.lifecycle
+async def live(lifecycle: Annotated[Lifecycle, Depends(lifecycle_of)]) -> V2ServerLive:
+    """200 `{"live": true}` (KServe's body; Triton's clients read only the status) while `/health/live` is 200;
+    otherwise 503 `{"error": reason}` with Retry-After, as KServe's own server answers."""
     if not lifecycle.is_alive:
         raise NotReadyError(f"not live: {lifecycle.not_ready_reason()}")
-    return Response(status_code=200)
+    return V2ServerLive(live=True)
 
 
 @health.get(
     "/health/ready",
+    response_model=V2ServerReady,
     summary="OIP v2: readiness (200 once models are loaded, 503 before and while draining)",
     responses=_NOT_READY,
-    response_class=Response,
 )
-async def ready(request: Request) -> Response:
-    lifecycle = request.app.state.lifecycle
+async def ready(lifecycle: Annotated[Lifecycle, Depends(lifecycle_of)]) -> V2ServerReady:
+    """200 `{"ready": true}` while `/health/ready` is 200; otherwise 503 `{"error": reason}` with Retry-After."""
     if not lifecycle.is_ready:
         raise NotReadyError(f"not ready: {lifecycle.not_ready_reason()}")
-    return Response(status_code=200)
+    return V2ServerReady(ready=True)
 
 
 def _model(service: InferenceService, name: str, version: str | None) -> ServedModel:
@@ -166,82 +186,41 @@ def _metadata(served: ServedModel) -> V2ModelMetadata:
     )
 
 
-@router.get(
-    "/models/{name}",
-    response_model=V2ModelMetadata,
-    response_model_exclude_none=True,
-    summary="OIP v2: model metadata",
-    responses=_ERRORS,
-)
-async def model_metadata(name: ModelName, service: Annotated[InferenceService, Depends(get_service)]) -> Any:
-    return _metadata(_model(service, name, None))
-
-
-@router.get(
-    "/models/{name}/versions/{version}",
-    response_model=V2ModelMetadata,
-    response_model_exclude_none=True,
-    summary="OIP v2: model metadata",
-    responses=_ERRORS,
-)
-async def model_version_metadata(
-    name: ModelName, version: ModelVersion, service: Annotated[InferenceService, Depends(get_service)]
+async def model_metadata(
+    name: ModelName, version: Version, service: Annotated[InferenceService, Depends(get_service)]
 ) -> Any:
     return _metadata(_model(service, name, version))
 
 
-def _model_ready(request: Request, service: InferenceService, name: str, version: str | None) -> V2ModelReady:
+_bind(
+    "",
+    model_metadata,
+    "GET",
+    response_model=V2ModelMetadata,
+    response_model_exclude_none=True,
+    summary="OIP v2: model metadata",
+    responses=_ERRORS,
+)
+
+
+async def model_ready(
+    name: ModelName,
+    version: Version,
+    lifecycle: Annotated[Lifecycle, Depends(lifecycle_of)],
+    service: Annotated[InferenceService, Depends(get_service)],
+) -> Any:
+    """200 `{"name", "ready": true}` while `/health/ready` is 200; 404 unknown model or version; otherwise 503
+    `{"error": reason}` (tritonclient and KServe's SDK read only the status here)."""
     served = _model(service, name, version)
-    lifecycle = request.app.state.lifecycle
     if not lifecycle.is_ready:
         raise NotReadyError(f"model {served.name!r} is not ready: {lifecycle.not_ready_reason()}")
     return V2ModelReady(name=served.name, ready=True)
 
 
-@router.get("/models/{name}/ready", response_model=V2ModelReady, summary="OIP v2: model readiness", responses=_ERRORS)
-async def model_ready(
-    name: ModelName, request: Request, service: Annotated[InferenceService, Depends(get_service)]
-) -> Any:
-    return _model_ready(request, service, name, None)
-
-
-@router.get(
-    "/models/{name}/versions/{version}/ready",
-    response_model=V2ModelReady,
-    summary="OIP v2: model readiness",
-    responses=_ERRORS,
-)
-async def model_version_ready(
-    name: ModelName, version: ModelVersion, request: Request, service: Annotated[InferenceService, Depends(get_service)]
-) -> Any:
-    return _model_ready(request, service, name, version)
+_bind("/ready", model_ready, "GET", response_model=V2ModelReady, summary="OIP v2: model readiness", responses=_ERRORS)
 
 
 # -- inference --------------------------------------------------------------------------------
-@router.post(
-    "/models/{name}/infer",
-    response_model=V2InferenceResponse,
-    summary="OIP v2: classify (and explain) encoded images; JSON or binary tensor data",
-    openapi_extra=_INFER_BODY,
-    responses=_ERRORS,
-)
-async def infer(name: ModelName, request: Request, service: Annotated[InferenceService, Depends(get_service)]) -> Any:
-    return await _infer(request, service, name, None)
-
-
-@router.post(
-    "/models/{name}/versions/{version}/infer",
-    response_model=V2InferenceResponse,
-    summary="OIP v2: classify (and explain) encoded images; JSON or binary tensor data",
-    openapi_extra=_INFER_BODY,
-    responses=_ERRORS,
-)
-async def infer_version(
-    name: ModelName, version: ModelVersion, request: Request, service: Annotated[InferenceService, Depends(get_service)]
-) -> Any:
-    return await _infer(request, service, name, version)
-
-
 @dataclass(frozen=True)
 class _Plan:
     """What the request asks for: the InferenceRequest, and each output by name with whether it goes binary."""
@@ -250,55 +229,28 @@ class _Plan:
     outputs: dict[str, bool]
 
 
-async def _infer(request: Request, service: InferenceService, name: str, version: str | None) -> Response:
+async def infer(
+    name: ModelName, version: Version, request: Request, service: Annotated[InferenceService, Depends(get_service)]
+) -> Any:
     served = _model(service, name, version)
     settings = service.settings
-    header, binary = _split(await request.body(), request.headers, settings.max_body_bytes)
+    header, binary = oip_codec.split_body(await request.body(), request.headers, settings.max_body_bytes)
     parsed = _parse_header(header)
-    images = _images(parsed.inputs, binary, settings.max_images_per_request)
-    plan = _plan(parsed, images, served)
+    files = oip_codec.input_files(parsed.inputs, binary, settings.max_images_per_request)
+    plan = _plan(parsed, [ImagePayload(data) for data in files], served)
     result = await service.infer(plan.inference, request.is_disconnected)
     return await asyncio.to_thread(_response, result, plan.outputs, parsed.id)
 
 
-def _split(body: bytes, headers: Any, max_bytes: int) -> tuple[bytes, bytes]:
-    """The JSON header and the binary section (empty without the extension), decompressed if it was."""
-    encoding = headers.get("content-encoding", "identity").strip().lower()
-    if encoding in ("gzip", "deflate"):
-        body = _inflate(body, encoding, max_bytes)
-    elif encoding not in ("", "identity"):
-        raise UnsupportedMediaError(f"unsupported Content-Encoding {encoding!r}; send gzip, deflate or identity")
-    length = headers.get(HEADER_LENGTH.lower())
-    if length is None:
-        return body, b""
-    size = whole_number(length)
-    if size is None or size > len(body):
-        raise InvalidInputError(f"{HEADER_LENGTH} {length!r} is not a length within the body of {len(body)} bytes")
-    return body[:size], body[size:]
-
-
-def _inflate(body: bytes, encoding: str, max_bytes: int) -> bytes:
-    """A gzip (one or more members) or deflate body, decompressed to at most `max_bytes`; 400 when it is cut
-    off, corrupt or followed by other bytes, 413 when it inflates beyond the limit."""
-    parts: list[bytes] = []
-    size, rest = 0, body
-    while True:
-        inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
-        try:
-            part = inflater.decompress(rest, max_bytes + 1 - size)
-        except zlib.error as exc:
-            raise InvalidInputError(f"the {encoding} request body cannot be decompressed: {exc}") from None
-        size += len(part)
-        if size > max_bytes or inflater.unconsumed_tail:
-            raise PayloadTooLargeError(f"the decompressed request body exceeds {max_bytes} bytes")
-        if not inflater.eof:
-            raise InvalidInputError(f"the {encoding} request body is cut off")
-        parts.append(part)
-        rest = inflater.unused_data
-        if not rest:
-            return b"".join(parts)
-        if encoding != "gzip" or not rest.startswith(b"\x1f\x8b"):  # only gzip chains members
-            raise InvalidInputError(f"the {encoding} request body has bytes after its end")
+_bind(
+    "/infer",
+    infer,
+    "POST",
+    response_model=V2InferenceResponse,
+    summary="OIP v2: classify (and explain) encoded images; JSON or binary tensor data",
+    openapi_extra=_INFER_BODY,
+    responses=_ERRORS,
+)
 
 
 def _parse_header(header: bytes) -> V2InferenceRequest:
@@ -306,76 +258,7 @@ def _parse_header(header: bytes) -> V2InferenceRequest:
     try:
         return V2InferenceRequest.model_validate(raw)
     except ValidationError as exc:
-        raise InvalidInputError(f"invalid inference request: {_problems(exc)}") from None
-
-
-def _problems(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
-
-
-def _images(inputs: list[V2RequestInput], binary: bytes, max_images: int) -> list[ImagePayload]:
-    """The encoded image files of the one BYTES input, from JSON `data` (base64) or from the binary section."""
-    if len(inputs) != 1 or inputs[0].name != INPUT:
-        names = [i.name for i in inputs]
-        raise InvalidInputError(f"expected one input named {INPUT!r} (BYTES: encoded image files), got {names}")
-    tensor = inputs[0]
-    if tensor.datatype != "BYTES":
-        raise InvalidInputError(f"input {INPUT!r} must be BYTES (encoded image files), got {tensor.datatype}")
-    if any(d < 0 for d in tensor.shape):
-        raise InvalidInputError(f"input {INPUT!r} has a negative dimension in its shape {tensor.shape}")
-    count = math.prod(tensor.shape)
-    if count > max_images:
-        raise PayloadTooLargeError(f"{count} images in one request; the limit is {max_images}")
-    parameters = tensor.parameters or {}
-    if any(key.startswith("shared_memory") for key in parameters):
-        raise InvalidInputError("shared memory inputs are not supported: send the data in the request")
-    size = parameters.get("binary_data_size")
-    if size is None:
-        if binary:
-            raise InvalidInputError(f"{len(binary)} bytes of binary data follow the header but no input claims them")
-        if tensor.data is None:
-            raise InvalidInputError(f"input {INPUT!r} has neither `data` nor the `binary_data_size` parameter")
-        values = _flatten(tensor.data)
-        if len(values) != count:
-            raise InvalidInputError(
-                f"input {INPUT!r} has {len(values)} elements; its shape {tensor.shape} says {count}"
-            )
-        where = f"inputs[0].data[{{}}] ({INPUT!r})"
-        for i, value in enumerate(values):
-            if not isinstance(value, str):
-                raise InvalidInputError(f"{where.format(i)} must be a string: a base64-encoded image file")
-        return [ImagePayload(decode_base64(value, where.format(i))) for i, value in enumerate(values)]
-    if tensor.data is not None:
-        raise InvalidInputError(f"input {INPUT!r} has both `data` and `binary_data_size`")
-    if not isinstance(size, int) or isinstance(size, bool) or size != len(binary):
-        raise InvalidInputError(
-            f"input {INPUT!r} says binary_data_size {size!r}; {len(binary)} bytes follow the JSON header"
-        )
-    return [ImagePayload(element) for element in _unpack_bytes(binary, count)]
-
-
-def _flatten(data: list[Any]) -> list[Any]:
-    flat: list[Any] = []
-    for value in data:
-        flat.extend(_flatten(value) if isinstance(value, list) else [value])
-    return flat
-
-
-def _unpack_bytes(binary: bytes, count: int) -> list[bytes]:
-    """A serialized BYTES tensor: per element a 4-byte little-endian length, then that many bytes."""
-    elements, offset = [], 0
-    for i in range(count):
-        if offset + 4 > len(binary):
-            raise InvalidInputError(f"the binary data of {INPUT!r} ends before element {i} of {count}")
-        (length,) = struct.unpack_from("<I", binary, offset)
-        offset += 4
-        if offset + length > len(binary):
-            raise InvalidInputError(f"element {i} of {INPUT!r} says {length} bytes; fewer follow")
-        elements.append(binary[offset : offset + length])
-        offset += length
-    if offset != len(binary):
-        raise InvalidInputError(f"{len(binary) - offset} bytes left over after the {count} elements of {INPUT!r}")
-    return elements
+        raise InvalidInputError(f"invalid inference request: {describe_problems(exc.errors())}") from None
 
 
 def _plan(parsed: V2InferenceRequest, images: list[ImagePayload], served: ServedModel) -> _Plan:
@@ -383,7 +266,7 @@ def _plan(parsed: V2InferenceRequest, images: list[ImagePayload], served: Served
     try:
         parameters = V2Parameters.model_validate(parsed.parameters or {})
     except ValidationError as exc:
-        raise InvalidParameterError(f"invalid parameters: {_problems(exc)}") from None
+        raise InvalidParameterError(describe_problems(exc.errors())) from None
     default_binary = bool(parameters.binary_data_output)
     requested: dict[str, bool] | None = None
     if parsed.outputs is not None:
@@ -398,66 +281,39 @@ def _plan(parsed: V2InferenceRequest, images: list[ImagePayload], served: Served
             if not isinstance(binary, bool):
                 raise InvalidParameterError(f"output {output.name!r}: binary_data must be true or false")
             requested[output.name] = binary
-    options_given = any(
-        value is not None
-        for value in (
-            parameters.method,
-            parameters.target,
-            parameters.layer,
-            parameters.faithfulness_steps,
-            parameters.colormap,
-            parameters.alpha,
-            parameters.overlay_format,
-            parameters.size,
-        )
-    ) or bool(parameters.overlay or parameters.faithfulness or parameters.counterfactual)
+    given = parameters.model_fields_set
+    options_given = bool(given & ASKING_FIELDS) or (parameters.overlay or parameters.faithfulness)
+    options_given = options_given or parameters.counterfactual
     explanation_outputs = requested is not None and any(name in requested for name in EXPLANATION_OUTPUTS)
     explain = parameters.explain if parameters.explain is not None else options_given or explanation_outputs
     if not explain and (explanation_outputs or options_given):
         raise InvalidParameterError("explanation outputs or options were requested with the parameter explain=false")
     for name, output in (("faithfulness", FAITHFULNESS), ("overlay", OVERLAY)):
-        if getattr(parameters, name) is False and requested is not None and output in requested:
+        if name in given and not getattr(parameters, name) and requested is not None and output in requested:
             raise InvalidParameterError(f"the {output} output was requested with the parameter {name}=false")
-    faithfulness = parameters.faithfulness
-    if faithfulness is None:
-        faithfulness = requested is not None and FAITHFULNESS in requested
+    faithfulness = parameters.faithfulness if "faithfulness" in given else requested is not None and (
+        FAITHFULNESS in requested
+    )
     if requested is None:
         names = [PROBABILITIES]
         if explain:
             names += [EXPLAINED_CLASS, CAM, HEATMAP] + ([OVERLAY] if parameters.overlay else [])
             names += [FAITHFULNESS] if faithfulness else []
         requested = dict.fromkeys(names, default_binary)
-    defaults = RenderOptions()
-    render = RenderOptions(
-        overlay=OVERLAY in requested,
-        colormap=parameters.colormap or defaults.colormap,
-        alpha=defaults.alpha if parameters.alpha is None else parameters.alpha,
-        overlay_format=parameters.overlay_format or defaults.overlay_format,
-        size=defaults.size if parameters.size is None else parameters.size,
+    pictures = pick(PictureOptions, parameters).model_copy(update={"overlay": OVERLAY in requested})
+    explain_options = None
+    if explain:
+        explain_options = pick(ExplainOptions, parameters).model_copy(update={"faithfulness": faithfulness})
+    inference = InferenceRequest(
+        images,
+        model=served.name,
+        top_k=1,
+        explain=explain_options,
+        pictures=pictures,
         heatmap=HEATMAP in requested,
         encoding="png",
     )
-    explain_request = None
-    if explain:
-        explain_request = ExplainRequest(
-            method=parameters.method or "gradcampp",
-            targets=_split_list(parameters.target),
-            layers=_split_list(parameters.layer),
-            counterfactual=bool(parameters.counterfactual),
-            faithfulness=faithfulness,
-            faithfulness_steps=parameters.faithfulness_steps,
-        )
-    inference = InferenceRequest(images, model=served.name, top_k=1, explain=explain_request, render=render)
     return _Plan(inference, requested)
-
-
-def _split_list(value: Any) -> list | None:
-    """A list as given, or a comma-separated string split (OIP parameters are usually scalars)."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return [part.strip() for part in value.split(",") if part.strip()] or None
-    return value if isinstance(value, list) else [value]
 
 
 # -- the response -----------------------------------------------------------------------------
@@ -486,29 +342,6 @@ def _scores(entry: ClassMap) -> list[float]:
 
 def _response(result: InferenceResult, outputs: dict[str, bool], request_id: str | None) -> Response:
     """The JSON response, or the JSON header and the binary outputs after it (binary tensor data extension)."""
-    entries, blobs = [], []
-    for name, binary in outputs.items():
-        datatype, array = _tensors(result, name)
-        entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
-        if binary:
-            blob = _serialize(array, datatype)
-            entry["parameters"] = {"binary_data_size": len(blob)}
-            blobs.append(blob)
-        elif datatype == "BYTES":
-            entry["data"] = [base64.b64encode(value).decode("ascii") for value in array.ravel()]
-        else:
-            entry["data"] = array.ravel().tolist()
-        entries.append(entry)
-    body: dict[str, Any] = {"model_name": result.model, "model_version": VERSION, "outputs": entries}
-    if request_id is not None:
-        body["id"] = request_id
-    header = json.dumps(body, separators=(",", ":")).encode()
-    if not blobs:
-        return Response(header, media_type="application/json")
-    return Response(header + b"".join(blobs), media_type=BINARY_MEDIA_TYPE, headers={HEADER_LENGTH: str(len(header))})
-
-
-def _serialize(array: np.ndarray, datatype: str) -> bytes:
-    if datatype == "BYTES":
-        return b"".join(struct.pack("<I", len(value)) + value for value in array.ravel())
-    return array.astype("<f4" if datatype == "FP32" else "<i8").tobytes()
+    tensors = [OutputTensor(name, *_tensors(result, name), binary=binary) for name, binary in outputs.items()]
+    body, headers = oip_codec.encode_response(result.model, VERSION, request_id, tensors)
+    return Response(body, media_type=headers.pop("content-type"), headers=headers)

@@ -1,19 +1,15 @@
-"""The batching worker queue: one per served model.
+"""What one batch of a served model computes: the function the batching queue is given for that model.
 
-Each image of a request is one `WorkItem`. Items wait in a bounded queue; the worker takes everything
-waiting (up to `max_batch_size`) and runs it through the CAM engine on its own thread, so many
-clients share one forward pass. Predict items ride along in an explain batch's forward pass, one whose method runs no
-extra forwards (never behind a long Score-CAM).
+A batch is a list of `WorkItem`s (one image each, with what to explain about it). `ModelBatches.run` decodes the
+batch's GPU JPEGs, groups items by `ExplainPlan` into one engine call each, lets predict items ride along in a group
+whose method runs no extra forwards (never behind a long Score-CAM), and scores faithfulness when asked. It runs on
+the torch thread; failures come back per item, worded by `as_service_error`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -23,7 +19,7 @@ from camserve.cam import faithfulness
 from camserve.cam.engine import Explanation
 from camserve.cam.methods import get_method
 from camserve.device_faults import as_service_error
-from camserve.errors import DeviceFailedError, NotReadyError, OverloadedError
+from camserve.errors import DeviceFailedError
 from camserve.images import (
     EncodedJpeg,
     ImageLimits,
@@ -37,11 +33,17 @@ from camserve.models import ServedModel
 
 log = logging.getLogger(__name__)
 
+# Pixels one nvJPEG call decodes at most (24 MP: 72 MB of uint8 at once, plus one image's float copy while it
+# is resized); a batch's JPEGs are decoded in as few calls as fit.
+GPU_DECODE_BUDGET_PIXELS = 24_000_000
+
+FatalObserver = Callable[[BaseException], None]
+
 
 @dataclass(frozen=True)
-class ExplainOptions:
-    """What to explain; items with equal options share one engine call. `faithfulness_steps`: score every
-    explanation's faithfulness with that many deletion/insertion steps (None: not asked)."""
+class ExplainPlan:
+    """What to explain, resolved against the model; items with equal plans share one engine call.
+    `faithfulness_steps`: score every explanation's faithfulness with that many steps (None: not asked)."""
 
     method: str
     layers: tuple[str, ...] | None
@@ -49,9 +51,9 @@ class ExplainOptions:
     faithfulness_steps: int | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class WorkItem:
-    """One image waiting for the worker. `options` None means predict only.
+    """One image to compute. `options` None means predict only.
 
     `pixels` is what `preprocess` takes: float32 [3, h, w] at the model's input size from
     `resize_for_model` (resized where it was decoded), or a uint8 [3, H, W] CPU image resized here; or an
@@ -59,10 +61,8 @@ class WorkItem:
     """
 
     pixels: Tensor | EncodedJpeg
-    options: ExplainOptions | None
+    options: ExplainPlan | None
     targets: list[int] | None
-    future: asyncio.Future[ItemOutput]
-    enqueued: float = field(default_factory=time.perf_counter)
 
 
 @dataclass
@@ -75,179 +75,32 @@ class ItemOutput:
 
     probabilities: Tensor
     layers: tuple[str, ...] = ()
-    method: str | None = None
     classes: list[int] = field(default_factory=list)
     maps: Tensor | None = None
     faithfulness: Tensor | None = None
 
 
-BatchObserver = Callable[[str, int, float], None]
-FatalObserver = Callable[[BaseException], None]
+class ModelBatches:
+    """The batch function of one served model. `max_batch_size` also bounds faithfulness' extra forwards;
+    `on_fatal` hears of a sticky device failure (the instance is then broken)."""
 
-# Pixels one nvJPEG call decodes at most (24 MP: 72 MB of uint8 at once, plus one image's float copy while it
-# is resized); a batch's JPEGs are decoded in as few calls as fit.
-GPU_DECODE_BUDGET_PIXELS = 24_000_000
-
-_TORCH_THREAD: ThreadPoolExecutor | None = None
-
-
-def torch_executor() -> ThreadPoolExecutor:
-    """The one thread that runs every parallel torch operation of the process (loading, compute).
-
-    On CPU, once a second thread has run parallel torch operations, every OpenMP-parallel op in the
-    process gets about 2.5x slower (measured: EfficientNet-Lite0 forward 19 ms on one thread, 50 ms
-    after a second thread ran one). Keeping all torch work on one thread avoids that; on a GPU one
-    thread also keeps kernel launches ordered.
-    """
-    global _TORCH_THREAD
-    if _TORCH_THREAD is None:
-        _TORCH_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="camserve-torch")
-    return _TORCH_THREAD
-
-
-class BatchWorker:
-    """Bounded queue + one compute thread for one model."""
-
-    def __init__(
-        self,
-        model: ServedModel,
-        *,
-        max_batch_size: int,
-        max_queue: int,
-        max_wait_ms: float = 0.0,
-        on_batch: BatchObserver | None = None,
-        on_fatal: FatalObserver | None = None,
-        overlap: bool | None = None,
-    ) -> None:
-        """`overlap` (default: on CUDA models): under a backlog, batch n+1 is taken while batch n computes and
-        its images are staged in pinned memory on another thread, so its upload does not wait for them."""
+    def __init__(self, model: ServedModel, *, max_batch_size: int, on_fatal: FatalObserver | None = None) -> None:
         self.model = model
         self.max_batch_size = max_batch_size
-        self.max_queue = max_queue
-        self.max_wait_s = max_wait_ms / 1000.0
-        self._on_batch = on_batch
         self._on_fatal = on_fatal
-        self._pending: deque[WorkItem] = deque()
-        self._wakeup = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._executor = torch_executor()
-        self._task: asyncio.Task[None] | None = None
-        self._closing = False
-        self._computing = 0
-        self._staged_items = 0
-        self._overlap = model.device.type == "cuda" if overlap is None else overlap
 
-    @property
-    def in_flight(self) -> int:
-        """Items in the batch being computed now, and in the next one while it is staged."""
-        return self._computing + self._staged_items
-
-    @property
-    def depth(self) -> int:
-        """Items waiting (not yet computing)."""
-        return len(self._pending)
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"worker-{self.model.name}")
-
-    def submit(self, items: list[WorkItem]) -> None:
-        """Enqueue all items of one request, or none of them when the queue is full."""
-        if self._closing:
-            raise NotReadyError("the service is shutting down; retry on another instance")
-        if len(self._pending) + len(items) > self.max_queue:
-            raise OverloadedError(
-                f"model {self.model.name!r} is overloaded: {len(self._pending)} images are queued "
-                f"(limit {self.max_queue}); retry shortly",
-                retry_after_s=1,
-            )
-        self._pending.extend(items)
-        self._idle.clear()
-        self._wakeup.set()
-
-    async def close(self, timeout_s: float = 30.0) -> None:
-        """Refuse new items, finish what is queued, stop the thread."""
-        self._closing = True
+    def run(self, batch: list[WorkItem], staged: list[Tensor | None] | None = None) -> list[ItemOutput | BaseException]:
+        """`compute`, with a failure of the whole batch given to every item and a device failure reported."""
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout=timeout_s)
-        except TimeoutError:
-            log.warning("worker %s: %d items unfinished at shutdown", self.model.name, len(self._pending))
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            outputs = self.compute(batch, staged)
+        except Exception as exc:
+            log.exception("model %s: batch of %d failed", self.model.name, len(batch))
+            outputs = [as_service_error(exc)] * len(batch)
+        failed = next((o for o in outputs if isinstance(o, DeviceFailedError)), None)
+        if failed is not None and self._on_fatal is not None:
+            self._on_fatal(failed)
+        return outputs
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        ahead: tuple[list[WorkItem], asyncio.Future[list[Tensor | None]]] | None = None
-        while True:
-            if ahead is not None:
-                (batch, staging), ahead = ahead, None
-                try:
-                    staged = await staging
-                except Exception:  # staging is an optimisation: the batch then uploads as it is
-                    log.exception("worker %s: staging a batch in pinned memory failed", self.model.name)
-                    staged = None
-                self._staged_items = 0
-            else:
-                if not self._pending:
-                    self._idle.set()
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
-                    continue
-                if self.max_wait_s and len(self._pending) < self.max_batch_size:
-                    await self._hold_for_more()
-                batch, staged = self._take_batch(), None
-            if not batch:
-                continue
-            started = time.perf_counter()
-            self._computing = len(batch)
-            computing = loop.run_in_executor(self._executor, self.compute, batch, staged)
-            if self._overlap and len(self._pending) >= self.max_batch_size:  # a full next batch waits anyway
-                following = self._take_batch()
-                self._staged_items = len(following)
-                ahead = (following, loop.run_in_executor(None, self.stage, following))
-            try:
-                outputs = await computing
-            except Exception as exc:  # a failure of the whole batch reaches every caller
-                log.exception("worker %s: batch of %d failed", self.model.name, len(batch))
-                outputs = [as_service_error(exc)] * len(batch)
-            finally:
-                self._computing = 0
-            if self._on_batch is not None:
-                self._on_batch(self.model.name, len(batch), time.perf_counter() - started)
-            failed = next((o for o in outputs if isinstance(o, DeviceFailedError)), None)
-            if failed is not None and self._on_fatal is not None:
-                self._on_fatal(failed)
-            for item, output in zip(batch, outputs, strict=True):
-                if item.future.done():
-                    continue
-                if isinstance(output, BaseException):
-                    item.future.set_exception(output)
-                else:
-                    item.future.set_result(output)
-
-    async def _hold_for_more(self) -> None:
-        deadline = self._pending[0].enqueued + self.max_wait_s
-        while len(self._pending) < self.max_batch_size:
-            remaining = deadline - time.perf_counter()
-            if remaining <= 0:
-                return
-            self._wakeup.clear()
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), timeout=remaining)
-            except TimeoutError:
-                return
-
-    def _take_batch(self) -> list[WorkItem]:
-        """Up to max_batch_size live items; items whose caller gave up are dropped here."""
-        batch: list[WorkItem] = []
-        while self._pending and len(batch) < self.max_batch_size:
-            item = self._pending.popleft()
-            if not item.future.done():
-                batch.append(item)
-        return batch
-
-    # -- compute thread --------------------------------------------------------------------
     def stage(self, batch: list[WorkItem]) -> list[Tensor | None]:
         """The host half of a batch's upload, run off the torch thread: its CPU images in pinned memory."""
         return stage_pinned([item.pixels if isinstance(item.pixels, Tensor) else None for item in batch])
@@ -255,7 +108,7 @@ class BatchWorker:
     def compute(
         self, batch: list[WorkItem], staged: list[Tensor | None] | None = None
     ) -> list[ItemOutput | BaseException]:
-        """Run a batch: decode its JPEGs, then one engine call per distinct ExplainOptions; predict items join the
+        """Run a batch: decode its JPEGs, then one engine call per distinct ExplainPlan; predict items join the
         first group whose method runs no extra forwards (else they run alone, first). `staged` holds inputs `stage`
         prepared ahead (None where there is none). Device out-of-memory and sticky device errors come back as
         `as_service_error` words them."""
@@ -263,7 +116,7 @@ class BatchWorker:
         inputs = self._decode_jpegs(batch, outputs)
         if staged is not None:
             inputs = [s if s is not None else x for s, x in zip(staged, inputs, strict=True)]
-        groups: dict[ExplainOptions | None, list[int]] = {}
+        groups: dict[ExplainPlan | None, list[int]] = {}
         for index, item in enumerate(batch):
             if inputs[index] is not None:
                 groups.setdefault(item.options, []).append(index)
@@ -327,7 +180,7 @@ class BatchWorker:
         batch: list[WorkItem],
         inputs: list[Tensor | None],
         members: list[int],
-        options: ExplainOptions,
+        options: ExplainPlan,
         outputs: list[ItemOutput | BaseException],
     ) -> None:
         """One engine call; its probabilities, maps and (for top-1 targets) classes come to the host once each,
@@ -358,16 +211,15 @@ class BatchWorker:
             outputs[i] = ItemOutput(
                 probabilities=probabilities[row],
                 layers=result.layers,
-                method=result.method,
                 classes=classes[rows],
                 maps=maps[rows] if count else None,
                 faithfulness=scores[rows] if scores is not None and count else None,
             )
 
     def _faithfulness(self, x: Tensor, result: Explanation, probabilities: Tensor, steps: int) -> Tensor:
-        """float32 [N, 4] on the host: each map's drop, increase, deletion and insertion AUC (service.cam.faithfulness);
-        Y is the class probability of the explanation's own forward, the rest are plain (compiled when the fast path
-        is on) forwards of at most `max_batch_size` images."""
+        """float32 [N, 4] on the host: each map's drop, increase, deletion and insertion AUC
+        (camserve.cam.faithfulness); Y is the class probability of the explanation's own forward, the rest are plain
+        forwards (through the model's runtime) of at most `max_batch_size` images."""
         return (
             faithfulness.evaluate(
                 self.model.engine.predict,

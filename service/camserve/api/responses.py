@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from camserve.inference import ClassMap, ImageResult, InferenceResult
+from camserve.results import ClassMap, ImageResult, InferenceResult
 
 
 def predict_result(image: ImageResult) -> dict:

@@ -1,0 +1,148 @@
+"""A request checked once against its served model, before any image is decoded: `make_plan`.
+
+An `InferenceRequest` is what every protocol translates its request into; `make_plan` looks the model up, checks
+media types, counts, the method against the model, layers, classes and every budget (masked forwards, faithfulness
+forwards, rendered pixels from the images' headers), and returns a `Plan` of parsed values: resolved layers and
+class indices, the top-k, the faithfulness steps. Option values themselves were checked by `camserve.options`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from camserve.batches import ExplainPlan
+from camserve.cam import render
+from camserve.cam.faithfulness import forwards_per_explanation
+from camserve.cam.family import Method
+from camserve.cam.methods import get_method
+from camserve.errors import InvalidParameterError, PayloadTooLargeError
+from camserve.images import check_media_type, header_size
+from camserve.models import ModelRegistry, ServedModel
+from camserve.options import DEFAULT_TOP_K, ExplainOptions, PictureOptions
+from camserve.settings import Settings
+
+
+@dataclass(frozen=True)
+class ImagePayload:
+    """Raw bytes of one image as received, with the media type the client declared (if any)."""
+
+    data: bytes
+    content_type: str | None = None
+
+
+@dataclass(frozen=True)
+class InferenceRequest:
+    """One request, whatever protocol it came in by: images, model, top-k, an explanation if asked for, and how its
+    maps become pictures. `heatmap`: render the heatmap picture; `encoding`: pictures as PNG bytes or base64 text."""
+
+    images: Sequence[ImagePayload]
+    model: str | None = None
+    top_k: int = DEFAULT_TOP_K
+    explain: ExplainOptions | None = None
+    pictures: PictureOptions = field(default_factory=PictureOptions)
+    heatmap: bool = True
+    encoding: Literal["png", "base64"] = "base64"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """An InferenceRequest checked against its model: what the batch runs (`explain`, `classes`) and renders."""
+
+    request: InferenceRequest
+    served: ServedModel
+    top_k: int
+    explain: ExplainPlan | None = None
+    classes: list[int] | None = None
+
+    @property
+    def pictures(self) -> PictureOptions:
+        return self.request.pictures
+
+
+def make_plan(request: InferenceRequest, registry: ModelRegistry, settings: Settings) -> Plan:
+    """Every check of a request against its model and the limits, in one place; raises the domain errors."""
+    served = registry.get(request.model)
+    if not request.images:
+        raise InvalidParameterError("no image given: send at least one image")
+    if len(request.images) > settings.max_images_per_request:
+        raise PayloadTooLargeError(
+            f"{len(request.images)} images in one request; the limit is {settings.max_images_per_request}"
+        )
+    for payload in request.images:
+        check_media_type(payload.content_type)
+    top_k = min(request.top_k, served.num_classes)
+    explain = request.explain
+    if explain is None:
+        return Plan(request, served, top_k)
+    if not served.explainable:
+        raise InvalidParameterError(
+            f"model {served.name!r} is a TorchScript model: it can predict but not explain (CAMs need module "
+            "hooks); serve it as a torchvision or entry-point model to explain it"
+        )
+    cam = get_method(explain.method)
+    cam.check(counterfactual=explain.counterfactual)
+    steps = _faithfulness_steps(explain, settings)
+    layers = served.engine.resolve_layers(list(explain.layers)) if explain.layers else None
+    _check_extra_forwards(served, cam, len(request.images), layers, settings)
+    classes = [served.class_index(t) for t in explain.targets] if explain.targets else None
+    if steps is not None:
+        _check_faithfulness_budget(len(request.images), len(classes) if classes else 1, steps, settings)
+    # from the headers: a refusal costs no decoding (an image whose header cannot be read is refused when decoded)
+    sizes = [(height, width) for width, height in filter(None, (header_size(p.data) for p in request.images))]
+    _check_render_budget(served, sizes, len(classes) if classes else 1, request.pictures, settings)
+    plan = ExplainPlan(method=cam.name, layers=layers, counterfactual=explain.counterfactual, faithfulness_steps=steps)
+    return Plan(request, served, top_k, plan, classes)
+
+
+def _faithfulness_steps(explain: ExplainOptions, settings: Settings) -> int | None:
+    """The deletion/insertion steps when faithfulness is asked for, else None; steps without it are a 422."""
+    if not explain.faithfulness:
+        if explain.faithfulness_steps is not None:
+            raise InvalidParameterError("faithfulness_steps is only meaningful with faithfulness=true")
+        return None
+    return settings.faithfulness_steps if explain.faithfulness_steps is None else explain.faithfulness_steps
+
+
+def _check_faithfulness_budget(images: int, targets: int, steps: int, settings: Settings) -> None:
+    forwards = images * targets * forwards_per_explanation(steps)
+    if forwards > settings.max_faithfulness_forwards:
+        raise PayloadTooLargeError(
+            f"faithfulness scores for this request need {forwards} model forwards ({images} images x {targets} "
+            f"targets x (1 + 2 x {steps} steps)), above the limit of {settings.max_faithfulness_forwards}; "
+            "send fewer images or targets, or lower faithfulness_steps"
+        )
+
+
+def _check_extra_forwards(
+    served: ServedModel, cam: Method, images: int, layers: tuple[str, ...] | None, settings: Settings
+) -> None:
+    """Score-CAM and Ablation-CAM run one forward per image and layer channel: refuse more than the limit."""
+    names = layers or served.engine.resolve_layers(None)
+    trace = served.engine.trace()
+    channels = [trace.channels(name) for name in names]
+    needed = cam.extra_forwards(images, channels)
+    limit = settings.max_masked_forwards
+    if needed > limit:
+        at = ", ".join(f"{name} ({count} channels)" for name, count in zip(names, channels, strict=True))
+        raise PayloadTooLargeError(
+            f"{cam.name} would run {needed} extra forward passes ({images} image(s) x {sum(channels)} channels "
+            f"of layer(s) {at}); the limit per request is {limit} (CAMSERVE_MAX_MASKED_FORWARDS): send fewer "
+            "images, choose a layer with fewer channels, or use a gradient method"
+        )
+
+
+def _check_render_budget(
+    served: ServedModel, images: list[tuple[int, int]], classes: int, pictures: PictureOptions, settings: Settings
+) -> None:
+    """413 when the pictures of images of these (height, width) would exceed CAMSERVE_MAX_RENDER_PIXELS."""
+    per_pixel = classes * (4 if pictures.overlay else 1)
+    sizes = [render.picture_size(pictures.size, image, served.input_size) for image in images]
+    rendered = sum(height * width for height, width in sizes) * per_pixel
+    if rendered > settings.max_render_pixels:
+        raise PayloadTooLargeError(
+            f"this request would render {rendered / 1e6:.1f} megapixels of heatmaps"
+            f"{' and overlays' if pictures.overlay else ''}, above the limit of "
+            f"{settings.max_render_pixels / 1e6:.1f}; send smaller images, fewer targets or no overlay"
+        )
