@@ -7,7 +7,6 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -201,9 +200,3 @@ def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         warnings.append(f"{name} is not a camserve setting and is ignored{hint}")
     return warnings
-
-
-@lru_cache(maxsize=1)
-def get_settings() -> Settings:
-    """The process-wide settings (a FastAPI dependency)."""
-    return Settings()

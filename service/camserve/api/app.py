@@ -26,7 +26,7 @@ from camserve.batching import TorchThread
 from camserve.inference import ClientDisconnectedError, InferenceService
 from camserve.lifecycle import Lifecycle, Phase
 from camserve.models import ModelRegistry
-from camserve.settings import Settings, get_settings
+from camserve.settings import Settings, load_settings
 
 log = logging.getLogger("camserve")
 
@@ -50,7 +50,7 @@ def create_app(
     on_load_error: Callable[[BaseException], None] | None = None,
 ) -> FastAPI:
     """Build the app. Models load in the background after start-up unless `registry` is given."""
-    settings = settings or get_settings()
+    settings = settings or load_settings()
     metrics_ = Metrics()
     lifecycle = Lifecycle(on_change=lambda phase: metrics_.ready.set(1 if phase is Phase.READY else 0))
     thread = TorchThread()  # loads the models, then runs every batch

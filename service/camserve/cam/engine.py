@@ -54,11 +54,6 @@ class Explanation:
     #: (image, class) of each row on the host, the same as image_index/class_index without a device sync.
     pairs: list[tuple[int, int]] = field(default_factory=list)
 
-    @property
-    def scores(self) -> Tensor:
-        """The logit of each pair's target class."""
-        return self.logits[self.image_index, self.class_index]
-
 
 class CamEngine:
     """Explains a classifier's decisions. Thread-safe: callers may share one engine and model."""

@@ -2,37 +2,28 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from torch import nn
+import dataclasses
 
 from camserve.models.errors import ModelConfigError
 from camserve.models.labels import imagenet_labels, read_labels_file
 from camserve.models.preprocessing import Preprocessing
+from camserve.models.sources import Built
 from camserve.models.spec import ModelSpec
 
-__all__ = ["LoadedSource", "build_model", "imagenet_labels"]
+__all__ = ["build_model", "imagenet_labels"]
 
 
-@dataclass
-class LoadedSource:
-    """A model on the CPU with its weights; labels None means class indices."""
-
-    module: nn.Module
-    architecture: str
-    preprocessing: Preprocessing
-    labels: list[str] | None
-
-
-def build_model(spec: ModelSpec) -> LoadedSource:
-    """Build the spec's source and apply the models file's overrides; every failure is a ModelConfigError
-    that names the model."""
+def build_model(spec: ModelSpec) -> Built:
+    """Build the spec's source and apply the models file's overrides (labels None: class indices); every failure is
+    a ModelConfigError that names the model."""
     try:
         built = spec.source.build()
-        preprocessing = built.preprocessing.overridden(spec.input_size, spec.mean, spec.std, spec.interpolation)
+        preprocessing: Preprocessing = built.preprocessing.overridden(
+            spec.input_size, spec.mean, spec.std, spec.interpolation
+        )
         labels = read_labels_file(spec.labels) if spec.labels is not None else built.labels
     except ModelConfigError as exc:
         raise ModelConfigError(f"model {spec.name!r}: {exc}") from exc
     except Exception as exc:  # any failure while building is a configuration problem of this model
         raise ModelConfigError(f"model {spec.name!r}: cannot be built: {type(exc).__name__}: {exc}") from exc
-    return LoadedSource(built.module, built.architecture, preprocessing, labels)
+    return dataclasses.replace(built, preprocessing=preprocessing, labels=labels)

@@ -92,7 +92,7 @@ class ServedModel:
             if label not in self._label_index:
                 raise InvalidParameterError(
                     f"unknown label {label!r} for model {self.name!r}; give a class index 0..{self.num_classes - 1} "
-                    "or an exact label (see /models)"
+                    f"or an exact label (see /models/{self.name}/labels)"
                 )
             return self._label_index[label]
         if not 0 <= index < self.num_classes:

@@ -52,7 +52,7 @@ def _images(instances: list[V1Instance]) -> list[ImagePayload]:
 
 @router.get("/models", response_model=V1ModelList, summary="KServe v1: served models", responses=_ERRORS)
 async def list_models(service: Annotated[InferenceService, Depends(get_service)]) -> V1ModelList:
-    return V1ModelList(models=[m.name for m in service.registry])
+    return V1ModelList(models=[m.name for m in service])
 
 
 @router.post(
@@ -103,5 +103,5 @@ async def model_status(
     model, _, verb = name.rpartition(":")
     if model and verb in ("predict", "explain"):  # `GET /v1/models/x:predict`: the verb exists, the method not
         raise HTTPException(405, f"{verb} takes POST, not {request.method}", headers={"Allow": "POST"})
-    served = service.registry.get(name)
+    served = service.model(name)
     return V1ModelStatus(name=served.name, ready=request.app.state.lifecycle.is_ready)

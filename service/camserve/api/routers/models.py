@@ -31,7 +31,7 @@ router = APIRouter(tags=["models"], dependencies=[Depends(check_api_key)])
     responses={401: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
 )
 async def list_models(service: Annotated[InferenceService, Depends(get_service)]) -> ModelsResponse:
-    registry = service.registry
+    default = service.model(None).name
     return ModelsResponse(
         models=[
             ModelInfo(
@@ -45,9 +45,9 @@ async def list_models(service: Annotated[InferenceService, Depends(get_service)]
                 num_classes=m.num_classes,
                 default_layer=m.default_layer,
                 runtime=runtime_info(m.runtime),
-                default=m.name == registry.default_name,
+                default=m.name == default,
             )
-            for m in registry
+            for m in service
         ]
     )
 
@@ -62,7 +62,7 @@ async def list_layers(
     name: Annotated[str, Path(description="a served model's name")],
     service: Annotated[InferenceService, Depends(get_service)],
 ) -> LayersResponse:
-    served = service.registry.get(name)
+    served = service.model(name)
     if not served.explainable:
         return LayersResponse(model=served.name, default_layer=None, layers=[])
     trace = served.engine.trace()
@@ -93,7 +93,7 @@ async def list_labels(
     name: Annotated[str, Path(description="a served model's name")],
     service: Annotated[InferenceService, Depends(get_service)],
 ) -> LabelsResponse:
-    served = service.registry.get(name)
+    served = service.model(name)
     return LabelsResponse(model=served.name, labels=list(served.labels))
 
 

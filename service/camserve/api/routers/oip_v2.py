@@ -25,7 +25,7 @@ from pydantic import ValidationError
 
 from camserve import __version__
 from camserve.api import oip_codec
-from camserve.api.deps import get_service
+from camserve.api.deps import get_service, get_settings
 from camserve.api.inputs import parse_json
 from camserve.api.oip_codec import BINARY_MEDIA_TYPE, HEADER_LENGTH, OutputTensor
 from camserve.api.routers.health import lifecycle_of
@@ -59,6 +59,7 @@ from camserve.models import ServedModel
 from camserve.options import ExplainOptions, PictureOptions, describe_problems, pick
 from camserve.plan import ImagePayload, InferenceRequest
 from camserve.results import ClassMap, InferenceResult
+from camserve.settings import Settings
 
 VERSION = "1"  # each served model has one version
 
@@ -161,7 +162,7 @@ async def ready(lifecycle: Annotated[Lifecycle, Depends(lifecycle_of)]) -> V2Ser
 
 
 def _model(service: InferenceService, name: str, version: str | None) -> ServedModel:
-    served = service.registry.get(name)
+    served = service.model(name)
     if version is not None and version != VERSION:
         raise UnknownModelError(f"model {name!r} has no version {version!r}; its only version is {VERSION!r}")
     return served
@@ -230,10 +231,13 @@ class _Plan:
 
 
 async def infer(
-    name: ModelName, version: Version, request: Request, service: Annotated[InferenceService, Depends(get_service)]
+    name: ModelName,
+    version: Version,
+    request: Request,
+    service: Annotated[InferenceService, Depends(get_service)],
+    settings: Annotated[Settings, Depends(get_settings)],
 ) -> Any:
     served = _model(service, name, version)
-    settings = service.settings
     header, binary = oip_codec.split_body(await request.body(), request.headers, settings.max_body_bytes)
     parsed = _parse_header(header)
     files = oip_codec.input_files(parsed.inputs, binary, settings.max_images_per_request)

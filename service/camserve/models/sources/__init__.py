@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Union
 
 from pydantic import Field
 
@@ -22,10 +22,7 @@ SOURCES: tuple[type[Source], ...] = (
     TimmSource,
     HuggingFaceSource,
 )
-AnySource = Annotated[
-    BuiltinSource | TorchvisionSource | TorchScriptSource | EntrypointSource | TimmSource | HuggingFaceSource,
-    Field(discriminator="kind"),
-]
+AnySource = Annotated[Union[SOURCES], Field(discriminator="kind")]  # noqa: UP007  # the union of SOURCES
 SOURCE_FIELDS: frozenset[str] = frozenset(name for cls in SOURCES for name in cls.model_fields)
 """Keys of a models-file entry that belong to its source (`kind` included)."""
 
