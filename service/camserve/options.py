@@ -13,7 +13,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 from pydantic_core import PydanticCustomError
 
 from camserve.cam.methods import METHOD_NAMES, get_method
-from camserve.cam.render import COLORMAPS, MAX_PICTURE_SIDE, OVERLAY_FORMATS, PICTURE_SIZES
+from camserve.cam.render import COLORMAPS, MAX_PICTURE_SIDE, OVERLAY_FORMATS
 from camserve.errors import CamserveError
 from camserve.numbers import whole_number
 from camserve.settings import MAX_FAITHFULNESS_STEPS, MIN_FAITHFULNESS_STEPS
@@ -21,6 +21,7 @@ from camserve.settings import MAX_FAITHFULNESS_STEPS, MIN_FAITHFULNESS_STEPS
 MAX_TARGETS = 20  # classes explained per image: each costs a backward round and a PNG per image
 MAX_LAYERS = 8
 DEFAULT_TOP_K = 5
+PICTURE_SIZES: tuple[str, ...] = ("original", "model")  # or a maximum side in pixels, 1..MAX_PICTURE_SIDE
 Picked = TypeVar("Picked", bound=BaseModel)
 
 

@@ -18,11 +18,9 @@ from PIL import Image
 from torch import Tensor
 
 from camserve.errors import InvalidParameterError
-from camserve.numbers import whole_number
 
 COLORMAPS: tuple[str, ...] = ("jet", "turbo", "viridis", "inferno", "magma")
 OVERLAY_FORMATS: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}  # -> media type
-PICTURE_SIZES: tuple[str, ...] = ("original", "model")  # or a maximum side in pixels, 1..MAX_PICTURE_SIDE
 MAX_PICTURE_SIDE = 8192
 JPEG_QUALITY = 90
 WEBP_QUALITY = 85
@@ -142,26 +140,10 @@ def check_overlay_format(name: str) -> str:
     return name
 
 
-def parse_picture_size(value: str | int) -> str | int:
-    """`original`, `model` or a maximum side in pixels (1..MAX_PICTURE_SIDE); anything else raises
-    InvalidParameterError naming `size`."""
-    if isinstance(value, str) and value in PICTURE_SIZES:
-        return value
-    side: int | None = None
-    if isinstance(value, int) and not isinstance(value, bool):
-        side = value
-    elif isinstance(value, str):
-        side = whole_number(value)
-    if side is None or not 1 <= side <= MAX_PICTURE_SIDE:
-        raise InvalidParameterError(
-            f"invalid size {value!r}; use original, model or a maximum side in pixels from 1 to {MAX_PICTURE_SIDE}"
-        )
-    return side
-
-
 def picture_size(size: str | int, image: tuple[int, int], model: tuple[int, int]) -> tuple[int, int]:
-    """(height, width) of the pictures: the image's (`original`), the model input's (`model`), or the image's
-    with its longer side capped at `size` pixels, aspect ratio kept (never enlarged)."""
+    """(height, width) of the pictures for a parsed `size` (camserve.options): the image's (`original`), the model
+    input's (`model`), or the image's with its longer side capped at `size` pixels, aspect ratio kept (never
+    enlarged)."""
     if size == "original":
         return image
     if size == "model":
