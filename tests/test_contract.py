@@ -181,3 +181,27 @@ def test_the_cli_flags_are_the_declared_options():
     args = parser.parse_args(["explain", "x.jpg", "--counterfactual", "--faithfulness-steps", "8"])
     assert _option_params(args) == [("counterfactual", "true"), ("faithfulness_steps", "8")]
 
+
+
+def test_the_document_describes_exactly_the_values_the_checks_accept():
+    """colormap and overlay_format are enums; size's number, names and digit strings match what the check parses."""
+    import re
+
+    from camserve.options import parse_picture_size
+
+    schema = ExplainQuery.model_json_schema()["properties"]
+    assert schema["colormap"]["enum"] == ["jet", "turbo", "viridis", "inferno", "magma"]
+    assert schema["overlay_format"]["enum"] == ["png", "jpeg", "webp"]
+    number, names, digits = schema["size"]["anyOf"]
+    assert (number["minimum"], number["maximum"], names["enum"]) == (1, 8192, ["original", "model"])
+    pattern = re.compile(digits["pattern"])
+
+    def parses(text: str) -> bool:
+        try:
+            parse_picture_size(text)
+        except ValueError:
+            return False
+        return True
+
+    texts = [str(side) for side in range(0, 9000)] + ["0008", "00", "+5", " 5", "5 ", "08193", "-1", "1e3", "model"]
+    assert [t for t in texts if bool(pattern.match(t)) != parses(t) and t != "model"] == []

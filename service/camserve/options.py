@@ -64,6 +64,17 @@ class TopKOption(BaseModel):
     top_k: Integer = Field(DEFAULT_TOP_K, ge=1, description="number of top predictions per image", examples=[5])
 
 
+def _size_schema(schema: dict[str, Any]) -> None:
+    """What `size` accepts, exactly: a side as a number or as digits (1..MAX_PICTURE_SIDE), or a size's name."""
+    assert MAX_PICTURE_SIDE == 8192  # the digits pattern below spells 1..8192
+    schema.pop("anyOf", None)
+    schema["anyOf"] = [
+        {"type": "integer", "minimum": 1, "maximum": MAX_PICTURE_SIDE},
+        {"type": "string", "enum": list(PICTURE_SIZES)},
+        {"type": "string", "pattern": r"^\s*0*([1-9][0-9]{0,2}|[1-7][0-9]{3}|80[0-9]{2}|81[0-8][0-9]|819[0-2])\s*$"},
+    ]
+
+
 class PredictOptions(TopKOption):
     """What every request of the own API may say: which model, and how many top classes per image."""
 
@@ -145,18 +156,25 @@ class PictureOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     overlay: bool = Field(False, description="also return the colormap blended over the image", examples=[True])
-    colormap: str = Field("jet", description=f"overlay colormap: {', '.join(COLORMAPS)}", examples=["jet"])
+    colormap: str = Field(
+        "jet",
+        description=f"overlay colormap: {', '.join(COLORMAPS)}",
+        examples=["jet"],
+        json_schema_extra={"enum": list(COLORMAPS)},
+    )
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="overlay opacity of the heatmap", examples=[0.5])
     overlay_format: str = Field(
         "png",
         description=f"overlay file format: {', '.join(OVERLAY_FORMATS)} (heatmaps are always PNG)",
         examples=["jpeg"],
+        json_schema_extra={"enum": list(OVERLAY_FORMATS)},
     )
     size: Integer | str = Field(
         "original",
         description="size of heatmaps and overlays: original (the image's), model (the model input's) or a maximum "
         f"side in pixels (1-{MAX_PICTURE_SIDE}, aspect ratio kept, never enlarged)",
         examples=["original", "model", "512"],
+        json_schema_extra=_size_schema,
     )
 
     @field_validator("colormap")
