@@ -84,6 +84,7 @@ class InferenceResult:
 
 def build_results(plan: Plan, images: list[Decoded], outputs: list[ItemOutput], png_level: int) -> InferenceResult:
     """The request's answer from each image's batch output (no torch work: this runs off the torch thread)."""
+    resized = plan.pictures.size != "original"  # pictures not at the image's size report theirs
     results = [
         ImageResult(
             width=image.width,
@@ -91,8 +92,7 @@ def build_results(plan: Plan, images: list[Decoded], outputs: list[ItemOutput], 
             probabilities=output.probabilities.numpy(),
             predictions=top_k(plan.served, output.probabilities, plan.top_k),
             explanations=_explanations(plan, image, output, png_level),
-            picture_size=_picture_size(plan, image) if output.maps is not None and plan.pictures.size != "original"
-            else None,
+            picture_size=_picture_size(plan, image) if output.maps is not None and resized else None,
         )
         for image, output in zip(images, outputs, strict=True)
     ]
