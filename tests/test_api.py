@@ -401,7 +401,7 @@ async def test_inputs_found_by_fuzzing_are_4xx_not_500(registry, cat_jpeg, monke
             (
                 await client.post("/predict?method=gradcam", content=cat_jpeg, headers=jpeg),
                 422,
-                "unknown query parameter 'method'; this route takes: model, top_k",
+                "unknown query parameter 'method'; this route takes: model, priority, top_k",
             ),
             (
                 await client.post("/predict", json={**as_json, "method": "gradcam", "target": 1, "overlay": None}),
@@ -771,9 +771,9 @@ async def test_large_images_are_resized_while_decoding_and_explain_the_same(regi
     submitted: list[torch.Tensor] = []
     original_submit = BatchQueue.submit
 
-    def spy(self, items):
+    def spy(self, items, **lane):
         submitted.extend(item.pixels for item in items)
-        return original_submit(self, items)
+        return original_submit(self, items, **lane)
 
     monkeypatch.setattr(BatchQueue, "submit", spy)
     bodies = {}

@@ -218,14 +218,14 @@ async def test_faithfulness_through_every_protocol_and_the_default_steps_setting
     [
         ("/explain", {"faithfulness_steps": "4"}, None, "faithfulness_steps is only meaningful with faithfulness=true"),
         ("/explain", {"faithfulness": "false", "faithfulness_steps": "4"}, None, "only meaningful"),
-        ("/explain", {"faithfulness": "true", "faithfulness_steps": "1"}, None, "'faithfulness_steps'"),
-        ("/explain", {"faithfulness": "true", "faithfulness_steps": "65"}, None, "'faithfulness_steps'"),
-        ("/explain", {"faithfulness": "true", "faithfulness_steps": "x"}, None, "'faithfulness_steps'"),
-        ("/explain", {"faithfulness": "maybe"}, None, "'faithfulness'"),
+        ("/explain", {"faithfulness": "true", "faithfulness_steps": "1"}, None, "faithfulness_steps: "),
+        ("/explain", {"faithfulness": "true", "faithfulness_steps": "65"}, None, "faithfulness_steps: "),
+        ("/explain", {"faithfulness": "true", "faithfulness_steps": "x"}, None, "faithfulness_steps: "),
+        ("/explain", {"faithfulness": "maybe"}, None, "faithfulness: "),
         ("/explain", {}, {"faithfulness_steps": 8}, "only meaningful"),
-        ("/explain", {}, {"faithfulness": True, "faithfulness_steps": 100}, "between 2 and 64, got 100"),
+        ("/explain", {}, {"faithfulness": True, "faithfulness_steps": 100}, "less than or equal to 64"),
         ("/v1/models/efficientnet-lite0:explain", {}, {"faithfulness_steps": 3}, "only meaningful"),
-        ("/v1/models/efficientnet-lite0:explain", {}, {"faithfulness": True, "faithfulness_steps": 0}, "got 0"),
+        ("/v1/models/efficientnet-lite0:explain", {}, {"faithfulness": True, "faithfulness_steps": 0}, "greater than or equal to 2"),
     ],
 )
 async def test_bad_faithfulness_parameters_are_a_422_naming_them(registry, chelsea, path, params, body, fragment):
