@@ -64,6 +64,18 @@ def coffee() -> np.ndarray:
     return data.coffee()
 
 
+@pytest.fixture(scope="session")
+def cat_jpeg(chelsea: np.ndarray) -> bytes:
+    """The cat photo as a JPEG (quality 90): the one every service test sends."""
+    return jpeg_bytes(chelsea)
+
+
+@pytest.fixture(scope="session")
+def coffee_jpeg(coffee: np.ndarray) -> bytes:
+    """The coffee photo as a JPEG (quality 90)."""
+    return jpeg_bytes(coffee)
+
+
 @pytest.fixture
 def resnet18() -> torch.nn.Module:
     torch.manual_seed(0)
@@ -92,3 +104,24 @@ def registry():
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+# -- the protocol tests' live server and Triton client ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def live(registry):
+    """A real uvicorn serving the app (the session's model) on a free port, in a thread; yields its base URL. One
+    per module that asks: tests/test_kserve_v1.py, test_oip_v2.py, test_protocols.py."""
+    from tests.apphelpers import live_server
+
+    with live_server(registry, max_images_per_request=4) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def triton(live):
+    """The official Open Inference Protocol v2 client (tritonclient) talking to `live`."""
+    from tests.protocolhelpers import tritonclient_http
+
+    if tritonclient_http is None:
+        pytest.skip("tritonclient is not installed: pip install 'tritonclient[http]'")
+    return tritonclient_http.InferenceServerClient(url=live.removeprefix("http://"))

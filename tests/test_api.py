@@ -30,16 +30,6 @@ pytestmark = pytest.mark.anyio
 EGYPTIAN_CAT = 285
 
 
-@pytest.fixture(scope="module")
-def cat_jpeg(chelsea) -> bytes:
-    return jpeg_bytes(chelsea)
-
-
-@pytest.fixture(scope="module")
-def coffee_jpeg(coffee) -> bytes:
-    return jpeg_bytes(coffee)
-
-
 def png(data: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(data)))
 

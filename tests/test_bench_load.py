@@ -16,13 +16,12 @@ from bench.bench_load import (
     server_counters,
 )
 from tests.apphelpers import running_app
-from tests.conftest import jpeg_bytes
 
 pytestmark = pytest.mark.anyio
 
 
-async def test_a_load_segment_counts_what_the_server_computed(registry, chelsea, coffee):
-    photos = [jpeg_bytes(chelsea), jpeg_bytes(coffee)]
+async def test_a_load_segment_counts_what_the_server_computed(registry, cat_jpeg, coffee_jpeg):
+    photos = [cat_jpeg, coffee_jpeg]
     async with running_app(registry, max_batch_size=8) as (client, _app):
         metrics = metrics_reader(client)
         post = httpx_poster(client)

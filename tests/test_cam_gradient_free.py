@@ -1,7 +1,7 @@
 """Score-CAM, Ablation-CAM and Eigen-CAM: hand-computed cases on a tiny fixed-weight model, token layers,
 fusion, the split/hook equivalence and option checks.
 
-The tiny model (tests/test_cam_methods.py) is features = ReLU(x) followed by a bias-free linear layer on the
+The tiny model (tests/camhelpers.py) is features = ReLU(x) followed by a bias-free linear layer on the
 flattened map, so the input *is* the activation (all positive here) and logit c = sum(W[c] * A).
 """
 
@@ -16,7 +16,7 @@ from torch import nn
 from camserve.cam import CamEngine, CamError, get_method
 from camserve.cam import reruns as reruns_module
 from camserve.cam.split import SplitError
-from tests.test_cam_methods import A, G, tiny_model
+from tests.camhelpers import A, G, tiny_model
 
 
 def explain(method: str, targets=(0, 1), activations=A, weight=G, **kw):

@@ -6,35 +6,11 @@ logit c with respect to the activations is exactly the weight W[c] (reshaped to 
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import pytest
 import torch
-from torch import nn
 
 from camserve.cam import CamEngine, InvalidTargetError, UnknownMethodError, get_method
-
-
-def tiny_model(weight: torch.Tensor) -> nn.Module:
-    """ReLU feature layer + bias-free linear head with the given weight [C, K, h, w]."""
-    classes = weight.shape[0]
-    model = nn.Sequential(
-        OrderedDict(features=nn.ReLU(), flatten=nn.Flatten(), fc=nn.Linear(weight[0].numel(), classes, bias=False))
-    )
-    with torch.no_grad():
-        model.fc.weight.copy_(weight.reshape(classes, -1))
-    return model
-
-
-# Activations A (K=2, 2x2), all positive so ReLU leaves them unchanged.
-A = torch.tensor([[[1.0, 2.0], [3.0, 4.0]], [[0.5, 0.0], [2.0, 1.5]]])  # channel sums 10 and 4
-# Gradients for class 0 and class 1.
-G = torch.tensor(
-    [
-        [[[0.1, -0.2], [0.3, 0.0]], [[-0.25, 0.5], [0.05, 0.2]]],
-        [[[0.02, 0.04], [-0.1, 0.3]], [[0.6, -0.1], [0.0, 0.4]]],
-    ]
-)
+from tests.camhelpers import A, G, tiny_model
 
 
 def explain(method: str, target: int, activations=A, weight=G, **kw) -> torch.Tensor:

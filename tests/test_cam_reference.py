@@ -7,53 +7,14 @@ import copy
 import numpy as np
 import pytest
 import torch
-from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
+from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.guided_backprop import GuidedBackpropReLUModel
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from camserve.cam import CamEngine
-from camserve.cam.methods import GradCAMPlusPlus as OurGradCAMPlusPlus
 from camserve.cam.render import minmax_normalize
+from tests.camhelpers import TARGETS, EpsGradCAMPlusPlus, reference_maps
 from tests.conftest import to_lite_input
-
-REFERENCES = {
-    "gradcam": GradCAM,
-    "gradcampp": GradCAMPlusPlus,
-    "xgradcam": XGradCAM,
-    "layercam": LayerCAM,
-    "hirescam": HiResCAM,
-}
-TARGETS = [281, 967]  # tabby, espresso
-
-
-class EpsGradCAMPlusPlus(OurGradCAMPlusPlus):
-    """Test only: the paper's alpha with pytorch-grad-cam's additive eps = 1e-6 in the denominator."""
-
-    def weights(self, activations: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
-        spatial_sum = activations.sum(dim=(2, 3), keepdim=True)
-        alpha = grads**2 / (2 * grads**2 + spatial_sum * grads**3 + 1e-6)
-        alpha = torch.where(grads != 0, alpha, 0.0)
-        return (alpha * torch.relu(grads)).sum(dim=(2, 3), keepdim=True)
-
-
-def reference_maps(
-    method: str,
-    model: torch.nn.Module,
-    layer: torch.nn.Module,
-    x: torch.Tensor,
-    targets: list[int] = TARGETS,
-    reshape_transform=None,
-) -> np.ndarray:
-    """pytorch-grad-cam's maps at feature resolution (its min-max scaling, no resize)."""
-
-    class AtFeatureResolution(REFERENCES[method]):
-        def get_target_width_height(self, input_tensor):
-            return None
-
-    for parameter in model.parameters():
-        parameter.requires_grad_(True)
-    with AtFeatureResolution(model, [layer], reshape_transform=reshape_transform) as cam:
-        return cam(x, targets=[ClassifierOutputTarget(t) for t in targets])
 
 
 @pytest.fixture(scope="module")

@@ -17,31 +17,10 @@ from torch import nn
 
 from camserve.cam import CamEngine, CamError, UnknownLayerError
 from camserve.cam.render import minmax_normalize
+from tests.camhelpers import EpsGradCAMPlusPlus, Logits, reference_maps, seeded
 from tests.conftest import to_lite_input
-from tests.test_cam_reference import EpsGradCAMPlusPlus, reference_maps
 
 IMAGENET_TARGETS = [281, 967]
-
-
-def seeded(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Eval mode, with every all-zero Linear weight (torchvision's ViT head) re-drawn from a seeded normal."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.Linear) and not module.weight.any():
-                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * 0.02)
-    return model.eval()
-
-
-class Logits(nn.Module):
-    """A Hugging Face classifier seen as a module that returns the logits tensor."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(pixel_values=x).logits
 
 
 def tokens_to_nchw(prefix: int, grid: int = 14):

@@ -86,8 +86,8 @@ def test_a_field_the_body_gives_wins_over_the_query_and_unset_fields_keep_theirs
 
 # -- the plan, without HTTP -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def cat(chelsea) -> ImagePayload:
-    return ImagePayload(jpeg_bytes(chelsea), "image/jpeg")
+def cat(cat_jpeg) -> ImagePayload:
+    return ImagePayload(cat_jpeg, "image/jpeg")
 
 
 def _plan(registry, cat, settings: Settings | None = None, images: int = 1, **explain: object):

@@ -20,7 +20,6 @@ from camserve.api.routers.explorer import static_files
 from camserve.cam.methods import METHOD_NAMES
 from camserve.cam.render import COLORMAPS
 from tests.apphelpers import live_server, running_app
-from tests.conftest import jpeg_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "service" / "camserve"
@@ -181,12 +180,12 @@ def canvas_pixels(page, selector: str) -> list[int]:
     )
 
 
-def test_explorer_in_a_real_browser(browser, registry, chelsea, tmp_path):
+def test_explorer_in_a_real_browser(browser, registry, chelsea, cat_jpeg, tmp_path):
     """Upload a real photo: "Egyptian cat" and its overlay at the photo's aspect ratio; the opacity slider changes
     the canvas with no request; compare methods shows one picture per method; a second class is explained beside
     the first; a text file gets the server's own 400 message; and the console stays free of errors."""
     photo = tmp_path / "chelsea.jpg"
-    photo.write_bytes(jpeg_bytes(chelsea))
+    photo.write_bytes(cat_jpeg)
     height, width = chelsea.shape[:2]
     text_file = tmp_path / "notes.txt"
     text_file.write_text("not an image at all\n")
@@ -411,11 +410,11 @@ def wait_for_held(page, held: list) -> None:
     raise AssertionError("the page never asked for /models")
 
 
-def test_a_photo_chosen_before_the_models_arrive_is_explained_once_they_do(browser, registry, chelsea, tmp_path):
+def test_a_photo_chosen_before_the_models_arrive_is_explained_once_they_do(browser, registry, cat_jpeg, tmp_path):
     """Chosen right after navigation, while /models is held: a card that says it waits, no request yet; once the
     models arrive it is explained with no second action, in exactly one /explain."""
     photo = tmp_path / "chelsea.jpg"
-    photo.write_bytes(jpeg_bytes(chelsea))
+    photo.write_bytes(cat_jpeg)
     with live_server(registry, request_timeout_s=240) as url:
         page = browser.new_page()
         console = Console(page)
@@ -488,12 +487,12 @@ def test_the_page_says_it_is_loading_while_the_models_list_is_pending(browser, r
         page.close()
 
 
-def test_when_the_models_list_fails_the_page_says_why_and_tries_again(browser, registry, chelsea, tmp_path):
+def test_when_the_models_list_fails_the_page_says_why_and_tries_again(browser, registry, cat_jpeg, tmp_path):
     """/models answers 503 (models loading), then 500, then the connection is refused: each time the page says why
     in words and when it tries again (1 s, then 2 s); "Retry now" does not wait. A photo chosen meanwhile is
     explained once the models are finally listed."""
     photo = tmp_path / "chelsea.jpg"
-    photo.write_bytes(jpeg_bytes(chelsea))
+    photo.write_bytes(cat_jpeg)
     failures = [
         lambda route: route.fulfill(status=503, json={"detail": "the service is starting: models are still loading"}),
         lambda route: route.fulfill(status=500, content_type="text/plain", body="Internal Server Error"),

@@ -16,7 +16,7 @@ from camserve.cam import CamEngine, faithfulness
 from camserve.images import decode_image, preprocess
 from camserve.settings import Settings
 from tests.apphelpers import running_app
-from tests.conftest import jpeg_bytes, to_lite_input
+from tests.conftest import to_lite_input
 
 EGYPTIAN_CAT, TABBY = 285, 281
 LITE = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
@@ -137,8 +137,8 @@ KEYS = ("drop", "increase", "deletion_auc", "insertion_auc")
 
 
 @pytest.mark.anyio
-async def test_explain_faithfulness_equals_an_independent_computation(registry, chelsea, coffee):
-    jpegs = [jpeg_bytes(chelsea), jpeg_bytes(coffee)]
+async def test_explain_faithfulness_equals_an_independent_computation(registry, cat_jpeg, coffee_jpeg):
+    jpegs = [cat_jpeg, coffee_jpeg]
     files = [("image", (f"{n}.jpg", data, "image/jpeg")) for n, data in enumerate(jpegs)]
     async with running_app(registry) as (client, _app):
         scored = await client.post("/explain?raw=true&faithfulness=true&faithfulness_steps=4", files=files)
@@ -161,8 +161,8 @@ async def test_explain_faithfulness_equals_an_independent_computation(registry, 
 
 
 @pytest.mark.anyio
-async def test_faithfulness_through_every_protocol_and_the_default_steps_setting(registry, chelsea):
-    jpeg = jpeg_bytes(chelsea)
+async def test_faithfulness_through_every_protocol_and_the_default_steps_setting(registry, cat_jpeg):
+    jpeg = cat_jpeg
     b64 = base64.b64encode(jpeg).decode()
     v2_input = {"name": "images", "shape": [1], "datatype": "BYTES", "data": [b64]}
     async with running_app(registry, faithfulness_steps=2) as (client, _app):
@@ -228,8 +228,8 @@ async def test_faithfulness_through_every_protocol_and_the_default_steps_setting
         ("/v1/models/efficientnet-lite0:explain", {}, {"faithfulness": True, "faithfulness_steps": 0}, "greater than or equal to 2"),
     ],
 )
-async def test_bad_faithfulness_parameters_are_a_422_naming_them(registry, chelsea, path, params, body, fragment):
-    jpeg = jpeg_bytes(chelsea)
+async def test_bad_faithfulness_parameters_are_a_422_naming_them(registry, cat_jpeg, path, params, body, fragment):
+    jpeg = cat_jpeg
     b64 = base64.b64encode(jpeg).decode()
     async with running_app(registry) as (client, _app):
         if path.startswith("/v1"):
@@ -244,8 +244,8 @@ async def test_bad_faithfulness_parameters_are_a_422_naming_them(registry, chels
 
 
 @pytest.mark.anyio
-async def test_faithfulness_past_the_forward_budget_is_a_413(registry, chelsea):
-    jpeg = jpeg_bytes(chelsea)
+async def test_faithfulness_past_the_forward_budget_is_a_413(registry, cat_jpeg):
+    jpeg = cat_jpeg
     async with running_app(registry, max_faithfulness_forwards=10) as (client, _app):
         one = await client.post(
             "/explain?faithfulness=true&faithfulness_steps=4", content=jpeg, headers={"content-type": "image/jpeg"}

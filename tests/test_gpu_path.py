@@ -81,9 +81,9 @@ def batches(monkeypatch) -> list[list[object]]:
 
 # -- item 1: JPEGs decode inside the batch, on the torch thread --------------------------------------------
 async def test_jpegs_are_decoded_in_the_batch_on_the_torch_thread(
-    registry, cuda_registry, nvjpeg_calls, batches, chelsea, coffee
+    registry, cuda_registry, nvjpeg_calls, batches, chelsea, cat_jpeg, coffee_jpeg
 ):
-    cat, mug, small_png = jpeg_bytes(chelsea), jpeg_bytes(coffee), png_bytes(chelsea[:100, :120])
+    cat, mug, small_png = cat_jpeg, coffee_jpeg, png_bytes(chelsea[:100, :120])
     uploads = [cat, mug, cat, small_png]
     answers = {}
     for name, models in (("cpu", registry), ("cuda", cuda_registry)):
@@ -109,9 +109,9 @@ async def test_jpegs_are_decoded_in_the_batch_on_the_torch_thread(
         )
 
 
-async def test_a_corrupt_jpeg_in_a_gpu_batch_fails_alone(cuda_registry, nvjpeg_calls, chelsea):
+async def test_a_corrupt_jpeg_in_a_gpu_batch_fails_alone(cuda_registry, nvjpeg_calls, cat_jpeg):
     """A JPEG whose header passes but whose data is broken: its request gets 400, the others of the batch 200."""
-    good = jpeg_bytes(chelsea)
+    good = cat_jpeg
     broken = good[: len(good) // 2]
     async with running_app(cuda_registry, max_wait_ms=300) as (client, _app):
         responses = await asyncio.gather(
@@ -167,7 +167,7 @@ async def test_a_40_megapixel_image_never_reaches_the_device_at_full_size(cuda_r
     assert preprocessed == [(torch.float32, (3, 224, 224))] * 2
 
 
-async def test_out_of_memory_is_a_retryable_503_and_the_worker_goes_on(registry, cat_jpeg_bytes, monkeypatch):
+async def test_out_of_memory_is_a_retryable_503_and_the_worker_goes_on(registry, cat_jpeg, monkeypatch):
     engine = registry.get().engine
     real_explain = engine.explain
     raised = []
@@ -180,8 +180,8 @@ async def test_out_of_memory_is_a_retryable_503_and_the_worker_goes_on(registry,
 
     monkeypatch.setattr(engine, "explain", explain_once_oom)
     async with running_app(registry) as (client, _app):
-        first = await client.post("/explain", content=cat_jpeg_bytes, headers={"content-type": "image/jpeg"})
-        second = await client.post("/explain", content=cat_jpeg_bytes, headers={"content-type": "image/jpeg"})
+        first = await client.post("/explain", content=cat_jpeg, headers={"content-type": "image/jpeg"})
+        second = await client.post("/explain", content=cat_jpeg, headers={"content-type": "image/jpeg"})
         ready = await client.get("/health/ready")
     assert first.status_code == 503 and first.headers["retry-after"] == "1"
     assert "out of memory" in first.json()["detail"]
@@ -208,9 +208,7 @@ def test_device_errors_are_worded_as_domain_errors():
 
 
 # -- item 6: a sticky device error turns readiness and liveness off -----------------------------------------
-async def test_a_sticky_device_error_fails_readiness_and_liveness_logged_once(
-    registry, cat_jpeg_bytes, monkeypatch, caplog
-):
+async def test_a_sticky_device_error_fails_readiness_and_liveness_logged_once(registry, cat_jpeg, monkeypatch, caplog):
     engine = registry.get().engine
 
     def broken(*args, **kwargs):
@@ -222,7 +220,7 @@ async def test_a_sticky_device_error_fails_readiness_and_liveness_logged_once(
     async with running_app(registry) as (client, _app):
         assert (await client.get("/health/live")).status_code == 200
         failures = [
-            await client.post(route, content=cat_jpeg_bytes, headers={"content-type": "image/jpeg"})
+            await client.post(route, content=cat_jpeg, headers={"content-type": "image/jpeg"})
             for route in ("/explain", "/predict", "/explain")
         ]
         ready, live = await client.get("/health/ready"), await client.get("/health/live")
@@ -285,11 +283,6 @@ def test_a_batch_copies_each_result_tensor_to_the_host_once(registry, chelsea, c
     torch.testing.assert_close(outputs[1].maps, direct.maps[1:3], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(outputs[3].maps, outputs[0].maps, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(outputs[2].probabilities, torch.softmax(direct.logits[1], dim=0), atol=1e-5, rtol=1e-4)
-
-
-@pytest.fixture(scope="module")
-def cat_jpeg_bytes(chelsea) -> bytes:
-    return jpeg_bytes(chelsea)
 
 
 # -- item 7: preparing batch n+1 while batch n computes ---------------------------------------------------------

@@ -18,14 +18,13 @@ import yaml
 from camserve.batches import ModelBatches
 from camserve.models import read_models_file
 from camserve.settings import Settings
-from tests.apphelpers import running_app
-from tests.test_server import start_server, stop
+from tests.apphelpers import running_app, start_server, stop
+from tests.k8shelpers import K8S_VERSION
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBERNETES = ROOT / "deploy" / "kubernetes"
 OVERLAYS = ("cpu", "gpu", "cpu-keda", "cpu-hpa")
 PROMQL_KEYS = ("query", "seriesQuery", "metricsQuery")  # KEDA trigger, prometheus-adapter rule
-K8S_VERSION = "1.33.0"
 
 
 def kubectl() -> str:
@@ -198,9 +197,8 @@ def test_keda_and_hpa_scale_the_deployment_on_the_same_signal_and_target():
 
 
 @pytest.mark.anyio
-async def test_pending_images_gauges_count_queued_and_computing_images(registry, monkeypatch, chelsea):
+async def test_pending_images_gauges_count_queued_and_computing_images(registry, monkeypatch, cat_jpeg):
     """The autoscaling signal's value: 3 requests at batch size 1 with compute held = 1 computing + 2 queued."""
-    from tests.conftest import jpeg_bytes
 
     release = threading.Event()
     original = ModelBatches.compute
@@ -210,7 +208,7 @@ async def test_pending_images_gauges_count_queued_and_computing_images(registry,
         return original(self, batch, *staged)
 
     monkeypatch.setattr(ModelBatches, "compute", held)
-    photo = jpeg_bytes(chelsea)
+    photo = cat_jpeg
     async with running_app(registry, max_batch_size=1) as (client, _app):
 
         async def gauges() -> tuple[float, float]:

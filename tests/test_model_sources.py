@@ -379,7 +379,7 @@ def test_models_file_entries_of_the_new_kinds_are_validated(tmp_path, entry, mes
 
 @pytest.mark.anyio
 async def test_timm_and_huggingface_models_predict_and_explain_beside_the_default(
-    tmp_path, timm, transformers, chelsea
+    tmp_path, timm, transformers, chelsea, cat_jpeg
 ):
     torch.manual_seed(0)
     save(randomized(timm.create_model("vit_tiny_patch16_224", num_classes=4)).state_dict(), tmp_path / "vit.pth")
@@ -403,7 +403,7 @@ path = "hf-vit"
 """
     )
     big = np.asarray(Image.fromarray(chelsea).resize((1500, 1000), Image.Resampling.BILINEAR))  # resized by PIL
-    photos = {"small": jpeg_bytes(chelsea), "big": jpeg_bytes(big)}
+    photos = {"small": cat_jpeg, "big": jpeg_bytes(big)}
     async with running_app(None, models_file=tmp_path / "models.toml", warmup=False) as (client, app):
         assert app.state.lifecycle.error is None and app.state.lifecycle.is_ready
         listed = {m["name"]: m for m in (await client.get("/models")).json()["models"]}

@@ -44,7 +44,7 @@ def test_lite1_and_lite2_by_name(name, side, chelsea):
     assert label in CAT_CLASSES
 
 
-def test_torchvision_state_dict_from_models_file(tmp_path, chelsea):
+def test_torchvision_state_dict_from_models_file(tmp_path, cat_jpeg):
     torch.manual_seed(0)
     reference = torchvision.models.resnet18(num_classes=3).eval()
     torch.save(reference.state_dict(), tmp_path / "resnet.pth")
@@ -69,7 +69,7 @@ input_size = [128, 160]
     res = registry.get()
     assert res.labels == ["alpha", "beta", "gamma"] and res.default_layer == "layer4"
     assert res.input_size == (128, 160) and res.mean == (0.485, 0.456, 0.406)
-    x = preprocess([decode_image(jpeg_bytes(chelsea)).pixels], res.input_size, res.mean, res.std)
+    x = preprocess([decode_image(cat_jpeg).pixels], res.input_size, res.mean, res.std)
     with torch.inference_mode():
         expected = reference(x)
     torch.testing.assert_close(res.engine.predict(x), expected)

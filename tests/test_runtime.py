@@ -20,7 +20,7 @@ from camserve.cam.runtime import Bucket, OnnxRuntimeSplit, RuntimeTable, export_
 from camserve.cam.split import SplitError, carried_kinds
 from camserve.models import runtimes
 from camserve.models.runtimes import choose_runtime
-from tests.test_cam_transformers import seeded
+from tests.camhelpers import seeded
 
 GRADIENT_METHODS = ["gradcam", "gradcampp", "xgradcam", "layercam", "hirescam"]
 
@@ -130,7 +130,7 @@ def test_targets_counterfactual_fusion_and_other_layers(
 def hf_vit() -> nn.Module:
     from transformers import ViTConfig, ViTForImageClassification
 
-    from tests.test_cam_transformers import Logits
+    from tests.camhelpers import Logits
 
     torch.manual_seed(0)
     config = ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, num_labels=5)
@@ -327,14 +327,12 @@ def test_timing_alternates_and_stops_early_only_for_a_clear_winner() -> None:
 
 
 @pytest.mark.anyio
-async def test_service_with_runtime_auto_reports_and_serves_the_eager_answers(registry, chelsea, tmp_path) -> None:
+async def test_service_with_runtime_auto_reports_and_serves_the_eager_answers(registry, cat_jpeg, tmp_path) -> None:
     """The default configuration (CAMSERVE_RUNTIME=auto) builds ONNX Runtime for the embedded model, reports
     each bucket in /models, and answers as the eager registry does."""
     from camserve.images import decode_image, preprocess
     from tests.apphelpers import running_app
-    from tests.conftest import jpeg_bytes
 
-    cat_jpeg = jpeg_bytes(chelsea)
     eager = registry.get()
     async with running_app(None, runtime="auto", cache_dir=tmp_path) as (client, app):
         listed = (await client.get("/models")).json()["models"][0]["runtime"]

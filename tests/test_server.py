@@ -14,50 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import jpeg_bytes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(**env: str) -> tuple[subprocess.Popen, str]:
-    """`camserve serve` on a free port (CPU, batch size 1), once ready; `env` adds CAMSERVE_* variables."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "CAMSERVE_DEVICE": "cpu",
-        "CAMSERVE_MAX_BATCH_SIZE": "1",
-        "CAMSERVE_LOG_LEVEL": "warning",
-        **env,
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "camserve.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            pass
-        if process.poll() is not None:
-            pytest.fail(f"server exited early: {process.stdout.read().decode()}")
-        time.sleep(0.2)
-    process.kill()
-    pytest.fail("server did not become ready in 120 s")
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.kill()
-    process.wait(10)
+from tests.apphelpers import free_port, start_server, stop
 
 
 @pytest.fixture
@@ -67,11 +24,11 @@ def server():
     stop(process)
 
 
-def test_sigterm_drains_then_exits_0_losing_no_request(chelsea):
+def test_sigterm_drains_then_exits_0_losing_no_request(cat_jpeg):
     """The Kubernetes contract: readiness 503 at once; requests in flight and requests still routed here during
     the drain (3 s here) are all answered; then it stops accepting, finishes, and exits 0."""
     process, url = start_server(CAMSERVE_DRAIN_S="3")
-    photo = jpeg_bytes(chelsea)
+    photo = cat_jpeg
 
     def post(path: str) -> int:
         response = httpx.post(f"{url}{path}", content=photo, headers={"content-type": "image/jpeg"}, timeout=120)
@@ -110,9 +67,9 @@ def test_sigterm_drains_then_exits_0_losing_no_request(chelsea):
         stop(process)
 
 
-def test_sigterm_without_drain_stops_accepting_at_once_and_finishes_accepted_requests(chelsea):
+def test_sigterm_without_drain_stops_accepting_at_once_and_finishes_accepted_requests(cat_jpeg):
     process, url = start_server(CAMSERVE_DRAIN_S="0")
-    photo = jpeg_bytes(chelsea)
+    photo = cat_jpeg
 
     def explain(_: int) -> int:
         response = httpx.post(
@@ -141,12 +98,12 @@ def test_sigterm_without_drain_stops_accepting_at_once_and_finishes_accepted_req
         stop(process)
 
 
-def test_cli_client_commands_against_a_real_server(server, chelsea, tmp_path, capsys):
+def test_cli_client_commands_against_a_real_server(server, cat_jpeg, tmp_path, capsys):
     from camserve.cli import main
 
     _process, url = server
     image = tmp_path / "chelsea.jpg"
-    image.write_bytes(jpeg_bytes(chelsea))
+    image.write_bytes(cat_jpeg)
     assert main(["predict", str(image), "--url", url, "--top-k", "2"]) == 0
     table = capsys.readouterr().out
     assert "chelsea.jpg (451x300" in table and "Egyptian cat" in table
@@ -161,7 +118,7 @@ def test_cli_client_commands_against_a_real_server(server, chelsea, tmp_path, ca
     assert "server answered 422: method: unknown CAM method 'smoothgradcam'" in capsys.readouterr().err
 
 
-def test_client_that_disconnects_has_its_waiting_items_dropped(registry, chelsea, monkeypatch):
+def test_client_that_disconnects_has_its_waiting_items_dropped(registry, cat_jpeg, monkeypatch):
     """A real uvicorn (in a thread, so compute can be slowed): abandoned items never reach compute."""
     import threading
 
@@ -194,7 +151,7 @@ def test_client_that_disconnects_has_its_waiting_items_dropped(registry, chelsea
                     break
             except httpx.HTTPError:
                 time.sleep(0.1)
-        photo = jpeg_bytes(chelsea)
+        photo = cat_jpeg
 
         def post(timeout: float):
             return httpx.post(f"{url}/predict", content=photo, headers={"content-type": "image/jpeg"}, timeout=timeout)

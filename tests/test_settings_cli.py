@@ -32,11 +32,10 @@ def test_serve_port_from_environment(monkeypatch):
     assert args.port == 9123
 
 
-def test_client_reports_unreachable_server_and_missing_file(tmp_path, capsys, chelsea):
-    from tests.conftest import jpeg_bytes
+def test_client_reports_unreachable_server_and_missing_file(tmp_path, capsys, cat_jpeg):
 
     image = tmp_path / "cat.jpg"
-    image.write_bytes(jpeg_bytes(chelsea))
+    image.write_bytes(cat_jpeg)
     assert main(["predict", str(image), "--url", "http://127.0.0.1:9", "--timeout", "2"]) == 1
     assert "cannot reach http://127.0.0.1:9" in capsys.readouterr().err
     assert main(["predict", str(tmp_path / "absent.jpg"), "--url", "http://127.0.0.1:9"]) == 1

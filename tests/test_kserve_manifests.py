@@ -11,7 +11,7 @@ import yaml
 
 from camserve.api import create_app
 from camserve.settings import Settings
-from tests.test_kubernetes import K8S_VERSION
+from tests.k8shelpers import K8S_VERSION
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = ROOT / "deploy" / "kserve" / "inferenceservice.yaml"
