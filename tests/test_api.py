@@ -23,7 +23,7 @@ from camserve.batching import BatchQueue
 from camserve.cam.render import heatmaps, to_uint8
 from camserve.images import decode_image, preprocess
 from camserve.settings import Settings
-from tests.apphelpers import running_app
+from tests.apphelpers import metric, running_app
 from tests.conftest import jpeg_bytes
 
 pytestmark = pytest.mark.anyio
@@ -32,17 +32,6 @@ EGYPTIAN_CAT = 285
 
 def png(data: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(data)))
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """Sum of a Prometheus sample's values over series matching the labels."""
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        if all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 # -- health, models ---------------------------------------------------------------------------

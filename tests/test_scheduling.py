@@ -4,6 +4,7 @@ priority orders each lane, and load is counted in forward-equivalents (camserve.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 
 import pytest
@@ -69,7 +70,7 @@ async def test_cheap_work_runs_between_the_chunks_of_heavy_work_and_heavy_work_f
     await queue.close()
     chunks = [i for i, event in enumerate(recorder.events) if event.startswith("heavy")]
     assert len(chunks) == 6 and all(f"heavy:6#{n}" == recorder.events[i] for n, i in enumerate(chunks))
-    between = [recorder.events[a + 1 : b] for a, b in zip(chunks, chunks[1:], strict=False)]
+    between = [recorder.events[a + 1 : b] for a, b in itertools.pairwise(chunks)]
     assert all(len(cheap_batch) <= 2 for cheap_batch in between)  # at most one cheap batch between two chunks
     assert sum(len(cheap_batch) for cheap_batch in between) >= 6  # and cheap work did run in between
 
@@ -120,12 +121,12 @@ async def test_priority_orders_each_lane_and_unknown_levels_are_refused(thread):
     futures = queue.submit(["block"])
     await asyncio.sleep(0.05)
     futures += queue.submit(["low"], priority=3) + queue.submit(["normal"]) + queue.submit(["high"], priority=1)
+    with pytest.raises(ValueError, match="priority must be one of"):
+        queue.submit(["x"], priority=7)
     release.set()
     await asyncio.gather(*futures)
     await queue.close()
     assert recorder.events == ["block", "high", "normal", "low"]
-    with pytest.raises(ValueError, match="priority must be one of"):
-        queue.submit(["x"], priority=7)
 
 
 async def test_heavy_work_beyond_its_limit_is_refused_while_cheap_work_still_fits(thread):
@@ -137,49 +138,59 @@ async def test_heavy_work_beyond_its_limit_is_refused_while_cheap_work_still_fit
     (cheap,) = queue.submit(["predict"])
     assert await asyncio.wait_for(cheap, 5) == "predict"
     await first
-    await asyncio.sleep(0)
-    assert queue.pending_work == 0 and queue.estimate_s(100) is not None
     await queue.close()
+    estimate = queue.estimate_s(100)  # measured: 10 chunks of 50 ms for 800 forwards, ~0.06 s per 100
+    assert queue.pending_work == 0 and estimate is not None and 0.03 < estimate < 0.6
 
 
 # -- through the service ----------------------------------------------------------------------------------------
+LAYER = "_blocks.3"  # 40 channels: Score-CAM there runs 40 masked forwards
+
+
 @pytest.fixture
-def slow_reruns(monkeypatch):
-    """Every rerun chunk (Score-CAM's masked forwards) takes 50 ms more."""
+def slow_reruns(registry, monkeypatch):
+    """Score-CAM's masked forwards in chunks of 4, each 100 ms slower: 10 chunks of about 0.2 s."""
     original = EngineReruns.logits
 
     def slow(self, inputs):
-        time.sleep(0.05)
+        time.sleep(0.1)
         return original(self, inputs)
 
     monkeypatch.setattr(EngineReruns, "logits", slow)
+    monkeypatch.setattr(registry.get().engine._reruns, "batch_size", 4)
+    return registry.get().engine.trace().channels(LAYER)
 
 
 async def test_a_predict_behind_a_score_cam_is_answered_first_and_the_work_gauge_counts_forwards(
     registry, cat_jpeg, slow_reruns
 ):
     jpeg = {"content-type": "image/jpeg"}
+    scorecam = f"/explain?method=scorecam&layer={LAYER}"
     async with running_app(registry, max_batch_size=8) as (client, _app):
-        heavy = asyncio.create_task(client.post("/explain?method=scorecam", content=cat_jpeg, headers=jpeg))
-        await asyncio.sleep(0.5)  # the Score-CAM is running its 40 chunks of 32 masked forwards (> 2 s)
-        gauge = metric((await client.get("/metrics")).text, "camserve_pending_forwards", model="efficientnet-lite0")
         started = time.perf_counter()
+        heavy = asyncio.create_task(client.post(scorecam, content=cat_jpeg, headers=jpeg))
+        await asyncio.sleep(0.6)  # the Score-CAM is running its chunks
+        gauge = metric((await client.get("/metrics")).text, "camserve_pending_forwards", model="efficientnet-lite0")
+        sent = time.perf_counter()
         predict = await client.post("/predict", content=cat_jpeg, headers=jpeg)
-        predict_s = time.perf_counter() - started
+        predict_s = time.perf_counter() - sent
         assert predict.status_code == 200 and not heavy.done()
         assert (await heavy).status_code == 200
+        heavy_s = time.perf_counter() - started
         after = metric((await client.get("/metrics")).text, "camserve_pending_forwards", model="efficientnet-lite0")
-    assert gauge == 1 + 1280  # the forward, and one masked forward per channel of _swish
-    assert predict_s < 1.0 and after == 0
+    assert gauge == 1 + slow_reruns  # the forward, and one masked forward per channel of the layer
+    assert predict_s < 0.6 < heavy_s and after == 0  # about one chunk, not the rest of the Score-CAM
 
 
 async def test_a_503_counts_work_and_priority_is_one_option_every_way_in(registry, cat_jpeg, slow_reruns):
     jpeg = {"content-type": "image/jpeg"}
-    limits = {"max_masked_forwards": 1500, "max_faithfulness_forwards": 100, "max_heavy_forwards": 2000}
+    cost = 1 + slow_reruns
+    limits = {"max_masked_forwards": 50, "max_faithfulness_forwards": 50, "max_heavy_forwards": cost + 10}
+    scorecam = f"/explain?method=scorecam&layer={LAYER}"
     async with running_app(registry, **limits) as (client, _app):
-        first = asyncio.create_task(client.post("/explain?method=scorecam", content=cat_jpeg, headers=jpeg))
-        await asyncio.sleep(0.3)
-        second = await client.post("/explain?method=scorecam&priority=1", content=cat_jpeg, headers=jpeg)
+        first = asyncio.create_task(client.post(scorecam, content=cat_jpeg, headers=jpeg))
+        await asyncio.sleep(0.4)
+        second = await client.post(scorecam + "&priority=1", content=cat_jpeg, headers=jpeg)
         cheap = await client.post("/explain?method=gradcam", content=cat_jpeg, headers=jpeg)
         bad = await client.post("/predict?priority=7", content=cat_jpeg, headers=jpeg)
         bad_v2 = await client.post(
@@ -189,7 +200,28 @@ async def test_a_503_counts_work_and_priority_is_one_option_every_way_in(registr
         )
         assert (await first).status_code == 200
     assert second.status_code == 503 and second.headers["retry-after"]
-    assert "1281 forward-equivalents of heavy work (limit 2000); this request adds 1281" in second.json()["detail"]
+    words = f"{cost} forward-equivalents of heavy work (limit {cost + 10}); this request adds {cost}"
+    assert words in second.json()["detail"]
     assert cheap.status_code == 200
     assert bad.status_code == bad_v2.status_code == 422
     assert bad.json()["detail"] == bad_v2.json()["error"] == "priority: Input should be less than or equal to 3"
+
+
+async def test_heavy_work_that_would_outlast_the_timeout_is_refused_at_once(registry, cat_jpeg, slow_reruns):
+    """Once a Score-CAM has been timed, one that cannot finish within the request timeout gets a 503 at once
+    instead of a 504 after the timeout."""
+    jpeg = {"content-type": "image/jpeg"}
+    scorecam = f"/explain?method=scorecam&layer={LAYER}"
+    async with running_app(registry, request_timeout_s=1.0) as (client, app):
+        first = await client.post(scorecam, content=cat_jpeg, headers=jpeg)  # about 2 s of chunks: times out
+        queue = app.state.service.queues["efficientnet-lite0"]
+        while queue.pending_work:  # the abandoned batch still finishes (and is timed)
+            await asyncio.sleep(0.05)
+        started = time.perf_counter()
+        second = await client.post(scorecam, content=cat_jpeg, headers=jpeg)
+        refused_s = time.perf_counter() - started
+        cheap = await client.post("/explain?method=gradcam", content=cat_jpeg, headers=jpeg)
+    assert first.status_code == 504
+    assert second.status_code == 503 and refused_s < 0.5 and int(second.headers["retry-after"]) >= 1
+    assert "past the request timeout of 1 s" in second.json()["detail"]
+    assert cheap.status_code == 200
