@@ -7,6 +7,7 @@ import asyncio
 import itertools
 import time
 
+import numpy as np
 import pytest
 
 from camserve.batching import BatchQueue, TorchThread
@@ -225,3 +226,21 @@ async def test_heavy_work_that_would_outlast_the_timeout_is_refused_at_once(regi
     assert second.status_code == 503 and refused_s < 0.5 and int(second.headers["retry-after"]) >= 1
     assert "past the request timeout of 1 s" in second.json()["detail"]
     assert cheap.status_code == 200
+
+
+async def test_a_gradient_map_computed_between_heavy_chunks_equals_the_same_map_alone(registry, cat_jpeg, slow_reruns):
+    """Cheap work runs inside a heavy batch's pauses, on the same thread: its maps must not notice."""
+    jpeg = {"content-type": "image/jpeg"}
+    gradcam = "/explain?method=gradcampp&raw=true&target=281&target=285"
+    async with running_app(registry) as (client, _app):
+        alone = (await client.post(gradcam, content=cat_jpeg, headers=jpeg)).json()
+        heavy = asyncio.create_task(
+            client.post(f"/explain?method=scorecam&layer={LAYER}", content=cat_jpeg, headers=jpeg)
+        )
+        await asyncio.sleep(0.6)
+        between = (await client.post(gradcam, content=cat_jpeg, headers=jpeg)).json()
+        assert not heavy.done()
+        assert (await heavy).status_code == 200
+    for a, b in zip(alone["results"][0]["explanations"], between["results"][0]["explanations"], strict=True):
+        assert a["index"] == b["index"] and a["heatmap"] == b["heatmap"]
+        assert np.allclose(np.asarray(a["cam"]), np.asarray(b["cam"]), atol=1e-6)
