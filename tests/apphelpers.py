@@ -96,3 +96,14 @@ def stop(process: subprocess.Popen) -> None:
     if process.poll() is None:
         process.kill()
     process.wait(10)
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """Sum of a Prometheus sample's values over series matching the labels."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total

@@ -23,7 +23,7 @@ from camserve.batching import BatchQueue
 from camserve.cam.render import heatmaps, to_uint8
 from camserve.images import decode_image, preprocess
 from camserve.settings import Settings
-from tests.apphelpers import running_app
+from tests.apphelpers import metric, running_app
 from tests.conftest import jpeg_bytes
 
 pytestmark = pytest.mark.anyio
@@ -32,17 +32,6 @@ EGYPTIAN_CAT = 285
 
 def png(data: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(data)))
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """Sum of a Prometheus sample's values over series matching the labels."""
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        if all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 # -- health, models ---------------------------------------------------------------------------
@@ -391,7 +380,7 @@ async def test_inputs_found_by_fuzzing_are_4xx_not_500(registry, cat_jpeg, monke
             (
                 await client.post("/predict?method=gradcam", content=cat_jpeg, headers=jpeg),
                 422,
-                "unknown query parameter 'method'; this route takes: model, top_k",
+                "unknown query parameter 'method'; this route takes: model, priority, top_k",
             ),
             (
                 await client.post("/predict", json={**as_json, "method": "gradcam", "target": 1, "overlay": None}),
@@ -761,9 +750,9 @@ async def test_large_images_are_resized_while_decoding_and_explain_the_same(regi
     submitted: list[torch.Tensor] = []
     original_submit = BatchQueue.submit
 
-    def spy(self, items):
+    def spy(self, items, **lane):
         submitted.extend(item.pixels for item in items)
-        return original_submit(self, items)
+        return original_submit(self, items, **lane)
 
     monkeypatch.setattr(BatchQueue, "submit", spy)
     bodies = {}

@@ -143,7 +143,9 @@ async def test_a_40_megapixel_image_never_reaches_the_device_at_full_size(cuda_r
     queued: list[object] = []
     real_submit = BatchQueue.submit
     monkeypatch.setattr(
-        BatchQueue, "submit", lambda self, items: (queued.extend(i.pixels for i in items), real_submit(self, items))[1]
+        BatchQueue,
+        "submit",
+        lambda self, items, **lane: (queued.extend(i.pixels for i in items), real_submit(self, items, **lane))[1],
     )
     preprocessed: list[tuple[torch.dtype, tuple[int, ...]]] = []
     patched_preprocess = worker_module.preprocess
@@ -305,12 +307,12 @@ async def test_a_backlog_stages_the_next_batch_during_compute(registry, chelsea,
 
     batches = ModelBatches(served, max_batch_size=2)
 
-    def compute(batch, staged):
+    def compute(batch, staged, deliver):
         started = time.perf_counter()
         time.sleep(0.3)  # long enough for the loop to take and stage the next batch
         observed.append((queue.in_flight, queue.depth))
         computes.append((started, time.perf_counter(), bool(staged and staged[0] is not None)))
-        return real_compute(batches, batch, staged)
+        return real_compute(batches, batch, staged, deliver)
 
     monkeypatch.setattr(worker_module, "stage_pinned", stage)
     thread = TorchThread()

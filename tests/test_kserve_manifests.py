@@ -102,5 +102,5 @@ def test_scaled_object_scales_the_predictor_deployment_on_the_backlog():
     (reference,) = keda["spec"]["triggers"]
     assert trigger["metadata"]["threshold"] == reference["metadata"]["threshold"]
     query = trigger["metadata"]["query"]
-    assert sorted(set(re.findall(r"camserve_\w+", query))) == ["camserve_inflight_images", "camserve_queue_depth"]
-    assert query.count(f'pod=~"{name}-predictor-.*"') == 2
+    assert sorted(set(re.findall(r"camserve_\w+", query))) == ["camserve_pending_forwards"]
+    assert query.count(f'pod=~"{name}-predictor-.*"') == 1

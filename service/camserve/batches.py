@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 GPU_DECODE_BUDGET_PIXELS = 24_000_000
 
 FatalObserver = Callable[[BaseException], None]
+Deliver = Callable[[int, object], None]
 
 
 @dataclass(frozen=True)
@@ -89,10 +90,12 @@ class ModelBatches:
         self.max_batch_size = max_batch_size
         self._on_fatal = on_fatal
 
-    def run(self, batch: list[WorkItem], staged: list[Tensor | None] | None = None) -> list[ItemOutput | BaseException]:
+    def run(
+        self, batch: list[WorkItem], staged: list[Tensor | None] | None = None, deliver: Deliver | None = None
+    ) -> list[ItemOutput | BaseException]:
         """`compute`, with a failure of the whole batch given to every item and a device failure reported."""
         try:
-            outputs = self.compute(batch, staged)
+            outputs = self.compute(batch, staged, deliver)
         except Exception as exc:
             log.exception("model %s: batch of %d failed", self.model.name, len(batch))
             outputs = [as_service_error(exc)] * len(batch)
@@ -106,12 +109,14 @@ class ModelBatches:
         return stage_pinned([item.pixels if isinstance(item.pixels, Tensor) else None for item in batch])
 
     def compute(
-        self, batch: list[WorkItem], staged: list[Tensor | None] | None = None
+        self, batch: list[WorkItem], staged: list[Tensor | None] | None = None, deliver: Deliver | None = None
     ) -> list[ItemOutput | BaseException]:
-        """Run a batch: decode its JPEGs, then one engine call per distinct ExplainPlan; predict items join the
-        first group whose method runs no extra forwards (else they run alone, first). `staged` holds inputs `stage`
+        """Run a batch: decode its JPEGs, then one engine call per distinct ExplainPlan, the cheapest first; predict
+        items join the first group whose method runs no extra forwards (else they run alone, first). Each group's
+        items are handed to `deliver(index, output)` as soon as the group is done. `staged` holds inputs `stage`
         prepared ahead (None where there is none). Device out-of-memory and sticky device errors come back as
         `as_service_error` words them."""
+        deliver = deliver or _keep
         outputs: list[ItemOutput | BaseException] = [RuntimeError("not computed")] * len(batch)
         inputs = self._decode_jpegs(batch, outputs)
         if staged is not None:
@@ -131,13 +136,17 @@ class ModelBatches:
             except Exception as exc:
                 for i in predict_only:
                     outputs[i] = as_service_error(exc)
-        for options, indices in groups.items():
-            members = indices + (predict_only if options == host else [])
+            for i in predict_only:
+                deliver(i, outputs[i])
+        for options in sorted(groups, key=_heaviness):
+            members = groups[options] + (predict_only if options == host else [])
             try:
                 self._explain_group(batch, inputs, members, options, outputs)
             except Exception as exc:
                 for i in members:
                     outputs[i] = as_service_error(exc)
+            for i in members:
+                deliver(i, outputs[i])
         return outputs
 
     def _decode_jpegs(self, batch: list[WorkItem], outputs: list[ItemOutput | BaseException]) -> list[Tensor | None]:
@@ -236,6 +245,19 @@ class ModelBatches:
             .table()
             .cpu()
         )
+
+
+def is_heavy(plan: ExplainPlan | None) -> bool:
+    """Work that runs extra forwards in chunks (perturbation methods, faithfulness scores): the queue's heavy lane."""
+    return plan is not None and any(_heaviness(plan))
+
+
+def _heaviness(plan: ExplainPlan) -> tuple[bool, bool]:
+    return get_method(plan.method).family == "perturbation", plan.faithfulness_steps is not None
+
+
+def _keep(_index: int, _output: object) -> None:
+    """No early delivery: the outputs come back with the batch."""
 
 
 def _jpeg(item: WorkItem) -> EncodedJpeg:

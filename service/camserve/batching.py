@@ -1,21 +1,34 @@
 """A bounded batching queue that knows nothing of what it batches, and the one thread that runs torch.
 
 `BatchQueue` takes payloads, hands each caller a future, and calls an injected batch function with up to
-`max_batch_size` payloads at a time on the `TorchThread`, so many clients share one forward pass. With `stage`
-and `overlap`, under a backlog the next batch is staged on another thread while the current one computes.
+`max_batch_size` payloads at a time on the `TorchThread`, so many clients share one forward pass. Each payload's
+future resolves as soon as the batch function delivers it, not at the end of the batch.
+
+Scheduling: two lanes. Cheap work (predictions, gradient methods) goes first. Heavy work (payloads that run
+extra forwards in chunks) runs when no cheap work waits, and at every chunk boundary (`camserve.cam.pauses`) it
+lets one batch of cheap work that arrived meanwhile run first. So cheap work never waits behind more than one
+chunk, and heavy work always gets one chunk per cheap batch: it cannot starve. Heavy batches run one after another
+(first come, first served). Within a lane, priority 1 (high) comes before 2 (normal, the default), before 3 (low).
+
+Load is counted in work (the caller's cost per payload, e.g. forward-equivalents): `pending_work` for autoscaling,
+`max_heavy_work` for refusing heavy work that would hold the thread for too long, and a measured rate for estimating
+how long a new heavy payload would wait (`estimate_s`). With `stage` and `overlap`, under a backlog the next cheap
+batch is staged on another thread while the current one computes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from camserve.cam.pauses import pausing
 from camserve.errors import NotReadyError, OverloadedError
 
 log = logging.getLogger(__name__)
@@ -23,8 +36,11 @@ log = logging.getLogger(__name__)
 P = TypeVar("P")  # what one item carries
 R = TypeVar("R")  # what the batch function gives one item
 
-BatchFunction = Callable[[list[P], list[Any] | None], list["R | BaseException"]]
+Deliver = Callable[[int, Any], None]
+BatchFunction = Callable[[list[P], list[Any] | None, Deliver], list[Any]]
 BatchObserver = Callable[[str, int, float], None]
+PRIORITIES = (1, 2, 3)  # high, normal, low
+NORMAL = 2
 
 
 class TorchThread:
@@ -46,16 +62,34 @@ class TorchThread:
         self.executor.shutdown(wait=False)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Entry(Generic[P, R]):
     payload: P
     future: asyncio.Future[R]
+    cost: int = 1
+    heavy: bool = False
     enqueued: float = field(default_factory=time.perf_counter)
+    settled: bool = False
+
+
+class _Lane:
+    """Entries waiting in one lane, by priority."""
+
+    def __init__(self) -> None:
+        self.waiting = {priority: deque[_Entry]() for priority in PRIORITIES}
+
+    def __len__(self) -> int:
+        return sum(len(d) for d in self.waiting.values())
+
+    def oldest(self) -> float | None:
+        return min((d[0].enqueued for d in self.waiting.values() if d), default=None)
 
 
 class BatchQueue(Generic[P, R]):
-    """Bounded queue + batches computed on the torch thread by `compute(payloads, staged)`, which returns one
-    result or exception per payload (in order). Payloads whose caller gave up are never computed."""
+    """Bounded two-lane queue + batches computed on the torch thread by `compute(payloads, staged, deliver)`.
+
+    `compute` returns one result or exception per payload (in order) and may `deliver(index, result)` earlier;
+    a payload is answered once, by whichever comes first. Payloads whose caller gave up are never computed."""
 
     def __init__(
         self,
@@ -66,6 +100,7 @@ class BatchQueue(Generic[P, R]):
         max_batch_size: int,
         max_queue: int,
         max_wait_ms: float = 0.0,
+        max_heavy_work: int | None = None,
         stage: Callable[[list[P]], list[Any]] | None = None,
         overlap: bool = False,
         on_batch: BatchObserver | None = None,
@@ -74,20 +109,27 @@ class BatchQueue(Generic[P, R]):
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.max_wait_s = max_wait_ms / 1000.0
+        self.max_heavy_work = max_heavy_work
         self._compute = compute
         self._stage = stage
         self._overlap = overlap and stage is not None
         self._on_batch = on_batch
         self._thread = thread
-        self._pending: deque[_Entry[P, R]] = deque()
+        self._lock = threading.Lock()  # lanes and work: the event loop submits, the torch thread takes at pauses
+        self._cheap, self._heavy = _Lane(), _Lane()
+        self._work = 0  # cost of everything queued or computing
+        self._heavy_work = 0
+        self._seconds_per_work: float | None = None  # measured on heavy batches
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._computing = 0
         self._staged_items = 0
 
+    # -- what it holds -----------------------------------------------------------------------
     @property
     def in_flight(self) -> int:
         """Items in the batch being computed now, and in the next one while it is staged."""
@@ -96,24 +138,55 @@ class BatchQueue(Generic[P, R]):
     @property
     def depth(self) -> int:
         """Items waiting (not yet computing)."""
-        return len(self._pending)
+        return len(self._cheap) + len(self._heavy)
 
+    @property
+    def pending_work(self) -> int:
+        """The cost of every item queued or computing (what an autoscaler should read)."""
+        return self._work
+
+    def estimate_s(self, cost: int) -> float | None:
+        """Seconds until heavy work of `cost` queued now would be done, from the measured rate (None: unmeasured)."""
+        if self._seconds_per_work is None:
+            return None
+        return (self._heavy_work + cost) * self._seconds_per_work
+
+    # -- the event loop's side ---------------------------------------------------------------
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"queue-{self.name}")
+        self._loop = asyncio.get_running_loop()
+        self._task = self._loop.create_task(self._run(), name=f"queue-{self.name}")
 
-    def submit(self, payloads: list[P]) -> list[asyncio.Future[R]]:
-        """Enqueue all payloads of one request, or none of them when the queue is full; one future each."""
+    def submit(
+        self, payloads: list[P], *, costs: Sequence[int] | None = None, heavy: bool = False, priority: int = NORMAL
+    ) -> list[asyncio.Future[R]]:
+        """Enqueue all payloads of one request in one lane, or none of them when it is full; one future each."""
         if self._closing:
             raise NotReadyError("the service is shutting down; retry on another instance")
-        if len(self._pending) + len(payloads) > self.max_queue:
-            raise OverloadedError(
-                f"model {self.name!r} is overloaded: {len(self._pending)} images are queued "
-                f"(limit {self.max_queue}); retry shortly",
-                retry_after_s=1,
-            )
+        if priority not in PRIORITIES:
+            raise ValueError(f"priority must be one of {PRIORITIES}, got {priority}")
+        costs = [1] * len(payloads) if costs is None else list(costs)
+        lane = self._heavy if heavy else self._cheap
         loop = asyncio.get_running_loop()
-        entries = [_Entry(payload, loop.create_future()) for payload in payloads]
-        self._pending.extend(entries)
+        with self._lock:
+            if len(lane) + len(payloads) > self.max_queue:
+                raise OverloadedError(
+                    f"model {self.name!r} is overloaded: {len(lane)} images are queued "
+                    f"(limit {self.max_queue}); retry shortly",
+                    retry_after_s=1,
+                )
+            work = sum(costs)
+            if heavy and self.max_heavy_work is not None and self._heavy_work + work > self.max_heavy_work:
+                wait = self.estimate_s(0)
+                raise OverloadedError(
+                    f"model {self.name!r} holds {self._heavy_work} forward-equivalents of heavy work (limit "
+                    f"{self.max_heavy_work}); this request adds {work}: retry later, or use a cheaper method",
+                    retry_after_s=max(1, round(wait)) if wait is not None else 5,
+                )
+            entries = [_Entry(p, loop.create_future(), cost, heavy) for p, cost in zip(payloads, costs, strict=True)]
+            lane.waiting[priority].extend(entries)
+            self._work += work
+            if heavy:
+                self._heavy_work += work
         self._idle.clear()
         self._wakeup.set()
         return [entry.future for entry in entries]
@@ -124,7 +197,7 @@ class BatchQueue(Generic[P, R]):
         try:
             await asyncio.wait_for(self._idle.wait(), timeout=timeout_s)
         except TimeoutError:
-            log.warning("queue %s: %d items unfinished at shutdown", self.name, len(self._pending))
+            log.warning("queue %s: %d items unfinished at shutdown", self.name, self.depth)
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -133,54 +206,55 @@ class BatchQueue(Generic[P, R]):
         loop = asyncio.get_running_loop()
         ahead: tuple[list[_Entry[P, R]], asyncio.Future[list[Any]]] | None = None
         while True:
+            staged: list[Any] | None = None
             if ahead is not None:
                 (batch, staging), ahead = ahead, None
                 try:
-                    staged: list[Any] | None = await staging
+                    staged = await staging
                 except Exception:  # staging is an optimisation: the batch then runs as it is
                     log.exception("queue %s: staging a batch failed", self.name)
-                    staged = None
                 self._staged_items = 0
+                heavy = False
             else:
-                if not self._pending:
+                if not self.depth:
                     self._idle.set()
                     self._wakeup.clear()
                     await self._wakeup.wait()
                     continue
-                if self.max_wait_s and len(self._pending) < self.max_batch_size:
+                if self.max_wait_s and 0 < len(self._cheap) < self.max_batch_size:
                     await self._hold_for_more()
-                batch, staged = self._take_batch(), None
+                batch, heavy = self._take_batch(heavy=False), False
+                if not batch:
+                    batch, heavy = self._take_batch(heavy=True), True
             if not batch:
                 continue
             started = time.perf_counter()
             self._computing = len(batch)
-            payloads = [entry.payload for entry in batch]
-            computing = self._thread.run(self._compute, payloads, staged)
-            if self._overlap and len(self._pending) >= self.max_batch_size:  # a full next batch waits anyway
-                following = self._take_batch()
+            computing = self._thread.run(self._compute_on_thread, batch, staged, heavy)
+            if self._overlap and not heavy and len(self._cheap) >= self.max_batch_size:  # a full batch waits anyway
+                following = self._take_batch(heavy=False)
                 self._staged_items = len(following)
                 assert self._stage is not None
                 ahead = (following, loop.run_in_executor(None, self._stage, [e.payload for e in following]))
             try:
-                outputs: list[Any] = await computing
+                outputs, nested_s = await computing
             except Exception as exc:  # the batch function should answer per item; if it raised, all fail
                 log.exception("queue %s: batch of %d failed", self.name, len(batch))
-                outputs = [exc] * len(batch)
+                outputs, nested_s = [exc] * len(batch), 0.0
             finally:
                 self._computing = 0
+            elapsed = time.perf_counter() - started
+            if heavy:
+                self._measure(sum(e.cost for e in batch), elapsed - nested_s)
             if self._on_batch is not None:
-                self._on_batch(self.name, len(batch), time.perf_counter() - started)
+                self._on_batch(self.name, len(batch), elapsed - nested_s)
             for entry, output in zip(batch, outputs, strict=True):
-                if entry.future.done():
-                    continue
-                if isinstance(output, BaseException):
-                    entry.future.set_exception(output)
-                else:
-                    entry.future.set_result(output)
+                self._resolve(entry, output)
 
     async def _hold_for_more(self) -> None:
-        deadline = self._pending[0].enqueued + self.max_wait_s
-        while len(self._pending) < self.max_batch_size:
+        oldest = self._cheap.oldest()
+        deadline = (oldest if oldest is not None else time.perf_counter()) + self.max_wait_s
+        while len(self._cheap) < self.max_batch_size:
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 return
@@ -190,11 +264,90 @@ class BatchQueue(Generic[P, R]):
             except TimeoutError:
                 return
 
-    def _take_batch(self) -> list[_Entry[P, R]]:
-        """Up to max_batch_size live entries; entries whose caller gave up are dropped here."""
+    def _resolve(self, entry: _Entry[P, R], output: Any) -> None:
+        """On the event loop: answer the entry (once) and count its work done."""
+        if entry.settled:
+            return
+        entry.settled = True
+        with self._lock:
+            self._work -= entry.cost
+            if entry.heavy:
+                self._heavy_work -= entry.cost
+        if entry.future.done():
+            return
+        if isinstance(output, BaseException):
+            entry.future.set_exception(output)
+        else:
+            entry.future.set_result(output)
+
+    def _measure(self, work: int, seconds: float) -> None:
+        if work <= 0 or seconds <= 0:
+            return
+        rate = seconds / work
+        self._seconds_per_work = rate if self._seconds_per_work is None else 0.7 * self._seconds_per_work + 0.3 * rate
+
+    def _take_batch(self, *, heavy: bool) -> list[_Entry[P, R]]:
+        """Up to max_batch_size live entries of one lane, highest priority first; entries whose caller gave up are
+        dropped here (their work with them). Called from the event loop, and from the torch thread at pauses."""
+        lane = self._heavy if heavy else self._cheap
         batch: list[_Entry[P, R]] = []
-        while self._pending and len(batch) < self.max_batch_size:
-            entry = self._pending.popleft()
-            if not entry.future.done():
-                batch.append(entry)
+        with self._lock:
+            for priority in PRIORITIES:
+                waiting = lane.waiting[priority]
+                while waiting and len(batch) < self.max_batch_size:
+                    entry = waiting.popleft()
+                    if not entry.future.done():
+                        batch.append(entry)
+                    elif not entry.settled:
+                        entry.settled = True
+                        self._work -= entry.cost
+                        self._heavy_work -= entry.cost if entry.heavy else 0
         return batch
+
+    # -- the torch thread's side -------------------------------------------------------------
+    def _compute_on_thread(
+        self, batch: list[_Entry[P, R]], staged: list[Any] | None, heavy: bool
+    ) -> tuple[list[Any], float]:
+        """Run one batch; a heavy one lets cheap batches run at its pauses. Returns its outputs and the seconds the
+        cheap batches took."""
+        nested = [0.0]
+        payloads = [entry.payload for entry in batch]
+        if not heavy:
+            return self._compute(payloads, staged, self._deliverer(batch)), 0.0
+
+        def run_cheap() -> None:
+            cheap = self._take_batch(heavy=False)
+            if not cheap:
+                return
+            started = time.perf_counter()
+            deliver = self._deliverer(cheap)
+            self._computing += len(cheap)
+            try:
+                outputs = self._compute([e.payload for e in cheap], None, deliver)
+            except Exception as exc:
+                log.exception("queue %s: batch of %d failed", self.name, len(cheap))
+                outputs = [exc] * len(cheap)
+            finally:
+                self._computing -= len(cheap)
+            seconds = time.perf_counter() - started
+            nested[0] += seconds
+            for index, output in enumerate(outputs):
+                deliver(index, output)
+            if self._on_batch is not None:
+                self._call_on_loop(self._on_batch, self.name, len(cheap), seconds)
+
+        with pausing(run_cheap):
+            outputs = self._compute(payloads, staged, self._deliverer(batch))
+        return outputs, nested[0]
+
+    def _deliverer(self, batch: list[_Entry[P, R]]) -> Deliver:
+        """`deliver(index, output)` for the batch function: answers that entry from the torch thread, at once."""
+
+        def deliver(index: int, output: Any) -> None:
+            self._call_on_loop(self._resolve, batch[index], output)
+
+        return deliver
+
+    def _call_on_loop(self, function: Callable[..., Any], *args: Any) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(function, *args)

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 from camserve.batches import FatalObserver, ItemOutput, ModelBatches, WorkItem
 from camserve.batching import BatchObserver, BatchQueue, TorchThread
-from camserve.errors import NotReadyError, RequestTimeoutError
+from camserve.errors import NotReadyError, OverloadedError, RequestTimeoutError
 from camserve.images import ImageLimits, decode_image, jpeg_for_gpu, resize_for_model
 from camserve.models import ModelRegistry, ServedModel
 from camserve.plan import ImagePayload, InferenceRequest, Plan, make_plan
@@ -59,11 +59,12 @@ class InferenceService:
             batches = ModelBatches(model, max_batch_size=settings.max_batch_size, on_fatal=on_fatal)
             self.queues[model.name] = BatchQueue(
                 model.name,
-                lambda items, staged, batches=batches: batches.run(items, staged),
+                lambda items, staged, deliver, batches=batches: batches.run(items, staged, deliver),
                 self.thread,
                 max_batch_size=settings.max_batch_size,
                 max_queue=settings.max_queue,
                 max_wait_ms=settings.max_wait_ms,
+                max_heavy_work=settings.max_heavy_forwards,
                 stage=batches.stage,
                 overlap=model.device.type == "cuda",
                 on_batch=on_batch,
@@ -89,6 +90,10 @@ class InferenceService:
     def images_in_flight(self) -> dict[str, int]:
         """Per model, the images in the batch being computed now."""
         return {name: q.in_flight for name, q in self.queues.items()}
+
+    def pending_forwards(self) -> dict[str, int]:
+        """Per model, the forward-equivalents of everything queued or computing."""
+        return {name: q.pending_work for name, q in self.queues.items()}
 
     def plan(self, request: InferenceRequest) -> Plan:
         return make_plan(request, self.registry, self.settings)
@@ -125,7 +130,10 @@ class InferenceService:
         if queue is None:
             raise NotReadyError("the service is not ready")
         items = [WorkItem(d.model_input, plan.explain, plan.classes) for d in decoded]  # type: ignore[arg-type]
-        gathered = asyncio.gather(*queue.submit(items))
+        costs = [plan.cost] * len(items)
+        if plan.heavy:
+            self._check_wait(queue.estimate_s(sum(costs)))
+        gathered = asyncio.gather(*queue.submit(items, costs=costs, heavy=plan.heavy, priority=plan.priority))
         deadline = time.monotonic() + self.settings.request_timeout_s
         while True:
             remaining = deadline - time.monotonic()
@@ -141,6 +149,16 @@ class InferenceService:
             if is_disconnected is not None and await is_disconnected():
                 _abandon(gathered)
                 raise ClientDisconnectedError("client disconnected")
+
+    def _check_wait(self, estimate_s: float | None) -> None:
+        """503 at once for heavy work that would not finish within the request timeout at the measured rate."""
+        limit = self.settings.request_timeout_s
+        if estimate_s is not None and estimate_s > limit:
+            raise OverloadedError(
+                f"this request would finish in about {estimate_s:.0f} s with the heavy work queued before it, past "
+                f"the request timeout of {limit:g} s; retry later, send fewer images, or use a gradient method",
+                retry_after_s=max(1, round(estimate_s - limit)),
+            )
 
 
 def _abandon(gathered: asyncio.Future) -> None:

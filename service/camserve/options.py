@@ -75,7 +75,23 @@ def _size_schema(schema: dict[str, Any]) -> None:
     ]
 
 
-class PredictOptions(TopKOption):
+class PriorityOption(BaseModel):
+    """Where the request's work goes in its model's queue (OIP v2 and Triton call it `priority` too)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    priority: Integer = Field(
+        0,
+        ge=0,
+        le=3,
+        description="scheduling priority: 1 high, 2 normal, 3 low; 0 the default (normal). Cheap work (predictions, "
+        "gradient methods) always runs before heavy work (Score-CAM, Ablation-CAM, faithfulness); within each, "
+        "higher priority runs first",
+        examples=[1],
+    )
+
+
+class PredictOptions(TopKOption, PriorityOption):
     """What every request of the own API may say: which model, and how many top classes per image."""
 
     model: str | None = Field(

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from camserve.batches import ExplainPlan
+from camserve.batches import ExplainPlan, is_heavy
+from camserve.batching import NORMAL as NORMAL_PRIORITY
 from camserve.cam import render
 from camserve.cam.faithfulness import forwards_per_explanation
 from camserve.cam.family import Method
@@ -44,17 +45,23 @@ class InferenceRequest:
     pictures: PictureOptions = field(default_factory=PictureOptions)
     heatmap: bool = True
     encoding: Literal["png", "base64"] = "base64"
+    priority: int = 0
 
 
 @dataclass(frozen=True)
 class Plan:
-    """An InferenceRequest checked against its model: what the batch runs (`explain`, `classes`) and renders."""
+    """An InferenceRequest checked against its model: what the batch runs (`explain`, `classes`) and renders, and
+    what each image costs in forward-equivalents (`cost`; a backward counts as two forwards) in which lane (`heavy`:
+    it runs extra forwards in chunks) at which priority (1 high, 2 normal, 3 low)."""
 
     request: InferenceRequest
     served: ServedModel
     top_k: int
     explain: ExplainPlan | None = None
     classes: list[int] | None = None
+    cost: int = 1
+    heavy: bool = False
+    priority: int = NORMAL_PRIORITY
 
     @property
     def pictures(self) -> PictureOptions:
@@ -73,9 +80,10 @@ def make_plan(request: InferenceRequest, registry: ModelRegistry, settings: Sett
     for payload in request.images:
         check_media_type(payload.content_type)
     top_k = min(request.top_k, served.num_classes)
+    priority = request.priority or NORMAL_PRIORITY
     explain = request.explain
     if explain is None:
-        return Plan(request, served, top_k)
+        return Plan(request, served, top_k, priority=priority)
     if not served.explainable:
         raise InvalidParameterError(
             f"model {served.name!r} is a TorchScript model: it can predict but not explain (CAMs need module "
@@ -85,15 +93,18 @@ def make_plan(request: InferenceRequest, registry: ModelRegistry, settings: Sett
     cam.check(counterfactual=explain.counterfactual)
     steps = _faithfulness_steps(explain, settings)
     layers = served.engine.resolve_layers(list(explain.layers)) if explain.layers else None
-    _check_extra_forwards(served, cam, len(request.images), layers, settings)
+    extra = _check_extra_forwards(served, cam, len(request.images), layers, settings)
     classes = [served.class_index(t) for t in explain.targets] if explain.targets else None
+    targets = len(classes) if classes else 1
+    cost = 1 + (2 * targets if cam.needs_gradient else 0) + extra // len(request.images)
     if steps is not None:
-        _check_faithfulness_budget(len(request.images), len(classes) if classes else 1, steps, settings)
+        _check_faithfulness_budget(len(request.images), targets, steps, settings)
+        cost += targets * forwards_per_explanation(steps)
     # from the headers: a refusal costs no decoding (an image whose header cannot be read is refused when decoded)
     sizes = [(height, width) for width, height in filter(None, (header_size(p.data) for p in request.images))]
-    _check_render_budget(served, sizes, len(classes) if classes else 1, request.pictures, settings)
+    _check_render_budget(served, sizes, targets, request.pictures, settings)
     plan = ExplainPlan(method=cam.name, layers=layers, counterfactual=explain.counterfactual, faithfulness_steps=steps)
-    return Plan(request, served, top_k, plan, classes)
+    return Plan(request, served, top_k, plan, classes, cost, is_heavy(plan), priority)
 
 
 def _faithfulness_steps(explain: ExplainOptions, settings: Settings) -> int | None:
@@ -117,8 +128,9 @@ def _check_faithfulness_budget(images: int, targets: int, steps: int, settings: 
 
 def _check_extra_forwards(
     served: ServedModel, cam: Method, images: int, layers: tuple[str, ...] | None, settings: Settings
-) -> None:
-    """Score-CAM and Ablation-CAM run one forward per image and layer channel: refuse more than the limit."""
+) -> int:
+    """The extra forwards of the request: Score-CAM and Ablation-CAM run one per image and layer channel (0 for
+    other methods). More than the limit is refused."""
     names = layers or served.engine.resolve_layers(None)
     trace = served.engine.trace()
     channels = [trace.channels(name) for name in names]
@@ -131,6 +143,7 @@ def _check_extra_forwards(
             f"of layer(s) {at}); the limit per request is {limit} (CAMSERVE_MAX_MASKED_FORWARDS): send fewer "
             "images, choose a layer with fewer channels, or use a gradient method"
         )
+    return needed
 
 
 def _check_render_budget(

@@ -81,6 +81,12 @@ class Settings(BaseSettings):
         description="most model forwards one request's faithfulness scores may take: images x targets x "
         "(1 + 2 x steps); beyond it 413",
     )
+    max_heavy_forwards: int = Field(
+        32768,
+        ge=1,
+        description="forward-equivalents of heavy work (Score-CAM, Ablation-CAM, faithfulness) one model may hold "
+        "queued or computing; beyond it new heavy requests get 503 while cheap ones are still served",
+    )
     max_masked_forwards: int = Field(
         16384,
         ge=0,
@@ -148,6 +154,12 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _queue_holds_a_request(self) -> Settings:
+        largest = max(self.max_masked_forwards, self.max_faithfulness_forwards)
+        if self.max_heavy_forwards < largest:
+            raise ValueError(
+                f"CAMSERVE_MAX_HEAVY_FORWARDS ({self.max_heavy_forwards}) is below the largest request it must hold "
+                f"({largest}, CAMSERVE_MAX_MASKED_FORWARDS or CAMSERVE_MAX_FAITHFULNESS_FORWARDS)"
+            )
         if self.max_queue < self.max_images_per_request:
             raise ValueError(
                 f"CAMSERVE_MAX_QUEUE ({self.max_queue}) is below CAMSERVE_MAX_IMAGES_PER_REQUEST "

@@ -25,6 +25,13 @@ class Metrics:
             registry=r,
         )
         self.queue_depth = Gauge("camserve_queue_depth", "images waiting in the model's queue", ["model"], registry=r)
+        self.pending_forwards = Gauge(
+            "camserve_pending_forwards",
+            "forward-equivalents of the work queued or computing for the model (a backward counts as two): Score-CAM "
+            "of one image weighs its layer's channel count, a prediction one",
+            ["model"],
+            registry=r,
+        )
         self.inflight_images = Gauge(
             "camserve_inflight_images", "images in the model's batch being computed now", ["model"], registry=r
         )

@@ -6,7 +6,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from camserve.api.examples import BASE64_STRING, JPEG_BASE64
 from camserve.api.schemas import ExplainResult, PredictResult
-from camserve.options import ExplainOptions, PictureOptions, RawOption, TopKOption
+from camserve.options import ExplainOptions, PictureOptions, PriorityOption, RawOption, TopKOption
 
 
 class V1Base64(BaseModel):
@@ -25,7 +25,7 @@ class V1Instance(BaseModel):
     image: V1Base64
 
 
-class V1PredictRequest(TopKOption):
+class V1PredictRequest(TopKOption, PriorityOption):
     """`{"instances": [{"image": {"b64": "..."}}, ...]}`; `top_k` beside `instances`."""
 
     model_config = ConfigDict(

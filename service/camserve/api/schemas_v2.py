@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from camserve.api.examples import JPEG_BASE64
 from camserve.api.schemas import Integer
-from camserve.options import ExplainOptions, PictureOptions
+from camserve.options import ExplainOptions, PictureOptions, PriorityOption
 
 INPUT = "images"
 PROBABILITIES, EXPLAINED_CLASS, CAM, HEATMAP, OVERLAY = "probabilities", "explained_class", "cam", "heatmap", "overlay"
@@ -56,7 +56,7 @@ class V2ModelReady(BaseModel):
     ready: bool
 
 
-class V2Parameters(ExplainOptions, PictureOptions):
+class V2Parameters(ExplainOptions, PictureOptions, PriorityOption):
     """The request's `parameters`: the `/explain` options (any of them asks for an explanation; `overlay` and
     `faithfulness` also add their outputs) and the standard `binary_data_output`. `target` and `layer` also take a
     comma-separated string (OIP parameters are usually scalars)."""
@@ -68,7 +68,6 @@ class V2Parameters(ExplainOptions, PictureOptions):
         None, description="binary tensor extension: every output not saying otherwise comes as binary data"
     )
     timeout: Integer | None = Field(None, description="accepted and ignored: the server's request timeout applies")
-    priority: Integer | None = Field(None, description="accepted and ignored")
 
     @field_validator("target", "layer", mode="before")
     @classmethod

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from torchvision.transforms.functional import gaussian_blur
 
+from camserve.cam.pauses import pause
 from camserve.cam.render import heatmaps
 
 Predict = Callable[[Tensor], Tensor]  # normalized inputs [B, 3, H, W] -> logits [B, C]
@@ -150,6 +151,7 @@ def evaluate(
 
     scores = torch.empty(rows * columns, dtype=torch.float32, device=inputs.device)
     for first, jobs in _chunks(rows * columns, chunk):
+        pause()  # each chunk of perturbed inputs: other work may run first
         batch = torch.stack([image(*divmod(job, columns)) for job in jobs])
         target = torch.tensor([classes[job // columns] for job in jobs], device=inputs.device)
         probabilities = torch.softmax(predict(batch).float(), dim=1)

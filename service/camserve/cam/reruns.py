@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from camserve.cam.family import LayerInput
+from camserve.cam.pauses import pause
 from camserve.cam.runtime import RuntimeTable
 from camserve.cam.split import ModelSplit, SplitError, batch_multiple, carried_kinds, export_model, split_model
 
@@ -55,7 +56,8 @@ class EngineReruns:
 
     def logits(self, inputs: Tensor) -> Tensor:
         """A full forward without autograd: on the engine's runtime for this batch size, else eager with 4-D CPU
-        inputs channels-last (measured ~1.3x faster for CNNs)."""
+        inputs channels-last (measured ~1.3x faster for CNNs). Each call is one chunk: other work may run first."""
+        pause()
         if self.runtime is not None:
             logits = self.runtime.attempt(inputs.shape[0], lambda backend: backend.logits(inputs).float())
             if logits is not None:
@@ -151,6 +153,7 @@ class _SplitSuffix:
             self._carried = tuple(carried)
 
     def __call__(self, image: int, rows: Tensor) -> Tensor:
+        pause()  # each chunk of ablated rows: other work may run first
         count = rows.shape[0]
         carried: list[object] = []
         for i, kind in enumerate(self.plan.kinds):
@@ -183,6 +186,7 @@ class _HookSuffix:
         self.batch_size = rows
 
     def __call__(self, image: int, rows: Tensor) -> Tensor:
+        pause()  # before this call's hook exists: other work may run first
         owner, seen = threading.get_ident(), [0]
 
         def replace(_module: nn.Module, _inputs: object, output: object) -> Tensor | None:

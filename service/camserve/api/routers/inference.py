@@ -73,7 +73,7 @@ async def predict(
 ) -> dict:
     images, body = await read_images(request, settings.max_images_per_request)
     options = pick(PredictOptions, query, body)
-    inference = InferenceRequest(images, model=options.model, top_k=options.top_k)
+    inference = InferenceRequest(images, model=options.model, top_k=options.top_k, priority=options.priority)
     result = await service.infer(inference, request.is_disconnected)
     return predict_response(result)
 
@@ -98,6 +98,7 @@ async def explain(
         images,
         model=options.model,
         top_k=options.top_k,
+        priority=options.priority,
         explain=pick(ExplainOptions, options),
         pictures=pick(PictureOptions, options),
     )

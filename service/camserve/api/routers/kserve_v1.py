@@ -67,7 +67,7 @@ async def predict(
     request: Request,
     service: Annotated[InferenceService, Depends(get_service)],
 ) -> dict:
-    inference = InferenceRequest(_images(body.instances), model=name, top_k=body.top_k)
+    inference = InferenceRequest(_images(body.instances), model=name, top_k=body.top_k, priority=body.priority)
     result = await service.infer(inference, request.is_disconnected)
     return {"predictions": [predict_result(image) for image in result.images]}
 
@@ -87,7 +87,12 @@ async def explain(
 ) -> dict:
     images = _images(body.instances)
     inference = InferenceRequest(
-        images, model=name, top_k=body.top_k, explain=pick(ExplainOptions, body), pictures=pick(PictureOptions, body)
+        images,
+        model=name,
+        top_k=body.top_k,
+        explain=pick(ExplainOptions, body),
+        pictures=pick(PictureOptions, body),
+        priority=body.priority,
     )
     result = await service.infer(inference, request.is_disconnected)
     explanations = await asyncio.to_thread(lambda: [explain_result(image, body.raw) for image in result.images])

@@ -22,6 +22,8 @@ async def metrics(request: Request) -> Response:
     if state.service is not None:
         for model, depth in state.service.queue_depths().items():
             state.metrics.queue_depth.labels(model).set(depth)
+        for model, work in state.service.pending_forwards().items():
+            state.metrics.pending_forwards.labels(model).set(work)
         for model, count in state.service.images_in_flight().items():
             state.metrics.inflight_images.labels(model).set(count)
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

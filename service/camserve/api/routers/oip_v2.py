@@ -316,6 +316,7 @@ def _plan(parsed: V2InferenceRequest, images: list[ImagePayload], served: Served
         pictures=pictures,
         heatmap=HEATMAP in requested,
         encoding="png",
+        priority=parameters.priority,
     )
     return _Plan(inference, requested)
 
