@@ -380,7 +380,7 @@ async def test_inputs_found_by_fuzzing_are_4xx_not_500(registry, cat_jpeg, monke
             (
                 await client.post("/predict?method=gradcam", content=cat_jpeg, headers=jpeg),
                 422,
-                "unknown query parameter 'method'; this route takes: model, priority, top_k",
+                "unknown query parameter 'method'; this route takes: model, priority, threshold, top_k",
             ),
             (
                 await client.post("/predict", json={**as_json, "method": "gradcam", "target": 1, "overlay": None}),

@@ -51,7 +51,7 @@ class PgcScoreCAM(OurScoreCAM):
         high = up.flatten(1).amax(1)[:, None, None, None]
         return (up - low) / (high - low + 1e-8)
 
-    def score(self, logits):
+    def score(self, logits, reruns=None):
         return logits.float()
 
 

@@ -12,11 +12,11 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor
 
 from camserve.cam import faithfulness
 from camserve.cam.engine import Explanation
+from camserve.cam.heads import probabilities as probabilities_of
 from camserve.cam.methods import get_method
 from camserve.device_faults import as_service_error
 from camserve.errors import DeviceFailedError
@@ -50,6 +50,8 @@ class ExplainPlan:
     layers: tuple[str, ...] | None
     counterfactual: bool
     faithfulness_steps: int | None = None
+    #: images without targets explain every class at or above this probability (sigmoid heads); None: top-1
+    above: float | None = None
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,7 @@ class ModelBatches:
         if predict_only and host is None:  # alone, and first: not behind a long Score-CAM
             try:
                 x = self._inputs(inputs, predict_only)
-                probabilities = torch.softmax(self.model.engine.predict(x), dim=1).cpu()
+                probabilities = probabilities_of(self.model.engine.predict(x), self.model.head).cpu()
                 for row, i in enumerate(predict_only):
                     outputs[i] = ItemOutput(probabilities=probabilities[row])
             except Exception as exc:
@@ -198,10 +200,17 @@ class ModelBatches:
         x = self._inputs(inputs, members)
         targets = [batch[i].targets if batch[i].options is not None else [] for i in members]
         result = self.model.engine.explain(
-            x, targets, method=options.method, layers=options.layers, counterfactual=options.counterfactual
+            x,
+            targets,
+            method=options.method,
+            layers=options.layers,
+            counterfactual=options.counterfactual,
+            above=options.above,
         )
-        counts = [1 if t is None else len(t) for t in targets]
-        probabilities = torch.softmax(result.logits, dim=1)
+        counts = [0] * len(members)
+        for image, _ in result.pairs:  # the engine's rows are image-major per round; count them per image
+            counts[image] += 1
+        probabilities = probabilities_of(result.logits, self.model.head)
         scores = None
         if options.faithfulness_steps is not None and result.pairs:
             scores = self._faithfulness(x, result, probabilities, options.faithfulness_steps)
@@ -240,6 +249,7 @@ class ModelBatches:
                 mean=self.model.mean,
                 std=self.model.std,
                 steps=steps,
+                head=self.model.head,
                 chunk=self.max_batch_size,
             )
             .table()

@@ -21,6 +21,7 @@ from camserve.settings import MAX_FAITHFULNESS_STEPS, MIN_FAITHFULNESS_STEPS
 MAX_TARGETS = 20  # classes explained per image: each costs a backward round and a PNG per image
 MAX_LAYERS = 8
 DEFAULT_TOP_K = 5
+DEFAULT_THRESHOLD = 0.5  # a sigmoid head's classes explained by default: those at or above it
 PICTURE_SIZES: tuple[str, ...] = ("original", "model")  # or a maximum side in pixels, 1..MAX_PICTURE_SIDE
 Picked = TypeVar("Picked", bound=BaseModel)
 
@@ -33,6 +34,8 @@ def _not_a_bool(value: object) -> object:
 
 #: An integer in a request: JSON true/false are refused rather than read as 1/0.
 Integer = Annotated[int, BeforeValidator(_not_a_bool)]
+#: A number in a request, likewise.
+Number = Annotated[float, BeforeValidator(_not_a_bool)]
 
 
 def _invalid(message: str) -> PydanticCustomError:
@@ -62,6 +65,15 @@ class TopKOption(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     top_k: Integer = Field(DEFAULT_TOP_K, ge=1, description="number of top predictions per image", examples=[5])
+    threshold: Number | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="also return every class whose probability is at least this (beyond top_k): the labels a "
+        "multi-label (sigmoid) model assigns. On a sigmoid model, /explain without targets explains every class at "
+        f"or above it (default {DEFAULT_THRESHOLD}; at least the top one, at most {MAX_TARGETS})",
+        examples=[0.5],
+    )
 
 
 def _size_schema(schema: dict[str, Any]) -> None:
@@ -178,7 +190,7 @@ class PictureOptions(BaseModel):
         examples=["jet"],
         json_schema_extra={"enum": list(COLORMAPS)},
     )
-    alpha: float = Field(0.5, ge=0.0, le=1.0, description="overlay opacity of the heatmap", examples=[0.5])
+    alpha: Number = Field(0.5, ge=0.0, le=1.0, description="overlay opacity of the heatmap", examples=[0.5])
     overlay_format: str = Field(
         "png",
         description=f"overlay file format: {', '.join(OVERLAY_FORMATS)} (heatmaps are always PNG)",

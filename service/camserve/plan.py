@@ -21,7 +21,7 @@ from camserve.cam.methods import get_method
 from camserve.errors import InvalidParameterError, PayloadTooLargeError
 from camserve.images import check_media_type, header_size
 from camserve.models import ModelRegistry, ServedModel
-from camserve.options import DEFAULT_TOP_K, ExplainOptions, PictureOptions
+from camserve.options import DEFAULT_THRESHOLD, DEFAULT_TOP_K, ExplainOptions, PictureOptions
 from camserve.settings import Settings
 
 
@@ -46,6 +46,7 @@ class InferenceRequest:
     heatmap: bool = True
     encoding: Literal["png", "base64"] = "base64"
     priority: int = 0
+    threshold: float | None = None
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,12 @@ def make_plan(request: InferenceRequest, registry: ModelRegistry, settings: Sett
     # from the headers: a refusal costs no decoding (an image whose header cannot be read is refused when decoded)
     sizes = [(height, width) for width, height in filter(None, (header_size(p.data) for p in request.images))]
     _check_render_budget(served, sizes, targets, request.pictures, settings)
-    plan = ExplainPlan(method=cam.name, layers=layers, counterfactual=explain.counterfactual, faithfulness_steps=steps)
+    above = None  # a sigmoid head without targets explains every class its threshold assigns
+    if classes is None and served.head == "sigmoid":
+        above = DEFAULT_THRESHOLD if request.threshold is None else request.threshold
+    plan = ExplainPlan(
+        method=cam.name, layers=layers, counterfactual=explain.counterfactual, faithfulness_steps=steps, above=above
+    )
     return Plan(request, served, top_k, plan, classes, cost, is_heavy(plan), priority)
 
 

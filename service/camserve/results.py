@@ -77,6 +77,7 @@ class ImageResult:
 class InferenceResult:
     model: str
     images: list[ImageResult]
+    head: str = "softmax"  # what the probabilities are: softmax (sum to 1) or sigmoid (independent per class)
     method: str | None = None  # None: nothing was explained
     layers: tuple[str, ...] = ()
     counterfactual: bool = False
@@ -90,27 +91,32 @@ def build_results(plan: Plan, images: list[Decoded], outputs: list[ItemOutput], 
             width=image.width,
             height=image.height,
             probabilities=output.probabilities.numpy(),
-            predictions=top_k(plan.served, output.probabilities, plan.top_k),
+            predictions=top_k(plan.served, output.probabilities, plan.top_k, plan.request.threshold),
             explanations=_explanations(plan, image, output, png_level),
             picture_size=_picture_size(plan, image) if output.maps is not None and resized else None,
         )
         for image, output in zip(images, outputs, strict=True)
     ]
+    head = plan.served.head
     if plan.explain is None:
-        return InferenceResult(model=plan.served.name, images=results)
+        return InferenceResult(model=plan.served.name, images=results, head=head)
     return InferenceResult(
         model=plan.served.name,
         images=results,
+        head=head,
         method=plan.explain.method,
         layers=tuple(outputs[0].layers),
         counterfactual=plan.explain.counterfactual,
     )
 
 
-def top_k(served: ServedModel, probabilities: Tensor, k: int) -> list[Prediction]:
-    """The k most probable classes, in numpy: this runs off the torch thread, where torch ops must not."""
+def top_k(served: ServedModel, probabilities: Tensor, k: int, threshold: float | None = None) -> list[Prediction]:
+    """The k most probable classes, and every other class at or above `threshold`, most probable first; in numpy:
+    this runs off the torch thread, where torch ops must not."""
     values = probabilities.numpy()
-    indices = np.argsort(-values, kind="stable")[:k]
+    order = np.argsort(-values, kind="stable")
+    above = int((values >= threshold).sum()) if threshold is not None else 0
+    indices = order[: max(k, above)]
     return [Prediction(index=int(i), label=served.labels[int(i)], score=float(values[i])) for i in indices]
 
 

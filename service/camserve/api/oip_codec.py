@@ -177,7 +177,11 @@ def serialize(array: np.ndarray, datatype: str) -> bytes:
 
 # -- the response -----------------------------------------------------------------------------
 def encode_response(
-    model: str, version: str, request_id: str | None, outputs: Iterable[OutputTensor]
+    model: str,
+    version: str,
+    request_id: str | None,
+    outputs: Iterable[OutputTensor],
+    parameters: dict[str, Any] | None = None,
 ) -> tuple[bytes, dict[str, str]]:
     """The response body and its headers: JSON, or (when any output is binary) the JSON header, then each binary
     output's data in order, with Content-Type application/octet-stream and Inference-Header-Content-Length."""
@@ -197,6 +201,8 @@ def encode_response(
     body: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": entries}
     if request_id is not None:
         body["id"] = request_id
+    if parameters:
+        body["parameters"] = parameters
     header = json.dumps(body, separators=(",", ":")).encode()
     if not blobs:
         return header, {"content-type": JSON_MEDIA_TYPE}

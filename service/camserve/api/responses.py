@@ -36,12 +36,13 @@ def explain_result(image: ImageResult, raw: bool) -> dict:
 
 
 def predict_response(result: InferenceResult) -> dict:
-    return {"model": result.model, "results": [predict_result(image) for image in result.images]}
+    return {"model": result.model, "head": result.head, "results": [predict_result(image) for image in result.images]}
 
 
 def explain_response(result: InferenceResult, raw: bool) -> dict:
     return {
         "model": result.model,
+        "head": result.head,
         "method": result.method,
         "layers": list(result.layers),
         "counterfactual": result.counterfactual,

@@ -20,7 +20,11 @@ class ErrorResponse(BaseModel):
 class Prediction(BaseModel):
     index: int = Field(description="class index", examples=[285])
     label: str = Field(description="class label", examples=["Egyptian cat"])
-    score: float = Field(description="softmax probability", examples=[0.79])
+    score: float = Field(
+        description="probability: softmax (the scores of an image sum to 1), or sigmoid for a model whose `head` is "
+        "sigmoid (multi-label or binary: each class on its own)",
+        examples=[0.79],
+    )
 
 
 class PredictResult(BaseModel):
@@ -29,8 +33,15 @@ class PredictResult(BaseModel):
     predictions: list[Prediction]
 
 
+HEAD_FIELD = Field(
+    description="softmax: one label per image, scores sum to 1; sigmoid: independent labels (multi-label or binary)",
+    examples=["softmax"],
+)
+
+
 class PredictResponse(BaseModel):
     model: str = Field(examples=["efficientnet-lite0"])
+    head: str = HEAD_FIELD
     results: list[PredictResult] = Field(description="one result per image, in request order")
 
 
@@ -55,7 +66,7 @@ class Faithfulness(BaseModel):
 class Explanation(BaseModel):
     index: int = Field(description="explained class index", examples=[285])
     label: str = Field(examples=["Egyptian cat"])
-    score: float = Field(description="softmax probability of the explained class")
+    score: float = Field(description="probability of the explained class (softmax, or sigmoid per `head`)")
     heatmap: str = Field(
         description="base64 PNG (always lossless), 8-bit grayscale, width x height of the original image, or "
         "picture_width x picture_height when `size` resizes"
@@ -82,6 +93,7 @@ class ExplainResult(PredictResult):
 
 class ExplainResponse(BaseModel):
     model: str
+    head: str = HEAD_FIELD
     method: str = Field(examples=["gradcampp"])
     layers: list[str] = Field(description="target layers the maps come from", examples=[["_swish"]])
     counterfactual: bool
@@ -118,6 +130,7 @@ class ModelInfo(BaseModel):
     std: tuple[float, float, float]
     interpolation: str = Field(description="resampling filter of the resize: bilinear or bicubic (antialiased)")
     num_classes: int
+    head: str = HEAD_FIELD
     default_layer: str | None = Field(description="CAM layer used by default; null when the model cannot explain")
     runtime: RuntimeInfo = Field(description="what runs predictions and the default layer's prefix (CAMSERVE_RUNTIME)")
     default: bool

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from camserve.api.examples import BASE64_STRING, JPEG_BASE64
-from camserve.api.schemas import ExplainResult, PredictResult
+from camserve.api.schemas import HEAD_FIELD, ExplainResult, PredictResult
 from camserve.options import ExplainOptions, PictureOptions, PriorityOption, RawOption, TopKOption
 
 
@@ -48,10 +48,12 @@ class V1ExplainRequest(V1PredictRequest, ExplainOptions, PictureOptions, RawOpti
 
 class V1PredictResponse(BaseModel):
     predictions: list[PredictResult] = Field(description="one per instance, in order: what /predict gives per image")
+    head: str = HEAD_FIELD
 
 
 class V1ExplainResponse(BaseModel):
     explanations: list[ExplainResult] = Field(description="one per instance, in order: what /explain gives per image")
+    head: str = HEAD_FIELD
 
 
 class V1ModelStatus(BaseModel):

@@ -24,9 +24,10 @@ from camserve.cam.capture import ActivationCapture, guided_backprop
 from camserve.cam.errors import CamError, InvalidTargetError
 from camserve.cam.family import LayerInput, Method
 from camserve.cam.fastpath import CompiledSplit, noise
+from camserve.cam.heads import Head, probabilities
 from camserve.cam.layers import LayerTrace, choose_default_layer, resolve_layer, trace_layers
 from camserve.cam.methods import get_method
-from camserve.cam.pairs import PairPlan, TargetSpec, plan_pairs
+from camserve.cam.pairs import PairPlan, TargetSpec, plan_pairs, target_lists
 from camserve.cam.render import minmax_normalize, resize_maps
 from camserve.cam.reruns import EngineReruns
 from camserve.cam.runtime import Backend, RuntimeTable
@@ -66,9 +67,11 @@ class CamEngine:
         default_layer: str | None = None,
         gradient_scale: float | None = None,
         rerun_batch_size: int = 32,
+        head: Head = "softmax",
     ) -> None:
         """`gradient_scale`: a power of two for the backward's gradient output (None: 2**12 in float16, else 1).
-        `rerun_batch_size`: masked or ablated inputs per extra forward of Score-CAM and Ablation-CAM."""
+        `rerun_batch_size`: masked or ablated inputs per extra forward of Score-CAM and Ablation-CAM. `head`: what
+        the logits mean (`camserve.cam.heads`): the probability Score-CAM and callers use."""
         model.eval()
         for parameter in model.parameters():
             parameter.requires_grad_(False)
@@ -82,7 +85,8 @@ class CamEngine:
         self._trace_lock = threading.Lock()
         #: The backends serving predictions and the default layer's prefix, per batch size (None: eager).
         self.runtime: RuntimeTable | None = None
-        self._reruns = EngineReruns(model, self._autocast, rerun_batch_size)
+        self.head: Head = head
+        self._reruns = EngineReruns(model, self._autocast, rerun_batch_size, head)
 
     # -- structure ---------------------------------------------------------------------------
     def trace(self, example: Tensor | None = None) -> LayerTrace:
@@ -209,6 +213,11 @@ class CamEngine:
         self.runtime = runtime
         self._reruns.runtime = runtime
 
+    def use_head(self, head: Head) -> None:
+        """Read the logits as `head` says (softmax, or sigmoid for multi-label and single-logit models)."""
+        self.head = head
+        self._reruns.head = head
+
     def use_fast_path(self, fast: Backend | None) -> None:
         """Serve every batch size through `fast` (None: eagerly)."""
         self.use_runtime(None if fast is None else RuntimeTable.single(fast))
@@ -221,11 +230,14 @@ class CamEngine:
         method: str | Method = "gradcampp",
         layers: Sequence[str] | str | None = None,
         counterfactual: bool = False,
+        above: float | None = None,
+        most: int = 20,
     ) -> Explanation:
         """Logits and maps for `images` [B, 3, H, W] (already preprocessed).
 
-        `targets` gives per image the classes to explain (default: each image's top-1 prediction).
-        `counterfactual` uses -gradient: regions that lower the class score.
+        `targets` gives per image the classes to explain (default: each image's top-1 prediction; with `above`,
+        every class whose probability under the head is at least `above`, most probable first, at least the top-1
+        and at most `most`). `counterfactual` uses -gradient: regions that lower the class score.
         """
         cam = method if isinstance(method, Method) else get_method(method)
         cam.check(counterfactual=counterfactual)
@@ -238,7 +250,7 @@ class CamEngine:
 
         with torch.inference_mode(False), torch.no_grad():
             logits, activations = self._forward(images, names, modules, trace, record=cam.needs_gradient)
-            plan = self._pairs(targets, logits.detach())
+            plan = self._pairs(targets, logits.detach(), above, most)
             sign = -1.0 if counterfactual else 1.0
             grads = self._gradients(logits, activations, plan, sign) if cam.needs_gradient else [None] * len(names)
             logits = logits.detach().float()
@@ -307,8 +319,18 @@ class CamEngine:
             logits = backend.suffix(activation.clone(), carried)
         return logits, [activation]
 
-    def _pairs(self, targets: TargetSpec, logits: Tensor) -> PairPlan:
-        """Flatten per-image targets into (image, class) rows grouped by round; validate against the logits."""
+    def _pairs(self, targets: TargetSpec, logits: Tensor, above: float | None = None, most: int = 20) -> PairPlan:
+        """Flatten per-image targets into (image, class) rows grouped by round; validate against the logits. With
+        `above`, an image without targets gets the classes at or above it (at least its top-1, at most `most`)."""
+        if above is not None:
+            wanted = target_lists(targets, logits.shape[0])
+            if any(w is None for w in wanted):
+                values = probabilities(logits, self.head).cpu()
+                for i, chosen in enumerate(wanted):
+                    if chosen is None:
+                        order = values[i].argsort(descending=True, stable=True)[:most].tolist()
+                        wanted[i] = [c for c in order if values[i, c] >= above] or order[:1]
+                targets = wanted
         return plan_pairs(targets, logits)
 
     def _gradient_scales(self, logits: Tensor) -> list[float]:

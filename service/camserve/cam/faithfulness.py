@@ -23,6 +23,8 @@ import torch
 from torch import Tensor
 from torchvision.transforms.functional import gaussian_blur
 
+from camserve.cam.heads import Head
+from camserve.cam.heads import probabilities as head_probabilities
 from camserve.cam.pauses import pause
 from camserve.cam.render import heatmaps
 
@@ -122,11 +124,12 @@ def evaluate(
     std: Sequence[float],
     steps: int = DEFAULT_STEPS,
     chunk: int = 16,
+    head: Head = "softmax",
 ) -> Faithfulness:
     """Faithfulness of N explanations: row n explains class `classes[n]` of image `image_index[n]` of the
-    normalized `inputs` [B, C, H, W] with the raw map `maps[n]`; `y` [N] is that class's probability on the intact
-    image. The perturbed images go through `predict` at most `chunk` at a time, in row order; results float32 on
-    the inputs' device."""
+    normalized `inputs` [B, C, H, W] with the raw map `maps[n]`; `y` [N] is that class's probability (under the
+    model's `head`) on the intact image. The perturbed images go through `predict` at most `chunk` at a time, in
+    row order; results float32 on the inputs' device."""
     rows = maps.shape[0]
     if not (len(image_index) == len(classes) == y.shape[0] == rows):
         raise ValueError(f"{rows} maps, {len(image_index)} images, {len(classes)} classes and {y.shape[0]} scores")
@@ -154,7 +157,7 @@ def evaluate(
         pause()  # each chunk of perturbed inputs: other work may run first
         batch = torch.stack([image(*divmod(job, columns)) for job in jobs])
         target = torch.tensor([classes[job // columns] for job in jobs], device=inputs.device)
-        probabilities = torch.softmax(predict(batch).float(), dim=1)
+        probabilities = head_probabilities(predict(batch), head)
         scores[first : first + len(jobs)] = probabilities.gather(1, target.view(-1, 1).to(probabilities.device))[:, 0]
     scores = scores.view(rows, columns)
     y = y.float().to(scores.device).view(rows, 1)

@@ -70,6 +70,10 @@ class Reruns(Protocol):
         """The part of the network after `layer`, for ablated copies of its output."""
         ...
 
+    def probability(self, logits: Tensor) -> Tensor:
+        """The model's probabilities for `logits` [m, classes] (its head: softmax or sigmoid)."""
+        ...
+
 
 class Method:
     """A CAM method: `layer_map` gives one layer's maps, [N, h, w] after ReLU, one row per (image, class) pair."""

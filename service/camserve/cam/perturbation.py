@@ -5,7 +5,8 @@ reads its scores from the same forwards.
 
 - Score-CAM (Wang et al. 2020): channel k, upsampled to the input and min-max normalized to [0, 1], masks the
   model's input (the normalized tensor, so a masked-out pixel is the dataset mean); the weight of channel k for
-  class c is softmax over k of f_c(X * H_k) - f_c(X_b), f_c the softmax probability of class c. The baseline
+  class c is softmax over k of f_c(X * H_k) - f_c(X_b), f_c the model's probability of class c (softmax, or
+  sigmoid for a multi-label or binary head). The baseline
   term is the same for every k and cancels in the softmax, so no baseline forward is needed. A constant channel
   has no min-max normalization; its mask is 0 (as pytorch-grad-cam's is), so every such channel of every image
   shares one forward of the all-zero input.
@@ -57,9 +58,9 @@ class ScoreCAM(PerturbationMethod):
         scaled = (up - low[:, None, None, None]) / torch.where(spread > 0, spread, 1.0)
         return torch.where(spread > 0, scaled, 0.0)
 
-    def score(self, logits: Tensor) -> Tensor:
-        """f of a masked input, for every class: the softmax probability (the paper's confidence)."""
-        return torch.softmax(logits.float(), dim=1)
+    def score(self, logits: Tensor, reruns: Reruns) -> Tensor:
+        """f of a masked input, for every class: the model's probability (the paper's confidence)."""
+        return reruns.probability(logits)
 
     def channel_scores(self, layer: LayerInput, features: Tensor, reruns: Reruns) -> Tensor:
         """f_c(X * H_k) for every pair and channel, [N, K]; constant channels share one all-zero forward."""
@@ -74,9 +75,9 @@ class ScoreCAM(PerturbationMethod):
         size = (int(images.shape[-2]), int(images.shape[-1]))
         for chunk in (~constant).nonzero().squeeze(1).split(reruns.batch_size):
             masked = images[chunk // channels] * self.masks(flat[chunk], size).to(images.dtype)
-            scores[chunk] = self.score(reruns.logits(masked))[:, columns]
+            scores[chunk] = self.score(reruns.logits(masked), reruns)[:, columns]
         if bool(constant.any()):
-            baseline = self.score(reruns.logits(torch.zeros_like(images[:1])))[:, columns]
+            baseline = self.score(reruns.logits(torch.zeros_like(images[:1])), reruns)[:, columns]
             scores[constant] = baseline
         column_of = {c: i for i, c in enumerate(classes)}
         pair_columns = torch.tensor([column_of[c] for c in plan.classes], device=features.device)

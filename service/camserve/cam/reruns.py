@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from camserve.cam.family import LayerInput
+from camserve.cam.heads import Head, probabilities
 from camserve.cam.pauses import pause
 from camserve.cam.runtime import RuntimeTable
 from camserve.cam.split import ModelSplit, SplitError, batch_multiple, carried_kinds, export_model, split_model
@@ -41,12 +42,14 @@ class EngineReruns:
         model: nn.Module,
         autocast: Callable[[], AbstractContextManager[object]],
         batch_size: int = 32,
+        head: Head = "softmax",
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.model = model
         self.autocast = autocast
         self.batch_size = batch_size
+        self.head: Head = head
         self._lock = threading.Lock()
         self._exported: fx.GraphModule | None = None
         self._export_error: SplitError | None = None
@@ -67,6 +70,10 @@ class EngineReruns:
         with torch.inference_mode(), self.autocast():
             out = self.model(inputs).float()
         return out.clone()  # a normal tensor, usable outside inference mode
+
+    def probability(self, logits: Tensor) -> Tensor:
+        """The model's probabilities for `logits` (softmax, or sigmoid for a multi-label or binary head)."""
+        return probabilities(logits, self.head)
 
     def suffix(self, layer: LayerInput) -> _SplitSuffix | _HookSuffix:
         plan = self._split(layer)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from camserve.cam import CamEngine, UnknownLayerError
+from camserve.cam.heads import Head
 from camserve.device import configure_device, no_cuda_message
 from camserve.errors import InvalidParameterError, UnknownModelError
 from camserve.models.errors import ModelConfigError
@@ -66,6 +67,11 @@ class ServedModel:
         return len(self.labels)
 
     @property
+    def head(self) -> Head:
+        """softmax or sigmoid: what the probabilities of its logits are."""
+        return self.engine.head
+
+    @property
     def input_size(self) -> tuple[int, int]:
         return self.preprocessing.input_size
 
@@ -105,6 +111,16 @@ class ServedModel:
         self._label_index: dict[str, int] = {}
         for i, label in enumerate(self.labels):
             self._label_index.setdefault(label, i)
+
+
+def _head(spec: ModelSpec, said: Head | None, num_classes: int) -> Head:
+    """The head the models file names, else what the model says (a single logit is sigmoid), else softmax; a
+    models file contradicting the model is a ModelConfigError."""
+    why = "its config's problem_type" if said is not None else "it has a single output"
+    model_says = said or ("sigmoid" if num_classes == 1 else None)
+    if spec.head is not None and model_says is not None and spec.head != model_says:
+        raise ModelConfigError(f"model {spec.name!r}: head = {spec.head!r} contradicts the model ({why}: {model_says})")
+    return spec.head or model_says or "softmax"
 
 
 def load_model(
@@ -162,6 +178,7 @@ def load_model(
     labels = built.labels or [str(i) for i in range(num_classes)]
     if len(labels) != num_classes:
         raise ModelConfigError(f"model {spec.name!r}: {len(labels)} labels for a model with {num_classes} outputs")
+    engine.use_head(_head(spec, built.head, num_classes))
     choice = RuntimeChoice("eager", not_used={"every backend": "TorchScript (predict only)"})
     if explainable:
         choice = choose_runtime(

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from camserve.cam.heads import Head
 from camserve.models.errors import ModelConfigError
 from camserve.models.preprocessing import Interpolation
 from camserve.models.sources import SOURCE_FIELDS, AnySource, LocalPath
@@ -35,6 +36,9 @@ class ModelSpec(BaseModel):
     interpolation: Interpolation | None = None
     default_layer: str | None = None
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    #: what the logits mean: softmax (one label per image) or sigmoid (independent labels); None: from the model
+    #: (a Hugging Face problem_type; a single logit is sigmoid), else softmax
+    head: Head | None = None
     #: what runs this model's forwards (see service.models.runtimes): None follows CAMSERVE_RUNTIME
     runtime: RuntimeMode | None = None
     default: bool = False

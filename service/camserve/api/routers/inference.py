@@ -61,7 +61,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 @router.post(
     "/predict",
     response_model=PredictResponse,
-    summary="Classify images: top-k softmax probabilities per image",
+    summary="Classify images: the top-k classes per image, with their probabilities (softmax or sigmoid per head)",
     openapi_extra=_image_body("JsonPredictRequest"),
     responses=_ERRORS,
 )
@@ -73,7 +73,9 @@ async def predict(
 ) -> dict:
     images, body = await read_images(request, settings.max_images_per_request)
     options = pick(PredictOptions, query, body)
-    inference = InferenceRequest(images, model=options.model, top_k=options.top_k, priority=options.priority)
+    inference = InferenceRequest(
+        images, model=options.model, top_k=options.top_k, priority=options.priority, threshold=options.threshold
+    )
     result = await service.infer(inference, request.is_disconnected)
     return predict_response(result)
 
@@ -99,6 +101,7 @@ async def explain(
         model=options.model,
         top_k=options.top_k,
         priority=options.priority,
+        threshold=options.threshold,
         explain=pick(ExplainOptions, options),
         pictures=pick(PictureOptions, options),
     )

@@ -67,9 +67,11 @@ async def predict(
     request: Request,
     service: Annotated[InferenceService, Depends(get_service)],
 ) -> dict:
-    inference = InferenceRequest(_images(body.instances), model=name, top_k=body.top_k, priority=body.priority)
+    inference = InferenceRequest(
+        _images(body.instances), model=name, top_k=body.top_k, priority=body.priority, threshold=body.threshold
+    )
     result = await service.infer(inference, request.is_disconnected)
-    return {"predictions": [predict_result(image) for image in result.images]}
+    return {"predictions": [predict_result(image) for image in result.images], "head": result.head}
 
 
 @router.post(
@@ -90,13 +92,14 @@ async def explain(
         images,
         model=name,
         top_k=body.top_k,
+        threshold=body.threshold,
         explain=pick(ExplainOptions, body),
         pictures=pick(PictureOptions, body),
         priority=body.priority,
     )
     result = await service.infer(inference, request.is_disconnected)
     explanations = await asyncio.to_thread(lambda: [explain_result(image, body.raw) for image in result.images])
-    return {"explanations": explanations}
+    return {"explanations": explanations, "head": result.head}
 
 
 @router.get("/models/{name}", response_model=V1ModelStatus, summary="KServe v1: model status", responses=_ERRORS)

@@ -43,6 +43,7 @@ async def list_models(service: Annotated[InferenceService, Depends(get_service)]
                 std=m.std,
                 interpolation=m.interpolation,
                 num_classes=m.num_classes,
+                head=m.head,
                 default_layer=m.default_layer,
                 runtime=runtime_info(m.runtime),
                 default=m.name == default,

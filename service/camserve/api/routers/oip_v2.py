@@ -184,6 +184,7 @@ def _metadata(served: ServedModel) -> V2ModelMetadata:
         platform="pytorch",
         inputs=[V2TensorMetadata(name=INPUT, datatype="BYTES", shape=[-1])],
         outputs=outputs,
+        parameters={"head": served.head},
     )
 
 
@@ -348,5 +349,5 @@ def _scores(entry: ClassMap) -> list[float]:
 def _response(result: InferenceResult, outputs: dict[str, bool], request_id: str | None) -> Response:
     """The JSON response, or the JSON header and the binary outputs after it (binary tensor data extension)."""
     tensors = [OutputTensor(name, *_tensors(result, name), binary=binary) for name, binary in outputs.items()]
-    body, headers = oip_codec.encode_response(result.model, VERSION, request_id, tensors)
+    body, headers = oip_codec.encode_response(result.model, VERSION, request_id, tensors, {"head": result.head})
     return Response(body, media_type=headers.pop("content-type"), headers=headers)

@@ -11,6 +11,7 @@ from typing import Annotated
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo
 from torch import nn
 
+from camserve.cam.heads import Head
 from camserve.models.errors import ModelConfigError
 from camserve.models.preprocessing import Preprocessing
 
@@ -33,6 +34,8 @@ class Built:
     architecture: str
     preprocessing: Preprocessing
     labels: list[str] | None = None
+    #: what the source says its logits mean (a Hugging Face `problem_type`); None: it does not say
+    head: Head | None = None
 
 
 class Source(BaseModel):

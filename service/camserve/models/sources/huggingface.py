@@ -10,6 +10,7 @@ from PIL import Image
 from pydantic import model_validator
 from torch import nn
 
+from camserve.cam.heads import Head
 from camserve.models.errors import ModelConfigError
 from camserve.models.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from camserve.models.sources.base import Built, LocalPath, Source, import_extra
@@ -27,6 +28,10 @@ class LogitsOnly(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.hf(pixel_values=x, return_dict=True).logits
+
+
+#: What a Hugging Face `problem_type` says of the logits (regression is not a classifier's head).
+_HEADS: dict[str, Head] = {"multi_label_classification": "sigmoid", "single_label_classification": "softmax"}
 
 
 class HuggingFaceSource(Source):
@@ -63,7 +68,8 @@ class HuggingFaceSource(Source):
         config = model.config
         labels = [str(config.id2label[i]) for i in range(config.num_labels)] if config.id2label else None
         architecture = (config.architectures or [type(model).__name__])[0]
-        return Built(LogitsOnly(model), architecture, self._preprocessing(transformers, config), labels)
+        head = _HEADS.get(getattr(config, "problem_type", None) or "")
+        return Built(LogitsOnly(model), architecture, self._preprocessing(transformers, config), labels, head)
 
     def _preprocessing(self, transformers: ModuleType, config: Any) -> Preprocessing:
         """From the folder's image processor; without one, `config.image_size` and ImageNet's statistics."""
