@@ -16,8 +16,10 @@ from torch import Tensor
 
 from camserve.cam import faithfulness
 from camserve.cam.engine import Explanation
+from camserve.cam.family import Method
 from camserve.cam.heads import probabilities as probabilities_of
 from camserve.cam.methods import get_method
+from camserve.cam.rise import RISE
 from camserve.device_faults import as_service_error
 from camserve.errors import DeviceFailedError
 from camserve.images import (
@@ -52,6 +54,13 @@ class ExplainPlan:
     faithfulness_steps: int | None = None
     #: images without targets explain every class at or above this probability (sigmoid heads); None: top-1
     above: float | None = None
+    #: RISE's masks (None: its default)
+    rise_masks: int | None = None
+
+    def method_object(self) -> Method:
+        """The method to run, with this plan's parameters."""
+        method = get_method(self.method)
+        return method.with_masks(self.rise_masks) if isinstance(method, RISE) and self.rise_masks else method
 
 
 @dataclass(frozen=True)
@@ -202,7 +211,7 @@ class ModelBatches:
         result = self.model.engine.explain(
             x,
             targets,
-            method=options.method,
+            method=options.method_object(),
             layers=options.layers,
             counterfactual=options.counterfactual,
             above=options.above,

@@ -14,6 +14,7 @@ from pydantic_core import PydanticCustomError
 
 from camserve.cam.methods import METHOD_NAMES, get_method
 from camserve.cam.render import COLORMAPS, MAX_PICTURE_SIDE, OVERLAY_FORMATS
+from camserve.cam.rise import DEFAULT_MASKS as DEFAULT_RISE_MASKS
 from camserve.errors import CamserveError
 from camserve.numbers import whole_number
 from camserve.settings import MAX_FAITHFULNESS_STEPS, MIN_FAITHFULNESS_STEPS
@@ -21,6 +22,7 @@ from camserve.settings import MAX_FAITHFULNESS_STEPS, MIN_FAITHFULNESS_STEPS
 MAX_TARGETS = 20  # classes explained per image: each costs a backward round and a PNG per image
 MAX_LAYERS = 8
 DEFAULT_TOP_K = 5
+MAX_RISE_MASKS = 100_000
 DEFAULT_THRESHOLD = 0.5  # a sigmoid head's classes explained by default: those at or above it
 PICTURE_SIZES: tuple[str, ...] = ("original", "model")  # or a maximum side in pixels, 1..MAX_PICTURE_SIDE
 Picked = TypeVar("Picked", bound=BaseModel)
@@ -148,6 +150,15 @@ class ExplainOptions(BaseModel):
         description="deletion/insertion steps of the faithfulness scores (needs faithfulness=true; default "
         "CAMSERVE_FAITHFULNESS_STEPS, 16)",
         examples=[16],
+    )
+
+    rise_masks: Integer | None = Field(
+        None,
+        ge=1,
+        le=MAX_RISE_MASKS,
+        description=f"random masks of RISE (read with method=rise only; default {DEFAULT_RISE_MASKS}): one forward "
+        "each, within CAMSERVE_MAX_MASKED_FORWARDS",
+        examples=[1000],
     )
 
     @field_validator("method")

@@ -18,6 +18,7 @@ from camserve.cam import render
 from camserve.cam.faithfulness import forwards_per_explanation
 from camserve.cam.family import Method
 from camserve.cam.methods import get_method
+from camserve.cam.rise import RISE
 from camserve.errors import InvalidParameterError, PayloadTooLargeError
 from camserve.images import check_media_type, header_size
 from camserve.models import ModelRegistry, ServedModel
@@ -92,6 +93,8 @@ def make_plan(request: InferenceRequest, registry: ModelRegistry, settings: Sett
         )
     cam = get_method(explain.method)
     cam.check(counterfactual=explain.counterfactual)
+    if explain.rise_masks is not None and isinstance(cam, RISE):  # other methods take no masks: it is not read
+        cam = cam.with_masks(explain.rise_masks)
     steps = _faithfulness_steps(explain, settings)
     layers = served.engine.resolve_layers(list(explain.layers)) if explain.layers else None
     extra = _check_extra_forwards(served, cam, len(request.images), layers, settings)
@@ -108,7 +111,12 @@ def make_plan(request: InferenceRequest, registry: ModelRegistry, settings: Sett
     if classes is None and served.head == "sigmoid":
         above = DEFAULT_THRESHOLD if request.threshold is None else request.threshold
     plan = ExplainPlan(
-        method=cam.name, layers=layers, counterfactual=explain.counterfactual, faithfulness_steps=steps, above=above
+        method=cam.name,
+        layers=layers,
+        counterfactual=explain.counterfactual,
+        faithfulness_steps=steps,
+        above=above,
+        rise_masks=explain.rise_masks if isinstance(cam, RISE) else None,
     )
     return Plan(request, served, top_k, plan, classes, cost, is_heavy(plan), priority)
 

@@ -16,6 +16,7 @@ from camserve.cam.activation import EigenCAM
 from camserve.cam.errors import UnknownMethodError
 from camserve.cam.family import Family, LayerInput, Method, Reruns
 from camserve.cam.perturbation import AblationCAM, ScoreCAM
+from camserve.cam.rise import RISE
 
 
 class CamMethod(Method):
@@ -110,7 +111,7 @@ _METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         GradCAM(), GradCAMPlusPlus(), XGradCAM(), LayerCAM(), HiResCAM(), GuidedGradCAM(),
-        ScoreCAM(), AblationCAM(), EigenCAM(),
+        ScoreCAM(), AblationCAM(), EigenCAM(), RISE(),
     )
 }  # fmt: skip
 _ALIASES = {
