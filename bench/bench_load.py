@@ -31,6 +31,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
@@ -299,12 +300,14 @@ async def warm_up(url: str, path: str, photos: list[bytes]) -> None:
         await load_segment(metrics_reader(client), [httpx_poster(client)] * 4, path, photos, 2.0)
 
 
-def spawn(port: int, env: dict[str, str], device: str) -> subprocess.Popen:
+def spawn(port: int, env: dict[str, str], device: str, cwd: Path | None = None) -> subprocess.Popen:
+    """`camserve serve` on `port` (from `cwd` when given), once ready (up to 5 minutes: a first start exports)."""
     process = subprocess.Popen(
         [sys.executable, "-m", "camserve.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
         env={**os.environ, "CAMSERVE_DEVICE": device, "CAMSERVE_LOG_LEVEL": "warning", **env},
+        cwd=cwd,
     )
-    for _ in range(600):
+    for _ in range(1500):
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=1).status_code == 200:
                 return process

@@ -17,14 +17,13 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
 
-from bench.bench_load import jpegs
+from bench.bench_load import jpegs, spawn
 
 PORT = 8131
 BACKGROUND = {
@@ -33,23 +32,6 @@ BACKGROUND = {
     "ablationcam": "/explain?method=ablationcam",
     "gradcampp": "/explain?method=gradcampp",
 }
-
-
-def spawn(tree: Path) -> subprocess.Popen:
-    """`camserve serve` from `tree` (its service/ on the path), default settings, ready."""
-    env = {**os.environ, "PYTHONPATH": str(tree / "service"), "CAMSERVE_LOG_LEVEL": "warning", "CAMSERVE_DEVICE": "cpu"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "camserve.cli", "serve", "--host", "127.0.0.1", "--port", str(PORT)], cwd=tree, env=env
-    )
-    for _ in range(1500):
-        try:
-            if httpx.get(f"http://127.0.0.1:{PORT}/health/ready", timeout=1).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    raise RuntimeError(f"the server from {tree} did not become ready")
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -125,7 +107,7 @@ def main() -> int:
     trees = {"this": here} | ({"before": args.before.resolve()} if args.before else {})
     results: dict[str, dict] = {}
     for name, tree in trees.items():
-        process = spawn(tree)
+        process = spawn(PORT, {"PYTHONPATH": str(tree / "service")}, "cpu", cwd=tree)  # that tree's camserve
         try:
             results[name] = asyncio.run(measure(f"http://127.0.0.1:{PORT}", args.seconds))
         finally:
