@@ -730,6 +730,8 @@ async def test_several_models_are_served_side_by_side(registry, cat_jpeg, tmp_pa
         tiny_predict = await client.post("/predict?model=tiny-ts&top_k=10", content=cat_jpeg, headers=jpeg)
         default_predict = await client.post("/predict", content=cat_jpeg, headers=jpeg)
         tiny_explain = await client.post("/explain?model=tiny-ts", content=cat_jpeg, headers=jpeg)
+        rise_url = "/explain?model=tiny-ts&method=rise&rise_masks=40"
+        tiny_rise = await client.post(rise_url, content=cat_jpeg, headers=jpeg)
         tiny_layers = (await client.get("/models/tiny-ts/layers")).json()
     assert [(m["name"], m["default"], m["default_layer"]) for m in models] == [
         ("efficientnet-lite0", True, "_swish"),
@@ -738,6 +740,12 @@ async def test_several_models_are_served_side_by_side(registry, cat_jpeg, tmp_pa
     assert tiny_predict.status_code == 200 and len(tiny_predict.json()["results"][0]["predictions"]) == 4
     assert default_predict.json()["results"][0]["predictions"][0]["label"] == "Egyptian cat"
     assert tiny_explain.status_code == 422 and "TorchScript" in tiny_explain.json()["detail"]
+    assert "gradcampp" in tiny_explain.json()["detail"] and "explains with: rise" in tiny_explain.json()["detail"]
+    assert tiny_rise.status_code == 200, tiny_rise.text
+    rise = tiny_rise.json()
+    assert rise["layers"] == [] and rise["method"] == "rise"
+    top = rise["results"][0]["predictions"][0]["index"]
+    assert [e["index"] for e in rise["results"][0]["explanations"]] == [top]
     assert tiny_layers == {"model": "tiny-ts", "default_layer": None, "layers": []}
 
 

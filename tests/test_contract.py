@@ -182,7 +182,6 @@ def test_the_cli_flags_are_the_declared_options():
     assert _option_params(args) == [("counterfactual", "true"), ("faithfulness_steps", "8")]
 
 
-
 def test_the_document_describes_exactly_the_values_the_checks_accept():
     """colormap and overlay_format are enums; size's number, names and digit strings match what the check parses."""
     import re

@@ -316,9 +316,7 @@ async def test_a_backlog_stages_the_next_batch_during_compute(registry, chelsea,
 
     monkeypatch.setattr(worker_module, "stage_pinned", stage)
     thread = TorchThread()
-    queue = BatchQueue(
-        "m", compute, thread, max_batch_size=2, max_queue=16, stage=batches.stage, overlap=True
-    )
+    queue = BatchQueue("m", compute, thread, max_batch_size=2, max_queue=16, stage=batches.stage, overlap=True)
     queue.start()
     futures = queue.submit([WorkItem(p, None, None) for p in photos])
     outputs = await asyncio.gather(*futures)

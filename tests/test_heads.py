@@ -106,7 +106,10 @@ def test_score_cam_weighs_channels_by_the_heads_own_probability():
     """Score-CAM's confidence is the model's probability: sigmoid on a sigmoid head, computed here by hand."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+        torch.nn.Conv2d(3, 4, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
         torch.nn.Linear(4, 3),
     ).eval()
     with torch.no_grad():

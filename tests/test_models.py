@@ -110,7 +110,7 @@ def test_torchscript_and_entrypoint_models(tmp_path):
         torch.device("cpu"),
     )
     assert ts.num_classes == 4 and ts.labels == ["0", "1", "2", "3"]
-    assert not ts.explainable and ts.default_layer is None
+    assert ts.methods == ("rise",) and ts.default_layer is None
     assert ts.engine.predict(torch.rand(1, 3, 32, 32)).shape == (1, 4)
     ep = load_model(
         ModelSpec(

@@ -76,3 +76,19 @@ async def test_rise_over_http_takes_its_masks_from_one_option_and_counts_them_ag
     assert explanation["cam"] == again.json()["results"][0]["explanations"][0]["cam"]
     assert other_method.status_code == 200 and other_method.json()["method"] == "gradcam"  # masks not read
     assert too_many.status_code == 413 and "rise would run 101 extra forward passes" in too_many.json()["detail"]
+
+
+def test_a_torchscript_model_explains_with_rise_exactly_as_its_source_module_and_refuses_layer_methods():
+    module = TopLeft().eval()
+    scripted = CamEngine(torch.jit.script(module))
+    eager = CamEngine(module, default_layer="features")
+    x = torch.rand(2, 3, 48, 48, generator=torch.Generator().manual_seed(3))
+    got = scripted.explain(x, [[0, 1], [0]], method=RISE(masks=96))
+    want = eager.explain(x, [[0, 1], [0]], method=RISE(masks=96))
+    torch.testing.assert_close(got.maps, want.maps)
+    assert got.layers == () and got.pairs == [(0, 0), (0, 1), (1, 0)] == want.pairs
+    assert scripted.methods == ("rise",)
+    with pytest.raises(Exception, match="TorchScript model takes no hooks.*explains with: rise"):
+        scripted.explain(x, method="eigencam")
+    with pytest.raises(Exception, match="rise reads no layer"):
+        eager.explain(x, method="rise", layers="features")

@@ -392,5 +392,7 @@ def test_a_backend_failing_while_serving_falls_back_to_eager_saying_so_once(
         assert_same(engine, eager, x[:1], method="scorecam")
     assert engine.runtime.failures["onnxruntime"] >= 3
     warnings = [r.getMessage() for r in caplog.records if "onnxruntime failed" in r.getMessage()]
-    assert warnings == ["layer _swish: onnxruntime failed (RuntimeError: [ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : "
-                        "simulated); such calls run eagerly"]
+    assert warnings == [
+        "layer _swish: onnxruntime failed (RuntimeError: [ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : "
+        "simulated); such calls run eagerly"
+    ]

@@ -196,8 +196,10 @@ async def test_a_503_counts_work_and_priority_is_one_option_every_way_in(registr
         bad = await client.post("/predict?priority=7", content=cat_jpeg, headers=jpeg)
         bad_v2 = await client.post(
             "/v2/models/efficientnet-lite0/infer",
-            json={"inputs": [{"name": "images", "shape": [1], "datatype": "BYTES", "data": ["AA=="]}],
-                  "parameters": {"priority": 7}},
+            json={
+                "inputs": [{"name": "images", "shape": [1], "datatype": "BYTES", "data": ["AA=="]}],
+                "parameters": {"priority": 7},
+            },
         )
         assert (await first).status_code == 200
     assert second.status_code == 503 and second.headers["retry-after"]

@@ -134,9 +134,7 @@ class ExplainOptions(BaseModel):
         description=f"target layers by dotted module path (at most {MAX_LAYERS}; several = fusion); default per model",
         examples=[["_blocks.10", "_swish"]],
     )
-    counterfactual: bool = Field(
-        False, description="explain what lowers the class score (-gradient)", examples=[False]
-    )
+    counterfactual: bool = Field(False, description="explain what lowers the class score (-gradient)", examples=[False])
     faithfulness: bool = Field(
         False,
         description="also score each map: Average Drop / Increase in Confidence and deletion / insertion AUC "
@@ -249,8 +247,6 @@ class RawOption(BaseModel):
 
 class ExplainQuery(PredictOptions, ExplainOptions, PictureOptions, RawOption):
     """Every option of `/explain` (its query parameters, and its JSON body beside `images`)."""
-
-
 
 
 def describe_problems(errors: list[Any]) -> str:

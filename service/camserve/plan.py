@@ -15,6 +15,7 @@ from typing import Literal
 from camserve.batches import ExplainPlan, is_heavy
 from camserve.batching import NORMAL as NORMAL_PRIORITY
 from camserve.cam import render
+from camserve.cam.errors import MethodUnavailableError
 from camserve.cam.faithfulness import forwards_per_explanation
 from camserve.cam.family import Method
 from camserve.cam.methods import get_method
@@ -86,13 +87,12 @@ def make_plan(request: InferenceRequest, registry: ModelRegistry, settings: Sett
     explain = request.explain
     if explain is None:
         return Plan(request, served, top_k, priority=priority)
-    if not served.explainable:
-        raise InvalidParameterError(
-            f"model {served.name!r} is a TorchScript model: it can predict but not explain (CAMs need module "
-            "hooks); serve it as a torchvision or entry-point model to explain it"
-        )
     cam = get_method(explain.method)
-    cam.check(counterfactual=explain.counterfactual)
+    cam.check(counterfactual=explain.counterfactual, layers=bool(explain.layers))
+    try:
+        served.engine.check_method(cam)
+    except MethodUnavailableError as exc:
+        raise MethodUnavailableError(f"model {served.name!r}: {exc}") from None
     if explain.rise_masks is not None and isinstance(cam, RISE):  # other methods take no masks: it is not read
         cam = cam.with_masks(explain.rise_masks)
     steps = _faithfulness_steps(explain, settings)
@@ -145,9 +145,8 @@ def _check_extra_forwards(
 ) -> int:
     """The extra forwards of the request: Score-CAM and Ablation-CAM run one per image and layer channel (0 for
     other methods). More than the limit is refused."""
-    names = layers or served.engine.resolve_layers(None)
-    trace = served.engine.trace()
-    channels = [trace.channels(name) for name in names]
+    names = (layers or served.engine.resolve_layers(None)) if cam.reads_layer else ()
+    channels = [served.engine.trace().channels(name) for name in names]
     needed = cam.extra_forwards(images, channels)
     limit = settings.max_masked_forwards
     if needed > limit:

@@ -13,7 +13,6 @@ import dataclasses
 import threading
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -21,39 +20,18 @@ from torch import Tensor, nn
 
 from camserve.cam import scaling
 from camserve.cam.capture import ActivationCapture, guided_backprop
-from camserve.cam.errors import CamError, InvalidTargetError
+from camserve.cam.errors import CamError, InvalidTargetError, MethodUnavailableError
+from camserve.cam.explanation import Explanation, explain_input, fuse
 from camserve.cam.family import LayerInput, Method
 from camserve.cam.fastpath import CompiledSplit, noise
-from camserve.cam.heads import Head, probabilities
+from camserve.cam.heads import Head
 from camserve.cam.layers import LayerTrace, choose_default_layer, resolve_layer, trace_layers
-from camserve.cam.methods import get_method
-from camserve.cam.pairs import PairPlan, TargetSpec, plan_pairs, target_lists
-from camserve.cam.render import minmax_normalize, resize_maps
+from camserve.cam.methods import METHOD_NAMES, get_method
+from camserve.cam.pairs import PairPlan, TargetSpec, choose_pairs
+from camserve.cam.render import minmax_normalize
 from camserve.cam.reruns import EngineReruns
 from camserve.cam.runtime import Backend, RuntimeTable
 from camserve.cam.split import ModelSplit, SplitError, split_model
-
-
-@dataclass
-class Explanation:
-    """Maps for every (image, target) pair of a batch, and the logits of the same forward pass.
-
-    `maps` is the raw map (after ReLU, before normalization) for a single layer; for several layers
-    it is the fusion (each layer's map min-max normalized, resized to the largest, averaged); for
-    guided Grad-CAM it is max_c |guided backprop * Grad-CAM| at input resolution.
-    """
-
-    method: str
-    layers: tuple[str, ...]
-    counterfactual: bool
-    logits: Tensor
-    image_index: Tensor
-    class_index: Tensor
-    maps: Tensor
-    layer_maps: dict[str, Tensor] = field(default_factory=dict)
-    guided: Tensor | None = None
-    #: (image, class) of each row on the host, the same as image_index/class_index without a device sync.
-    pairs: list[tuple[int, int]] = field(default_factory=list)
 
 
 class CamEngine:
@@ -89,6 +67,24 @@ class CamEngine:
         self._reruns = EngineReruns(model, self._autocast, rerun_batch_size, head)
 
     # -- structure ---------------------------------------------------------------------------
+    @property
+    def scripted(self) -> bool:
+        """A TorchScript model: it takes no hooks, so only methods that read no layer explain it."""
+        return isinstance(self.model, torch.jit.ScriptModule)
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The methods this engine runs (`check_method` passes), in display order."""
+        return tuple(name for name in METHOD_NAMES if not self.scripted or not get_method(name).reads_layer)
+
+    def check_method(self, cam: Method) -> None:
+        """CamError, naming the methods that work, when this engine cannot run `cam`."""
+        if cam.name not in self.methods:
+            raise MethodUnavailableError(
+                f"a TorchScript model takes no hooks, so {cam.name}, which reads a layer, cannot explain it; "
+                f"it explains with: {', '.join(self.methods)}"
+            )
+
     def trace(self, example: Tensor | None = None) -> LayerTrace:
         """Module calls, output shapes, feature layouts and the default layer, found once.
 
@@ -240,17 +236,21 @@ class CamEngine:
         and at most `most`). `counterfactual` uses -gradient: regions that lower the class score.
         """
         cam = method if isinstance(method, Method) else get_method(method)
-        cam.check(counterfactual=counterfactual)
+        cam.check(counterfactual=counterfactual, layers=bool(layers))
+        self.check_method(cam)
         images = images.to(self.device)
         if images.dim() != 4:
             raise InvalidTargetError(f"images must be a [B, C, H, W] batch, got shape {tuple(images.shape)}")
+        if not cam.reads_layer:
+            logits = self.predict(images).clone()
+            return explain_input(cam, images, logits, self._reruns, targets, self.head, above, most)
         names = self.resolve_layers(layers, images)
         trace = self.trace()
         modules = {name: resolve_layer(self.model, name) for name in names}
 
         with torch.inference_mode(False), torch.no_grad():
             logits, activations = self._forward(images, names, modules, trace, record=cam.needs_gradient)
-            plan = self._pairs(targets, logits.detach(), above, most)
+            plan = choose_pairs(targets, logits.detach(), self.head, above, most)
             sign = -1.0 if counterfactual else 1.0
             grads = self._gradients(logits, activations, plan, sign) if cam.needs_gradient else [None] * len(names)
             logits = logits.detach().float()
@@ -261,7 +261,7 @@ class CamEngine:
                 layer = LayerInput(name, layout, calls, act.detach(), grad, images, plan, logits)
                 layer_maps[name] = cam.layer_map(layer, self._reruns)
             del activations, grads
-            maps = self._fuse(layer_maps) if len(names) > 1 else layer_maps[names[0]]
+            maps = fuse(layer_maps) if len(names) > 1 else layer_maps[names[0]]
             guided = None
             if cam.needs_input_gradient:
                 guided = self._guided(images, plan, sign, maps)
@@ -319,20 +319,6 @@ class CamEngine:
             logits = backend.suffix(activation.clone(), carried)
         return logits, [activation]
 
-    def _pairs(self, targets: TargetSpec, logits: Tensor, above: float | None = None, most: int = 20) -> PairPlan:
-        """Flatten per-image targets into (image, class) rows grouped by round; validate against the logits. With
-        `above`, an image without targets gets the classes at or above it (at least its top-1, at most `most`)."""
-        if above is not None:
-            wanted = target_lists(targets, logits.shape[0])
-            if any(w is None for w in wanted):
-                values = probabilities(logits, self.head).cpu()
-                for i, chosen in enumerate(wanted):
-                    if chosen is None:
-                        order = values[i].argsort(descending=True, stable=True)[:most].tolist()
-                        wanted[i] = [c for c in order if values[i, c] >= above] or order[:1]
-                targets = wanted
-        return plan_pairs(targets, logits)
-
     def _gradient_scales(self, logits: Tensor) -> list[float]:
         """Scales to try for one backward: see service.cam.scaling (float16 only, unless configured)."""
         if self.gradient_scale is not None:
@@ -372,13 +358,6 @@ class CamEngine:
             for buffer, grad in zip(out, grads, strict=True):
                 buffer[rnd.rows] = grad[rnd.images].float()
         return out
-
-    @staticmethod
-    def _fuse(layer_maps: dict[str, Tensor]) -> Tensor:
-        """Average of per-layer min-max normalized maps, resized to the largest layer."""
-        size = max((tuple(m.shape[-2:]) for m in layer_maps.values()), key=lambda s: s[0] * s[1])
-        stacked = [resize_maps(minmax_normalize(m), size) for m in layer_maps.values()]
-        return torch.stack(stacked).mean(dim=0)
 
     def _guided(
         self,

@@ -13,6 +13,10 @@ class UnknownMethodError(CamError):
     """The CAM method name is not one the engine implements."""
 
 
+class MethodUnavailableError(CamError):
+    """The model's form cannot run the method (no autograd, no hooks); the message names the methods that work."""
+
+
 class UnknownLayerError(CamError):
     """A layer path does not name a module of the model (or is unusable as a CAM layer)."""
 

@@ -47,6 +47,12 @@ class LayerInput:
         return self.layout.to_nchw(self.activation.float(), self.name)
 
 
+def input_layer(images: Tensor, plan: PairPlan, logits: Tensor) -> LayerInput:
+    """The input images as the "layer" of a method that reads none (`Method.reads_layer` False)."""
+    grid = (int(images.shape[-2]), int(images.shape[-1]))
+    return LayerInput("input", FeatureLayout("nchw", grid), 1, images, None, images, plan, logits)
+
+
 class Suffix(Protocol):
     """The network after one layer, for one image: rows that replace the layer's output -> logits [m, classes]."""
 
@@ -86,9 +92,14 @@ class Method:
     needs_input_gradient: ClassVar[bool] = False
     #: Whether `counterfactual` (the negated gradient: what lowers the score) means anything for the method.
     counterfactual: ClassVar[bool] = False
+    #: Whether the method reads a layer; one that does not (RISE) sees the input as its layer and needs only
+    #: whole-model forwards, so it explains any model that gives logits.
+    reads_layer: ClassVar[bool] = True
 
-    def check(self, *, counterfactual: bool) -> None:
-        """Raise CamError for option combinations the method does not define."""
+    def check(self, *, counterfactual: bool, layers: bool = False) -> None:
+        """Raise CamError for option combinations the method does not define (`layers`: layers were named)."""
+        if layers and not self.reads_layer:
+            raise CamError(f"{self.name} reads no layer (it perturbs the input itself); ask without layer")
         if counterfactual and not self.counterfactual:
             raise CamError(
                 f"counterfactual maps negate the gradient, and {self.name} uses none ({self.family} method); "

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from camserve.cam.errors import InvalidTargetError
+from camserve.cam.heads import Head, probabilities
 
 #: Per image: None (top-1 prediction), one class index, or a list of class indices (may be empty).
 TargetSpec = Sequence[int | Sequence[int] | None] | None
@@ -61,6 +62,23 @@ def _as_list(target: int | Sequence[int] | None, image: int) -> list[int] | None
             raise InvalidTargetError(f"target {item!r} for image {image} is not a class index")
         out.append(int(item))
     return out
+
+
+def choose_pairs(
+    targets: TargetSpec, logits: Tensor, head: Head = "softmax", above: float | None = None, most: int = 20
+) -> PairPlan:
+    """`plan_pairs`; with `above`, an image without targets gets the classes whose probability under `head` is at
+    least `above`, most probable first (at least its top-1, at most `most`)."""
+    if above is not None:
+        wanted = target_lists(targets, logits.shape[0])
+        if any(w is None for w in wanted):
+            values = probabilities(logits, head).cpu()
+            for i, chosen in enumerate(wanted):
+                if chosen is None:
+                    order = values[i].argsort(descending=True, stable=True)[:most].tolist()
+                    wanted[i] = [c for c in order if values[i, c] >= above] or order[:1]
+            targets = wanted
+    return plan_pairs(targets, logits)
 
 
 def plan_pairs(targets: TargetSpec, logits: Tensor) -> PairPlan:

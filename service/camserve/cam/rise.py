@@ -30,6 +30,7 @@ class RISE(PerturbationMethod):
     """RISE with `masks` random masks per image (one extra forward each)."""
 
     name: ClassVar[str] = "rise"
+    reads_layer: ClassVar[bool] = False
 
     def __init__(self, masks: int = DEFAULT_MASKS, seed: int = SEED) -> None:
         if masks < 1:
@@ -48,8 +49,9 @@ class RISE(PerturbationMethod):
         cell = (math.ceil(height / GRID), math.ceil(width / GRID))
         grids = (torch.rand(count, 1, GRID, GRID, generator=generator) < KEEP).float()
         upsampled = F.interpolate(grids, size=((GRID + 1) * cell[0], (GRID + 1) * cell[1]), mode="bilinear")
-        shifts = torch.randint(0, cell[0], (count,), generator=generator), torch.randint(
-            0, cell[1], (count,), generator=generator
+        shifts = (
+            torch.randint(0, cell[0], (count,), generator=generator),
+            torch.randint(0, cell[1], (count,), generator=generator),
         )
         return torch.stack(
             [upsampled[i, :, y : y + height, x : x + width] for i, (y, x) in enumerate(zip(*shifts, strict=True))]

@@ -55,8 +55,14 @@ class ServedModel:
 
     @property
     def explainable(self) -> bool:
-        """False for TorchScript models: they accept no hooks, so they only predict."""
-        return self.default_layer is not None
+        """Whether any method explains it (every model that gives logits: RISE reads no layer)."""
+        return bool(self.methods)
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The methods that explain it: every one for PyTorch modules; for forms without hooks or autograd
+        (TorchScript, ONNX) those that need neither."""
+        return self.engine.methods
 
     @property
     def name(self) -> str:
@@ -179,7 +185,7 @@ def load_model(
     if len(labels) != num_classes:
         raise ModelConfigError(f"model {spec.name!r}: {len(labels)} labels for a model with {num_classes} outputs")
     engine.use_head(_head(spec, built.head, num_classes))
-    choice = RuntimeChoice("eager", not_used={"every backend": "TorchScript (predict only)"})
+    choice = RuntimeChoice("eager", not_used={"every backend": "TorchScript (no split: whole-model forwards only)"})
     if explainable:
         choice = choose_runtime(
             spec.name,

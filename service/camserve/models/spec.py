@@ -50,8 +50,10 @@ class ModelSpec(BaseModel):
         if not isinstance(data, dict) or "source" in data:
             return data
         if "compile" in data:
-            raise ValueError('`compile` was replaced by `runtime` ("off" is "eager"; "auto" is "compiled", or "auto" '
-                             "for the fastest of every backend)")
+            raise ValueError(
+                '`compile` was replaced by `runtime` ("off" is "eager"; "auto" is "compiled", or "auto" '
+                "for the fastest of every backend)"
+            )
         common = {k: v for k, v in data.items() if k not in SOURCE_FIELDS}
         source = {k: v for k, v in data.items() if k in SOURCE_FIELDS}
         source.setdefault("kind", "builtin")
@@ -70,7 +72,7 @@ class ModelSpec(BaseModel):
             ignored += ["runtime"] if self.runtime not in (None, "eager") else []  # eager is what it gets anyway
             if ignored:
                 raise ValueError(
-                    f"a torchscript model only predicts (scripted modules take no hooks), so "
+                    f"a torchscript model takes no hooks (it explains only with methods that read no layer), so "
                     f"{' and '.join(ignored)} cannot apply; remove {'them' if len(ignored) > 1 else 'it'}"
                 )
         return self

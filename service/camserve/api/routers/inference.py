@@ -58,6 +58,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     504: {"model": ErrorResponse, "description": "timed out"},
 }
 
+
 @router.post(
     "/predict",
     response_model=PredictResponse,

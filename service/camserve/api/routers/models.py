@@ -64,7 +64,7 @@ async def list_layers(
     service: Annotated[InferenceService, Depends(get_service)],
 ) -> LayersResponse:
     served = service.model(name)
-    if not served.explainable:
+    if served.default_layer is None:  # no layer can be read (TorchScript)
         return LayersResponse(model=served.name, default_layer=None, layers=[])
     trace = served.engine.trace()
     layers = []

@@ -296,8 +296,8 @@ def _plan(parsed: V2InferenceRequest, images: list[ImagePayload], served: Served
     for name, output in (("faithfulness", FAITHFULNESS), ("overlay", OVERLAY)):
         if name in given and not getattr(parameters, name) and requested is not None and output in requested:
             raise InvalidParameterError(f"the {output} output was requested with the parameter {name}=false")
-    faithfulness = parameters.faithfulness if "faithfulness" in given else requested is not None and (
-        FAITHFULNESS in requested
+    faithfulness = (
+        parameters.faithfulness if "faithfulness" in given else requested is not None and (FAITHFULNESS in requested)
     )
     if requested is None:
         names = [PROBABILITIES]
