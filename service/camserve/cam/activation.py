@@ -19,8 +19,10 @@ def principal_projection(features: Tensor) -> Tensor:
     positions removed, projected on the matrix's first right singular vector v (one batched SVD on the device).
 
     The SVD's sign is arbitrary; the convention here is that v's loadings sum to a positive number (the largest
-    loading decides when they sum to exactly 0). Since the projection p = X v gives p . (X 1) = s1^2 (v . 1),
-    that is the sign under which the map correlates positively with the channel-summed activation.
+    loading decides when they sum to 0 within rounding, 1e-4 of their absolute sum: layer-normalized tokens sum
+    to 0 over channels, so there the sum is rounding noise that differs between runtimes). Since the projection
+    p = X v gives p . (X 1) = s1^2 (v . 1), that is the sign under which the map correlates positively with the
+    channel-summed activation.
     """
     batch, _, height, width = features.shape
     matrix = features.float().flatten(2).transpose(1, 2)  # [B, hw, K]
@@ -29,7 +31,8 @@ def principal_projection(features: Tensor) -> Tensor:
     first = vh[:, 0]  # [B, K]
     total = first.sum(dim=1, keepdim=True)
     largest = first.gather(1, first.abs().argmax(dim=1, keepdim=True))
-    sign = torch.where(total != 0, total.sign(), largest.sign())
+    rounding = total.abs() <= 1e-4 * first.abs().sum(dim=1, keepdim=True)
+    sign = torch.where(rounding, largest.sign(), total.sign())
     return (centered @ (first * sign).unsqueeze(-1)).reshape(batch, height, width)
 
 

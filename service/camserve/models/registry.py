@@ -13,6 +13,8 @@ from torch import nn
 
 from camserve.cam import CamEngine, UnknownLayerError
 from camserve.cam.heads import Head
+from camserve.cam.onnx_engine import OnnxEngine
+from camserve.cam.onnx_graph import OnnxGraph
 from camserve.device import configure_device, no_cuda_message
 from camserve.errors import InvalidParameterError, UnknownModelError
 from camserve.models.errors import ModelConfigError
@@ -42,8 +44,8 @@ class ServedModel:
     """One model as the service uses it."""
 
     spec: ModelSpec
-    module: nn.Module
-    engine: CamEngine
+    module: nn.Module | OnnxGraph
+    engine: CamEngine | OnnxEngine
     labels: list[str]
     device: torch.device
     default_layer: str | None
@@ -144,19 +146,27 @@ def load_model(
     per extra forward of Score-CAM and Ablation-CAM."""
     started = time.perf_counter()
     built = build_model(spec)
-    module = built.module.to(device).eval()
-    autocast = _DTYPES.get(spec.dtype)
-    if autocast is torch.float16 and device.type != "cuda":
-        raise ModelConfigError(f"model {spec.name!r}: dtype float16 needs a CUDA device (got {device})")
-    engine = CamEngine(
-        module, autocast_dtype=autocast, default_layer=spec.default_layer, rerun_batch_size=masked_batch_size
-    )
     height, width = built.preprocessing.input_size
+    onnx = isinstance(built.module, OnnxGraph)
+    if onnx:
+        device = _place_onnx(spec, built.module, device, (height, width))
+        engine: CamEngine | OnnxEngine = OnnxEngine(
+            built.module, default_layer=spec.default_layer, rerun_batch_size=masked_batch_size
+        )
+        module: nn.Module | OnnxGraph = built.module
+    else:
+        module = built.module.to(device).eval()
+        autocast = _DTYPES.get(spec.dtype)
+        if autocast is torch.float16 and device.type != "cuda":
+            raise ModelConfigError(f"model {spec.name!r}: dtype float16 needs a CUDA device (got {device})")
+        engine = CamEngine(
+            module, autocast_dtype=autocast, default_layer=spec.default_layer, rerun_batch_size=masked_batch_size
+        )
     example = torch.zeros(1, 3, height, width, device=device)
-    explainable = not isinstance(module, torch.jit.ScriptModule)  # TorchScript modules take no hooks
+    reads_layers = onnx or not isinstance(module, torch.jit.ScriptModule)  # TorchScript modules take no hooks
     default_layer: str | None = None
     try:
-        if explainable:
+        if reads_layers:
             engine.trace(example)
         logits = engine.predict(example)
     except ModelConfigError:
@@ -165,7 +175,7 @@ def load_model(
         raise ModelConfigError(
             f"model {spec.name!r}: a forward pass on a {height}x{width} input failed: {exc}"
         ) from exc
-    if explainable:
+    if reads_layers:
         try:
             (default_layer,) = engine.resolve_layers(None)  # the configured one, else the informative one
         except UnknownLayerError as exc:
@@ -173,9 +183,10 @@ def load_model(
             raise ModelConfigError(f"model {spec.name!r}: {what}{exc}") from exc
         if spec.default_layer is None and engine.trace().default is None:
             log.warning(
-                "model %s: no layer's gradient reaches its grid on a probe image (a zero-initialised or untrained "
+                "model %s: no layer's %s reaches its grid on a probe image (a zero-initialised or untrained "
                 "head?); explaining %s by default, whose maps will be zero",
                 spec.name,
+                "zeroing" if onnx else "gradient",
                 default_layer,
             )
     if logits.dim() != 2:
@@ -185,8 +196,13 @@ def load_model(
     if len(labels) != num_classes:
         raise ModelConfigError(f"model {spec.name!r}: {len(labels)} labels for a model with {num_classes} outputs")
     engine.use_head(_head(spec, built.head, num_classes))
-    choice = RuntimeChoice("eager", not_used={"every backend": "TorchScript (no split: whole-model forwards only)"})
-    if explainable:
+    if isinstance(engine, OnnxEngine):
+        choice = RuntimeChoice("onnxruntime", not_used={"every backend": "an ONNX model runs on ONNX Runtime"})
+        if warmup:
+            engine.explain(example, method="eigencam")
+    elif not reads_layers:
+        choice = RuntimeChoice("eager", not_used={"every backend": "TorchScript (no split: whole-model forwards only)"})
+    else:
         choice = choose_runtime(
             spec.name,
             engine,
@@ -197,8 +213,8 @@ def load_model(
             cache_dir=cache_dir or default_cache_dir(),
             measure_compiled=measure_compiled,
         )
-    if warmup and explainable:
-        engine.explain(example, method="gradcampp")
+        if warmup:
+            engine.explain(example, method="gradcampp")
     return ServedModel(
         spec=spec,
         module=module,
@@ -211,6 +227,19 @@ def load_model(
         architecture=built.architecture,
         runtime=choice,
     )
+
+
+def _place_onnx(spec: ModelSpec, graph: OnnxGraph, device: torch.device, size: tuple[int, int]) -> torch.device:
+    """Where an ONNX model's inputs go; a models file contradicting the graph's fixed input size, or asking for
+    what ONNX Runtime does not do here, stops start-up."""
+    fixed = graph.input.size
+    if None not in fixed and tuple(fixed) != size:
+        raise ModelConfigError(
+            f"model {spec.name!r}: input_size {list(size)} contradicts the ONNX graph's fixed input {list(fixed)}"
+        )
+    if spec.dtype != "float32":
+        raise ModelConfigError(f"model {spec.name!r}: an ONNX model runs as its graph is typed; remove dtype")
+    return graph.place(device)
 
 
 class ModelRegistry:

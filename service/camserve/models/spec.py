@@ -22,7 +22,7 @@ MAX_INPUT_SIDE = 4096
 class ModelSpec(BaseModel):
     """One model. `kind` (default "builtin") picks its source, whose fields sit next to the common ones in
     the same TOML table (see `camserve.models.sources`): builtin, torchvision, torchscript, entrypoint, timm,
-    huggingface. `input_size`, `mean`, `std` and `interpolation` override the source's preprocessing.
+    huggingface, onnx. `input_size`, `mean`, `std` and `interpolation` override the source's preprocessing.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -67,6 +67,8 @@ class ModelSpec(BaseModel):
             raise ValueError("std values must be non-zero")
         if self.input_size is not None and not all(1 <= side <= MAX_INPUT_SIDE for side in self.input_size):
             raise ValueError(f"input_size values must be from 1 to {MAX_INPUT_SIDE}")
+        if self.kind == "onnx" and self.runtime not in (None, "onnxruntime"):
+            raise ValueError(f"an onnx model runs on ONNX Runtime, so runtime = {self.runtime!r} cannot apply; remove it")
         if self.kind == "torchscript":
             ignored = ["default_layer"] if self.default_layer is not None else []
             ignored += ["runtime"] if self.runtime not in (None, "eager") else []  # eager is what it gets anyway

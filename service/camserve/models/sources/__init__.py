@@ -10,6 +10,7 @@ from camserve.models.sources.base import Built, LocalPath, Source
 from camserve.models.sources.builtin import BUILTIN_MODELS, BuiltinSource
 from camserve.models.sources.entrypoint import EntrypointSource
 from camserve.models.sources.huggingface import HuggingFaceSource, LogitsOnly
+from camserve.models.sources.onnx_file import OnnxSource
 from camserve.models.sources.timm_models import TimmSource
 from camserve.models.sources.torchscript import TorchScriptSource
 from camserve.models.sources.torchvision_models import TorchvisionSource
@@ -21,6 +22,7 @@ SOURCES: tuple[type[Source], ...] = (
     EntrypointSource,
     TimmSource,
     HuggingFaceSource,
+    OnnxSource,
 )
 AnySource = Annotated[Union[SOURCES], Field(discriminator="kind")]  # noqa: UP007  # the union of SOURCES
 SOURCE_FIELDS: frozenset[str] = frozenset(name for cls in SOURCES for name in cls.model_fields)
@@ -37,6 +39,7 @@ __all__ = [
     "HuggingFaceSource",
     "LocalPath",
     "LogitsOnly",
+    "OnnxSource",
     "Source",
     "TimmSource",
     "TorchScriptSource",

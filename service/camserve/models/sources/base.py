@@ -12,6 +12,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo
 from torch import nn
 
 from camserve.cam.heads import Head
+from camserve.cam.onnx_graph import OnnxGraph
 from camserve.models.errors import ModelConfigError
 from camserve.models.preprocessing import Preprocessing
 
@@ -30,7 +31,8 @@ LocalPath = Annotated[Path, AfterValidator(_relative_to_models_file)]
 class Built:
     """A source's module on the CPU with its weights, plus what the source says about using it."""
 
-    module: nn.Module
+    #: a PyTorch module, or an ONNX graph (kind "onnx")
+    module: nn.Module | OnnxGraph
     architecture: str
     preprocessing: Preprocessing
     labels: list[str] | None = None
