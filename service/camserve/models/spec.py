@@ -68,7 +68,7 @@ class ModelSpec(BaseModel):
         if self.input_size is not None and not all(1 <= side <= MAX_INPUT_SIDE for side in self.input_size):
             raise ValueError(f"input_size values must be from 1 to {MAX_INPUT_SIDE}")
         if self.kind == "onnx" and self.runtime not in (None, "onnxruntime"):
-            raise ValueError(f"an onnx model runs on ONNX Runtime, so runtime = {self.runtime!r} cannot apply; remove it")
+            raise ValueError(f"an onnx model runs on ONNX Runtime, so runtime = {self.runtime!r} cannot apply")
         if self.kind == "torchscript":
             ignored = ["default_layer"] if self.default_layer is not None else []
             ignored += ["runtime"] if self.runtime not in (None, "eager") else []  # eager is what it gets anyway
