@@ -94,11 +94,17 @@ class _GuidedGate(torch.autograd.Function):
         return grad.clamp(min=0)
 
 
-#: Activation functions guided backpropagation gates, as the functions a forward calls (modules call these).
+_ATEN = torch.ops.aten
+#: Activation functions guided backpropagation gates, as the functions a forward calls (modules call these), and
+#: as the ATen operators an exported program (`torch.export`) calls instead.
 GUIDED_FUNCTIONS: frozenset[object] = frozenset(
     {
         F.relu, torch.relu, torch.relu_, Tensor.relu, Tensor.relu_, F.relu6, F.hardtanh, F.leaky_relu, F.elu,
         F.selu, F.celu, F.gelu, F.silu, F.hardswish, F.mish,
+        _ATEN.relu.default, _ATEN.relu_.default, _ATEN.hardtanh.default, _ATEN.hardtanh_.default,
+        _ATEN.leaky_relu.default, _ATEN.elu.default, _ATEN.selu.default, _ATEN.celu.default, _ATEN.gelu.default,
+        _ATEN.silu.default, _ATEN.silu_.default, _ATEN.hardswish.default, _ATEN.hardswish_.default,
+        _ATEN.mish.default,
     }
 )  # fmt: skip
 

@@ -16,7 +16,7 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from camserve.cam import scaling
 from camserve.cam.capture import ActivationCapture, guided_backprop
@@ -150,6 +150,10 @@ class CamEngine:
     def split(self, example: Tensor) -> ModelSplit:
         """The model split at the default layer (its export made once per engine); SplitError when it cannot be."""
         return split_model(self._reruns.export(example.to(self.device)), self.default_layer)
+
+    def adopt_export(self, graph: fx.GraphModule) -> None:
+        """Split `graph` (the model's own exported graph, batch dimension dynamic) instead of exporting the model."""
+        self._reruns.adopt_export(graph)
 
     def adopt_split(self, split: ModelSplit) -> None:
         """Use `split` (loaded from a cache) for Ablation-CAM's reruns at its layer instead of exporting."""

@@ -105,6 +105,11 @@ class EngineReruns:
                 self._splits.popitem(last=False)
             return plan
 
+    def adopt_export(self, graph: fx.GraphModule) -> None:
+        """Split `graph` (the model exported elsewhere, batch dimension dynamic) instead of exporting the model."""
+        with self._lock:
+            self._exported, self._export_error = graph, None
+
     def export(self, images: Tensor) -> fx.GraphModule:
         """The model's exported graph, made once from `images`' shape and shared by every split of this engine
         (the fast path's included); SplitError, also on later calls, when the model does not export."""

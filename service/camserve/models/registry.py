@@ -162,6 +162,8 @@ def load_model(
         engine = CamEngine(
             module, autocast_dtype=autocast, default_layer=spec.default_layer, rerun_batch_size=masked_batch_size
         )
+        if built.graph is not None:
+            engine.adopt_export(built.graph.to(device))
     example = torch.zeros(1, 3, height, width, device=device)
     reads_layers = onnx or not isinstance(module, torch.jit.ScriptModule)  # TorchScript modules take no hooks
     default_layer: str | None = None

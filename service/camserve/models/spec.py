@@ -22,7 +22,7 @@ MAX_INPUT_SIDE = 4096
 class ModelSpec(BaseModel):
     """One model. `kind` (default "builtin") picks its source, whose fields sit next to the common ones in
     the same TOML table (see `camserve.models.sources`): builtin, torchvision, torchscript, entrypoint, timm,
-    huggingface, onnx. `input_size`, `mean`, `std` and `interpolation` override the source's preprocessing.
+    huggingface, onnx, exported. `input_size`, `mean`, `std` and `interpolation` override the source's preprocessing.
     """
 
     model_config = ConfigDict(extra="forbid")

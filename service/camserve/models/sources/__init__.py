@@ -9,6 +9,7 @@ from pydantic import Field
 from camserve.models.sources.base import Built, LocalPath, Source
 from camserve.models.sources.builtin import BUILTIN_MODELS, BuiltinSource
 from camserve.models.sources.entrypoint import EntrypointSource
+from camserve.models.sources.exported import ExportedSource
 from camserve.models.sources.huggingface import HuggingFaceSource, LogitsOnly
 from camserve.models.sources.onnx_file import OnnxSource
 from camserve.models.sources.timm_models import TimmSource
@@ -23,6 +24,7 @@ SOURCES: tuple[type[Source], ...] = (
     TimmSource,
     HuggingFaceSource,
     OnnxSource,
+    ExportedSource,
 )
 AnySource = Annotated[Union[SOURCES], Field(discriminator="kind")]  # noqa: UP007  # the union of SOURCES
 SOURCE_FIELDS: frozenset[str] = frozenset(name for cls in SOURCES for name in cls.model_fields)
@@ -36,6 +38,7 @@ __all__ = [
     "Built",
     "BuiltinSource",
     "EntrypointSource",
+    "ExportedSource",
     "HuggingFaceSource",
     "LocalPath",
     "LogitsOnly",

@@ -9,7 +9,7 @@ from types import ModuleType
 from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo
-from torch import nn
+from torch import fx, nn
 
 from camserve.cam.heads import Head
 from camserve.cam.onnx_graph import OnnxGraph
@@ -38,6 +38,8 @@ class Built:
     labels: list[str] | None = None
     #: what the source says its logits mean (a Hugging Face `problem_type`); None: it does not say
     head: Head | None = None
+    #: the model's own exported graph, batch dimension dynamic (kind "exported"): split instead of exporting again
+    graph: fx.GraphModule | None = None
 
 
 class Source(BaseModel):
