@@ -36,6 +36,9 @@ class Built:
     labels: list[str] | None = None
     #: what the source says its logits mean (a Hugging Face `problem_type`); None: it does not say
     head: Head | None = None
+    #: what in the model fixes `preprocessing.channels` (e.g. "its config's num_channels"); None: nothing does, so
+    #: the models file may set it
+    channels_from: str | None = None
 
 
 class Source(BaseModel):
