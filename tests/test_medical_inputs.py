@@ -218,6 +218,21 @@ def test_a_dicom_without_a_window_is_stretched_from_its_smallest_to_its_largest_
     assert decoded.pixels.dtype == torch.float32 and decoded.format == "DICOM"
 
 
+def test_a_voi_lut_is_preferred_to_the_window_and_scaled_by_its_bits_per_entry():
+    """A VOI LUT Sequence (12 bits per entry) beside a window: pydicom applies the LUT, whose range is 0..4095."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    dataset = ct_with_windows()
+    lut = Dataset()
+    lut.add_new("LUTDescriptor", "SS", [2000, -1000, 12])  # 2000 entries from -1000 HU, 12 bits each
+    lut.add_new("LUTData", "US", list(range(0, 4000, 2)))
+    dataset.VOILUTSequence = Sequence([lut])
+    values = apply_modality_lut(dataset.pixel_array, dataset).astype(np.int32)  # a LUT is indexed by integers
+    expected = np.clip(values + 1000, 0, 1999) * 2 / 4095
+    np.testing.assert_allclose(decode_image(dicom_bytes(dataset), channels=1).pixels[0].numpy(), expected, atol=1e-6)
+
+
 def test_monochrome1_is_inverted():
     dataset = ct_with_windows()
     gray = decode_image(dicom_bytes(dataset), channels=1).pixels
