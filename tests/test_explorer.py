@@ -392,6 +392,41 @@ def test_explorer_asks_for_the_key_when_the_server_wants_one(browser, registry):
         page.close()
 
 
+def test_a_dicom_file_is_explained_and_drawn_from_the_servers_windowed_picture(browser, registry, tmp_path):
+    """Browsers cannot draw DICOM: the file is recognised by its bytes (no .dcm suffix needed), its first /explain also
+    asks for an overlay of opacity 0, and the card's photo is that picture: at opacity 0 the canvas shows its gray."""
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom import examples
+
+    scan = tmp_path / "scan"  # DICOM files often carry no suffix
+    dataset = examples.ct
+    dataset.WindowCenter, dataset.WindowWidth = 40, 400
+    dataset.save_as(scan, enforce_file_format=True)
+    assert pydicom.dcmread(scan).Rows == 128
+    with live_server(registry, request_timeout_s=240) as url:
+        page = browser.new_page()
+        console = Console(page)
+        page.set_default_timeout(60_000)
+        requests: list[str] = []
+        page.on("request", lambda r: requests.append(f"{r.method} {r.url.removeprefix(url)}"))
+        page.goto(url + "/")
+        page.wait_for_selector("body[data-ready=true]")
+        assert ".dcm" in page.get_attribute("#files", "accept")
+        page.set_input_files("#files", str(scan))
+        card = page.locator(".card").first
+        card.locator(".maps .map canvas").wait_for()
+        page.wait_for_function("() => !document.querySelector('.card[aria-busy]')")
+        assert [r for r in requests if "/explain" in r] == [
+            "POST /explain?model=efficientnet-lite0&method=gradcampp&top_k=5&overlay=true&alpha=0"
+        ]
+        assert card.locator(".size").inner_text() == "128 × 128" and card.locator(".card-error").is_hidden()
+        page.locator("#opacity").fill("0")
+        rgba = np.array(canvas_pixels(page, ".card .maps .map canvas")).reshape(-1, 4)
+        assert (rgba[:, 0] == rgba[:, 1]).all() and (rgba[:, 1] == rgba[:, 2]).all() and rgba[:, 0].std() > 10
+        assert console.unexpected() == [], console.errors
+        page.close()
+
+
 # ---------------------------------------------------------------- start-up: slow, failing, recovering
 
 

@@ -67,9 +67,9 @@ class ExplainPlan:
 class WorkItem:
     """One image to compute. `options` None means predict only.
 
-    `pixels` is what `preprocess` takes: float32 [3, h, w] at the model's input size from
-    `resize_for_model` (resized where it was decoded), or a uint8 [3, H, W] CPU image resized here; or an
-    `EncodedJpeg` that the batch decodes on the GPU, on the torch thread, and resizes at once.
+    `pixels` is what `preprocess` takes, in the model's channels C: float32 [C, h, w] at the model's input size from
+    `resize_for_model` or `resize_float_for_model` (resized where it was decoded), or a uint8 [C, H, W] CPU image
+    resized here; or an `EncodedJpeg` that the batch decodes on the GPU, on the torch thread, and resizes at once.
     """
 
     pixels: Tensor | EncodedJpeg
@@ -177,7 +177,7 @@ class ModelBatches:
                         inputs[i] = resize_to_model(decoded[n], model.input_size, model.interpolation)
                     else:
                         limits = ImageLimits(max_bytes=len(jpeg.data), max_pixels=jpeg.width * jpeg.height)
-                        inputs[i] = decode_image(jpeg.data, limits).pixels
+                        inputs[i] = decode_image(jpeg.data, limits, model.channels).pixels
                 except Exception as exc:
                     outputs[i] = as_service_error(exc)
             del decoded

@@ -3,7 +3,8 @@
 Every limit is checked before pixels are decoded (a decompression bomb costs a header parse), and every
 failure becomes one of the domain errors of `camserve.errors` with a message that names the problem:
 `InvalidInputError` for data that cannot be read, `PayloadTooLargeError` for byte or pixel limits,
-`UnsupportedMediaError` for formats the service does not read.
+`UnsupportedMediaError` for formats the service does not read. Images come in the channels their model takes:
+RGB, or one channel of luminance; for a one-channel model, 16-bit pictures and DICOM keep their precision.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from camserve import dicom
 from camserve.errors import InvalidInputError, PayloadTooLargeError, UnsupportedMediaError
 
 logger = logging.getLogger(__name__)
@@ -42,6 +44,7 @@ SUPPORTED_MEDIA_TYPES: frozenset[str] = frozenset(
         "image/tiff",
         "image/tif",
         "image/x-tiff",
+        dicom.MEDIA_TYPE,
     }
 )
 """Declared media types `check_media_type` accepts (besides the neutral ones)."""
@@ -50,9 +53,10 @@ SUPPORTED_MEDIA_TYPES: frozenset[str] = frozenset(
 _NEUTRAL_MEDIA_TYPES = frozenset({"", "application/octet-stream", "binary/octet-stream", "image/*"})
 # PIL names for variants of a supported format; reported under the supported name.
 _FORMAT_ALIASES = {"MPO": "JPEG"}  # multi-picture JPEG written by many phone cameras; frame 0 is the photo
-_SUPPORTED_TEXT = "JPEG, PNG, WebP, BMP, GIF or TIFF"
+_SUPPORTED_TEXT = "JPEG, PNG, WebP, BMP, GIF, TIFF or DICOM"
 _EXIF_ORIENTATION = 0x0112
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I;16S")
+_PRECISE_MODES = (*_SIXTEEN_BIT_MODES, "I", "F")  # more than 8 bits per pixel: one-channel models get floats
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 _BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
 
@@ -73,7 +77,9 @@ class ImageLimits:
 
 @dataclass(frozen=True)
 class DecodedImage:
-    """RGB pixels as a contiguous uint8 CPU tensor [3, H, W], after EXIF orientation."""
+    """Pixels as a contiguous CPU tensor [C, H, W] (C: the channels asked for, 3 RGB or 1 luminance), after EXIF
+    orientation: uint8, or float32 in [0, 1] for a one-channel picture of more than 8 bits (16-bit PNG or TIFF,
+    DICOM)."""
 
     pixels: torch.Tensor
     width: int
@@ -105,34 +111,53 @@ def check_media_type(content_type: str | None) -> None:
         return
     raise UnsupportedMediaError(
         f"unsupported media type {media!r}; send {_SUPPORTED_TEXT} (image/jpeg, image/png, image/webp, "
-        "image/bmp, image/gif, image/tiff)"
+        f"image/bmp, image/gif, image/tiff, {dicom.MEDIA_TYPE})"
     )
 
 
-def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> DecodedImage:
-    """Bytes -> `DecodedImage` (RGB uint8 [3, H, W] on the CPU), refusing oversized, unsupported or broken images.
+def decode_image(data: bytes, limits: ImageLimits = ImageLimits(), channels: int = 3) -> DecodedImage:
+    """Bytes -> `DecodedImage` with `channels` channels on the CPU, refusing oversized, unsupported or broken images.
 
-    Multi-frame images give their first frame; EXIF orientation is applied; transparency is composited
-    onto white; 16-bit images are scaled to 8 bits.
+    Multi-frame images give their first frame; EXIF orientation is applied; transparency is composited onto white.
+    A DICOM file ("DICM" at byte 128) is windowed as a viewer shows it (`camserve.dicom`). 3 channels: RGB uint8,
+    gray replicated, 16-bit pictures and DICOM scaled to 8 bits. 1 channel: luminance, uint8 for 8-bit pictures (as
+    PIL's "L"), float32 in [0, 1] at full precision for 16-bit ones (0..65535 to 0..1) and DICOM.
     """
+    if channels not in (1, 3):
+        raise ValueError(f"decode_image gives 1 or 3 channels, not {channels}")
     if not data:
         raise InvalidInputError("empty image: the payload has no bytes")
     if len(data) > limits.max_bytes:
         raise PayloadTooLargeError(f"image is {len(data)} bytes, above the limit of {limits.max_bytes} bytes")
+    if dicom.is_dicom(data):
+        return _from_dicom(dicom.decode(data, limits.max_pixels), channels)
     _refuse_truncated_images()
     image = _open(data, limits)
     with image:
         fmt = _format_of(image)
         _check_size(image, limits)
-        hwc = _decode_rgb(image, fmt, limits)
-    chw = np.empty((3, hwc.shape[0], hwc.shape[1]), dtype=np.uint8)
-    chw[...] = hwc.transpose(2, 0, 1)  # one copy into a fresh, writable, contiguous array
-    return DecodedImage(pixels=torch.from_numpy(chw), width=int(hwc.shape[1]), height=int(hwc.shape[0]), format=fmt)
+        decoded = _decode_pixels(image, fmt, limits, channels)
+    height, width = int(decoded.shape[0]), int(decoded.shape[1])
+    if decoded.ndim == 2:  # one channel, uint8 or float32
+        return DecodedImage(pixels=torch.from_numpy(decoded[None].copy()), width=width, height=height, format=fmt)
+    chw = np.empty((3, height, width), dtype=np.uint8)
+    chw[...] = decoded.transpose(2, 0, 1)  # one copy into a fresh, writable, contiguous array
+    return DecodedImage(pixels=torch.from_numpy(chw), width=width, height=height, format=fmt)
+
+
+def eight_bit(pixels: torch.Tensor) -> torch.Tensor:
+    """The uint8 picture of `DecodedImage.pixels` (what overlays are drawn on): uint8 as it is, float32 in [0, 1]
+    rounded to 0..255."""
+    if pixels.dtype == torch.uint8:
+        return pixels
+    return torch.from_numpy(_unit_to_8_bit(pixels.numpy()))
 
 
 def header_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) from the image's header alone, nothing decoded; None when the header cannot be read
     (`decode_image` then says what is wrong)."""
+    if dicom.is_dicom(data):
+        return dicom.header_size(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -195,32 +220,31 @@ def decode_jpeg_batch_cuda(
 
 
 def resize_for_model(pixels: torch.Tensor, size: tuple[int, int], interpolation: str = "bilinear") -> torch.Tensor:
-    """uint8 [3, H, W] CPU image -> float32 [3, size[0], size[1]] in [0, 1], resized as `preprocess` resizes.
+    """uint8 [C, H, W] CPU image (C 3 or 1) -> float32 [C, size[0], size[1]] in [0, 1], resized as `preprocess`
+    resizes.
 
     Bilinear or bicubic with antialias (PIL's resampling in float mode: within 1e-5 of torch's `antialias=True`,
     whose bicubic kernel is PIL's, a = -0.5), computed with PIL and numpy only, so it can run on any thread
     without starting torch's parallel workers: the service calls it where it decodes, off the one thread that
     runs the model.
     """
-    if pixels.dtype != torch.uint8 or pixels.dim() != 3 or pixels.shape[0] != 3 or pixels.device.type != "cpu":
-        raise ValueError(f"resize_for_model needs a uint8 [3, H, W] CPU image, got {pixels.dtype} {list(pixels.shape)}")
-    resample = _pil_filter(interpolation)
-    height, width = int(size[0]), int(size[1])
-    channels = pixels.numpy()
-    if tuple(channels.shape[1:]) == (height, width):
-        resized = channels.astype(np.float32)
-    else:
-        resized = np.stack(
-            [
-                np.asarray(Image.fromarray(channel).convert("F").resize((width, height), resample))
-                for channel in channels
-            ]
-        )
+    _check_planes(pixels, torch.uint8, "resize_for_model")
+    resized = _resize_planes(pixels.numpy(), size, interpolation)
     return torch.from_numpy(np.clip(resized / np.float32(255.0), 0.0, 1.0, dtype=np.float32))
 
 
+def resize_float_for_model(
+    pixels: torch.Tensor, size: tuple[int, int], interpolation: str = "bilinear"
+) -> torch.Tensor:
+    """float32 [C, H, W] CPU image in [0, 1] (a 16-bit or DICOM picture; C 3 or 1) -> float32 [C, size[0], size[1]]
+    in [0, 1], resampled in float as `resize_for_model` (never through 8 bits)."""
+    _check_planes(pixels, torch.float32, "resize_float_for_model")
+    resized = _resize_planes(pixels.numpy(), size, interpolation)
+    return torch.from_numpy(np.clip(resized, 0.0, 1.0, dtype=np.float32))
+
+
 def resize_to_model(pixels: torch.Tensor, size: tuple[int, int], interpolation: str = "bilinear") -> torch.Tensor:
-    """uint8 [3, H, W] image on any device -> float32 [3, size[0], size[1]] in [0, 1] on the same device.
+    """uint8 [C, H, W] image on any device -> float32 [C, size[0], size[1]] in [0, 1] on the same device.
 
     The whole image is resized (no crop, aspect ratio not kept) with antialias, as `preprocess` resizes;
     the worker calls it right after decoding on the GPU, so full-size pixels never wait in a queue.
@@ -242,34 +266,36 @@ def preprocess(
     dtype: torch.dtype = torch.float32,
     interpolation: str = "bilinear",
 ) -> torch.Tensor:
-    """Images -> `dtype` [B, 3, size[0], size[1]] on `device`, normalized as (x - mean) / std.
+    """Images -> `dtype` [B, C, size[0], size[1]] on `device`, normalized as (x - mean) / std; C, the channels, is
+    the number of `mean` and `std` values (3 or 1).
 
-    Each image is either uint8 [3, H, W], whose WHOLE image is resized to `size` (`resize_to_model`;
-    `interpolation` "bilinear" or "bicubic", with antialias), or float32 [3, size[0], size[1]] in [0, 1] from
-    `resize_for_model` or `resize_to_model`. Images move to `device` first (on CUDA: the CPU ones staged in one
-    pinned buffer per dtype, one upload each), so resizing runs there; the arithmetic is float32 and the
-    result is cast to `dtype`.
+    Each image is either uint8 [C, H, W], whose WHOLE image is resized to `size` (`resize_to_model`;
+    `interpolation` "bilinear" or "bicubic", with antialias), or float32 [C, size[0], size[1]] in [0, 1] from
+    `resize_for_model`, `resize_float_for_model` or `resize_to_model`. Images move to `device` first (on CUDA: the
+    CPU ones staged in one pinned buffer per dtype, one upload each), so resizing runs there; the arithmetic is
+    float32 and the result is cast to `dtype`.
     """
     if len(images) == 0:
         raise ValueError("preprocess needs at least one image")
-    if len(mean) != 3 or len(std) != 3:
-        raise ValueError(f"mean and std need 3 values (one per RGB channel), got {len(mean)} and {len(std)}")
+    channels = len(mean)
+    if channels not in (1, 3) or len(std) != channels:
+        raise ValueError(f"mean and std need one value per channel (3 or 1), got {len(mean)} and {len(std)}")
     _pil_filter(interpolation)  # refuses a filter that `resize_for_model` cannot match
     height, width = int(size[0]), int(size[1])
     device = torch.device(device)
     for i, pixels in enumerate(images):
-        if pixels.dim() != 3 or pixels.shape[0] != 3:
-            raise ValueError(f"images[{i}] must be [3, H, W], got {pixels.dtype} {list(pixels.shape)}")
+        if pixels.dim() != 3 or pixels.shape[0] != channels:
+            raise ValueError(f"images[{i}] must be [{channels}, H, W], got {pixels.dtype} {list(pixels.shape)}")
         at_size = pixels.dtype == torch.float32 and tuple(pixels.shape[-2:]) == (height, width)
         if not at_size and pixels.dtype != torch.uint8:
             raise ValueError(
-                f"images[{i}] must be uint8 [3, H, W] or float32 [3, {height}, {width}], "
+                f"images[{i}] must be uint8 [{channels}, H, W] or float32 [{channels}, {height}, {width}], "
                 f"got {pixels.dtype} {list(pixels.shape)}"
             )
     on_device = upload(images, device, pin=device.type == "cuda")
     batch = [x if x.dtype == torch.float32 else resize_to_model(x, (height, width), interpolation) for x in on_device]
-    mean_t = torch.tensor([float(m) for m in mean], dtype=torch.float32).view(1, 3, 1, 1).to(device)
-    std_t = torch.tensor([float(s) for s in std], dtype=torch.float32).view(1, 3, 1, 1).to(device)
+    mean_t = torch.tensor([float(m) for m in mean], dtype=torch.float32).view(1, channels, 1, 1).to(device)
+    std_t = torch.tensor([float(s) for s in std], dtype=torch.float32).view(1, channels, 1, 1).to(device)
     out = (torch.stack(batch).clamp_(0.0, 1.0) - mean_t) / std_t
     return out.to(dtype)
 
@@ -328,6 +354,42 @@ def _pil_filter(interpolation: str) -> Image.Resampling:
         return _PIL_FILTERS[interpolation]
     except KeyError:
         raise ValueError(f"interpolation must be one of {', '.join(_PIL_FILTERS)}, got {interpolation!r}") from None
+
+
+def _check_planes(pixels: torch.Tensor, dtype: torch.dtype, caller: str) -> None:
+    """ValueError unless `pixels` is a `dtype` [3, H, W] or [1, H, W] CPU image."""
+    if pixels.dtype != dtype or pixels.dim() != 3 or pixels.shape[0] not in (1, 3) or pixels.device.type != "cpu":
+        name = str(dtype).removeprefix("torch.")
+        raise ValueError(
+            f"{caller} needs a {name} [3, H, W] or [1, H, W] CPU image, got {pixels.dtype} {list(pixels.shape)}"
+        )
+
+
+def _resize_planes(planes: np.ndarray, size: tuple[int, int], interpolation: str) -> np.ndarray:
+    """[C, H, W] uint8 or float32 planes -> float32 [C, size[0], size[1]], each resized by PIL in float mode."""
+    resample = _pil_filter(interpolation)
+    height, width = int(size[0]), int(size[1])
+    if tuple(planes.shape[1:]) == (height, width):
+        return planes.astype(np.float32)
+    return np.stack(
+        [np.asarray(Image.fromarray(plane).convert("F").resize((width, height), resample)) for plane in planes]
+    )
+
+
+def _from_dicom(picture: np.ndarray, channels: int) -> DecodedImage:
+    """`dicom.decode`'s picture (float gray [H, W] in [0, 1], or uint8 RGB [H, W, 3]) with `channels` channels:
+    gray is float32 for one channel and rounded to 8 bits then replicated for three; RGB stays uint8 (PIL's "L"
+    for one channel)."""
+    height, width = int(picture.shape[0]), int(picture.shape[1])
+    if picture.ndim == 3 and channels == 3:
+        planes = picture.transpose(2, 0, 1)
+    elif picture.ndim == 3:
+        planes = np.asarray(Image.fromarray(picture).convert("L"))[None]
+    elif channels == 1:
+        planes = picture.astype(np.float32)[None]
+    else:
+        planes = np.broadcast_to(_unit_to_8_bit(picture), (3, height, width))
+    return DecodedImage(torch.from_numpy(np.array(planes, order="C")), width, height, "DICOM")
 
 
 def _refuse_truncated_images() -> None:
@@ -454,8 +516,9 @@ def _gpu_jpeg_size(data: bytes) -> tuple[int, int] | None:
     return (int(width), int(height)) if width >= 1 and height >= 1 else None
 
 
-def _decode_rgb(image: Image.Image, fmt: str, limits: ImageLimits) -> np.ndarray:
-    """Decode the first frame -> uint8 [H, W, 3] RGB array with EXIF orientation applied."""
+def _decode_pixels(image: Image.Image, fmt: str, limits: ImageLimits, channels: int) -> np.ndarray:
+    """Decode the first frame, EXIF orientation applied -> uint8 [H, W, 3] RGB for 3 channels; for 1, float32
+    [H, W] in [0, 1] from a picture of more than 8 bits, else uint8 [H, W] luminance."""
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", module=r"PIL\.")
@@ -480,7 +543,11 @@ def _decode_rgb(image: Image.Image, fmt: str, limits: ImageLimits) -> np.ndarray
         except Exception as exc:  # a malformed EXIF block: keep the stored orientation
             logger.debug("ignoring unusable EXIF orientation: %s", exc)
     try:
+        if channels == 1 and oriented.mode in _PRECISE_MODES:
+            return _to_unit(np.asarray(oriented), oriented.mode)
         rgb = _to_rgb(oriented)
+        if channels == 1:
+            return np.asarray(rgb if rgb.mode == "L" else rgb.convert("L"), dtype=np.uint8)
         hwc = np.asarray(rgb, dtype=np.uint8)
     except MemoryError:
         raise PayloadTooLargeError(f"the {fmt} image needs more memory to decode than is available") from None
@@ -494,7 +561,7 @@ def _decode_rgb(image: Image.Image, fmt: str, limits: ImageLimits) -> np.ndarray
 def _to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode -> RGB. Transparency is composited onto white; 16-bit and float are scaled to 8 bits."""
     mode = image.mode
-    if mode in _SIXTEEN_BIT_MODES or mode in ("I", "F"):
+    if mode in _PRECISE_MODES:
         return Image.fromarray(_to_8_bit(np.asarray(image), mode)).convert("RGB")
     if mode in _ALPHA_MODES or image.has_transparency_data:  # alpha channel, or a transparent palette entry/colour
         rgba = image.convert("RGBA")
@@ -506,24 +573,44 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _to_8_bit(values: np.ndarray, mode: str) -> np.ndarray:
-    """One-band 16-bit, 32-bit integer or float pixels -> uint8 grayscale, scaled rather than clipped.
-
-    16-bit modes map 0..65535 to 0..255. Mode "I" (32-bit) and "F" carry no declared range, so it is
-    inferred: values within 0..1 (float only), 0..255 or 0..65535 are read as that range; anything
-    wider is stretched from its minimum to its maximum.
-    """
+    """One-band 16-bit, 32-bit integer or float pixels -> uint8 grayscale, scaled rather than clipped, from the
+    range `_value_range` reads (0..255 as it is)."""
     x = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    low, high = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
-    if mode in _SIXTEEN_BIT_MODES:
-        scaled = x / 65535.0 * 255.0
-    elif low >= 0.0 and high <= 1.0 and mode == "F":
-        scaled = x * 255.0
-    elif low >= 0.0 and high <= 255.0:
-        scaled = x
-    elif low >= 0.0 and high <= 65535.0:
-        scaled = x / 65535.0 * 255.0
-    elif high > low:
-        scaled = (x - low) / (high - low) * 255.0
-    else:  # one value outside every known range: nothing to stretch
-        scaled = np.zeros_like(x)
+    found = _value_range(x, mode)
+    if found is None:  # one value outside every known range: nothing to stretch
+        return np.zeros(x.shape, dtype=np.uint8)
+    low, high = found
+    scaled = x if (low, high) == (0.0, 255.0) else (x - low) / (high - low) * 255.0
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def _to_unit(values: np.ndarray, mode: str) -> np.ndarray:
+    """One-band 16-bit, 32-bit integer or float pixels -> float32 [0, 1], from the range `_value_range` reads (a
+    16-bit picture: value / 65535)."""
+    x = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    found = _value_range(x, mode)
+    if found is None:
+        return np.zeros(x.shape, dtype=np.float32)
+    low, high = found
+    return np.clip((x - low) / (high - low), 0.0, 1.0).astype(np.float32)
+
+
+def _unit_to_8_bit(values: np.ndarray) -> np.ndarray:
+    """Floats in [0, 1] -> uint8 0..255, rounded."""
+    return np.rint(np.clip(values, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def _value_range(x: np.ndarray, mode: str) -> tuple[float, float] | None:
+    """The values that are black and white in pixels `x` of `mode`. 16-bit modes: 0..65535. Mode "I" (32-bit) and
+    "F" carry no declared range, so it is inferred: values within 0..1 (float only), 0..255 or 0..65535 are read as
+    that range; anything wider from its minimum to its maximum; None for one value outside every known range."""
+    if mode in _SIXTEEN_BIT_MODES:
+        return 0.0, 65535.0
+    low, high = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
+    if low >= 0.0 and high <= 1.0 and mode == "F":
+        return 0.0, 1.0
+    if low >= 0.0 and high <= 255.0:
+        return 0.0, 255.0
+    if low >= 0.0 and high <= 65535.0:
+        return 0.0, 65535.0
+    return (low, high) if high > low else None

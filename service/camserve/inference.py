@@ -15,10 +15,12 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 
+import torch
+
 from camserve.batches import FatalObserver, ItemOutput, ModelBatches, WorkItem
 from camserve.batching import BatchObserver, BatchQueue, TorchThread
 from camserve.errors import NotReadyError, OverloadedError, RequestTimeoutError
-from camserve.images import ImageLimits, decode_image, jpeg_for_gpu, resize_for_model
+from camserve.images import ImageLimits, decode_image, eight_bit, jpeg_for_gpu, resize_float_for_model, resize_for_model
 from camserve.models import ModelRegistry, ServedModel
 from camserve.plan import ImagePayload, InferenceRequest, Plan, make_plan
 from camserve.results import Decoded, InferenceResult, build_results
@@ -108,18 +110,24 @@ class InferenceService:
         return await asyncio.to_thread(build_results, plan, decoded, outputs, self.settings.png_compress_level)
 
     async def _decode(self, images: Sequence[ImagePayload], served: ServedModel, keep_pixels: bool) -> list[Decoded]:
-        gpu_decode = served.device.type == "cuda" and not keep_pixels  # overlays need the pixels on the CPU
+        """Each image decoded in the channels the model takes; float pictures (16-bit, DICOM on a one-channel model)
+        are always resized here, in float; overlays keep the 8-bit picture."""
+        # overlays need the pixels on the CPU; nvJPEG gives RGB only
+        gpu_decode = served.device.type == "cuda" and not keep_pixels and served.channels == 3
 
         def decode_one(payload: ImagePayload) -> Decoded:
             jpeg = jpeg_for_gpu(payload.data, self.limits) if gpu_decode else None
             if jpeg is not None and jpeg.width * jpeg.height <= GPU_DECODE_MAX_PIXELS:
                 return Decoded(jpeg.width, jpeg.height, jpeg)  # decoded in the batch, on the torch thread
-            image = decode_image(payload.data, self.limits)
-            kept = image.pixels if keep_pixels else None
-            if image.width * image.height <= RESIZE_WHILE_DECODING_ABOVE:  # resized in the batch
+            image = decode_image(payload.data, self.limits, served.channels)
+            kept = eight_bit(image.pixels) if keep_pixels else None
+            precise = image.pixels.dtype == torch.float32
+            if not precise and image.width * image.height <= RESIZE_WHILE_DECODING_ABOVE:  # resized in the batch
                 return Decoded(image.width, image.height, image.pixels, kept)
-            resized = resize_for_model(image.pixels, served.input_size, served.interpolation)
-            return Decoded(image.width, image.height, resized, kept)
+            resize = resize_float_for_model if precise else resize_for_model
+            return Decoded(
+                image.width, image.height, resize(image.pixels, served.input_size, served.interpolation), kept
+            )
 
         return await asyncio.to_thread(lambda: [decode_one(p) for p in images])
 

@@ -20,8 +20,9 @@ from camserve.plan import Plan
 
 @dataclass(frozen=True)
 class Decoded:
-    """One decoded image: its size, the input the model takes from it (`WorkItem.pixels`), and its full
-    pixels only while an overlay still needs them (a 12 MP photo is 36 MB)."""
+    """One decoded image: its size, the input the model takes from it (`WorkItem.pixels`), and its full 8-bit
+    picture (uint8 [C, H, W] in the model's channels) only while an overlay still needs it (a 12 MP photo is
+    36 MB)."""
 
     width: int
     height: int

@@ -34,7 +34,8 @@ DESCRIPTION = """Classifies images and explains each decision with class activat
 (Grad-CAM, Grad-CAM++, XGrad-CAM, LayerCAM, HiResCAM, Guided Grad-CAM).
 
 Images can be sent as `multipart/form-data` (one or more `image` fields), as JSON
-`{"images": ["<base64>", ...]}` or as the raw bytes of one image with an `image/*` content type.
+`{"images": ["<base64>", ...]}` or as the raw bytes of one image with an `image/*` (or `application/dicom`) content
+type: JPEG, PNG, WebP, BMP, GIF, TIFF or DICOM (with the `dicom` extra).
 Errors are JSON `{"detail": "..."}`.
 
 The same models are also served through the KServe v1 protocol (`/v1/models/{name}:predict`, `:explain`) and the

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
+from camserve import dicom
 from camserve.api.schemas import JsonPredictRequest
 from camserve.errors import InvalidInputError, InvalidParameterError, PayloadTooLargeError, UnsupportedMediaError
 from camserve.options import describe_problems
@@ -20,7 +21,10 @@ from camserve.plan import ImagePayload
 #: The JSON form's schema: JsonPredictRequest or one that extends it.
 Form = TypeVar("Form", bound=JsonPredictRequest)
 
-ACCEPTED = "multipart/form-data (field 'image'), application/json ({\"images\": [base64, ...]}) or image/*"
+ACCEPTED = (
+    "multipart/form-data (field 'image'), application/json ({\"images\": [base64, ...]}), image/* or "
+    f"{dicom.MEDIA_TYPE}"
+)
 
 
 def media_type(request: Request) -> str:
@@ -48,7 +52,7 @@ async def read_images(
         return await _multipart(request, max_images), None
     if media == "application/json":
         return _json(await request.body(), schema)
-    if media.startswith("image/") or media == "application/octet-stream":
+    if media.startswith("image/") or media in ("application/octet-stream", dicom.MEDIA_TYPE):
         body = await request.body()
         if not body:
             raise InvalidInputError("the request body is empty: send the image bytes")

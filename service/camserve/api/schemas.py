@@ -126,8 +126,9 @@ class ModelInfo(BaseModel):
     architecture: str
     device: str
     input_size: tuple[int, int] = Field(description="[height, width] the image is resized to")
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    channels: int = Field(description="input channels: 3 (RGB) or 1 (luminance; 16-bit pictures and DICOM in full)")
+    mean: list[float] = Field(description="normalization mean, one value per input channel")
+    std: list[float] = Field(description="normalization standard deviation, one value per input channel")
     interpolation: str = Field(description="resampling filter of the resize: bilinear or bicubic (antialiased)")
     num_classes: int
     head: str = HEAD_FIELD

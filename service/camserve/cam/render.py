@@ -111,7 +111,8 @@ def _colormap_array(name: str) -> np.ndarray:
 
 
 def overlay_image(pixels: np.ndarray, heatmap: np.ndarray, colormap: str = "jet", alpha: float = 0.5) -> np.ndarray:
-    """uint8 RGB image [H, W, 3] and uint8 heatmap [H, W] -> uint8 [H, W, 3] overlay, as `blend(colorize(...))`."""
+    """uint8 image [H, W, 3] (RGB) or [H, W, 1] (gray, as RGB with three equal channels) and uint8 heatmap [H, W]
+    -> uint8 [H, W, 3] overlay, as `blend(colorize(...))`."""
     if not 0.0 <= alpha <= 1.0:
         raise InvalidParameterError(f"alpha must be between 0 and 1, got {alpha}")
     colors = _colormap_array(check_colormap(colormap))[heatmap]
@@ -157,12 +158,15 @@ def picture_size(size: str | int, image: tuple[int, int], model: tuple[int, int]
 
 
 def resize_pixels(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """uint8 RGB [H, W, 3] -> [height, width, 3] (PIL bilinear, antialiased when shrinking)."""
+    """uint8 [H, W, C] (C 3 or 1) -> [height, width, C] (PIL bilinear, antialiased when shrinking)."""
     height, width = size
     if pixels.shape[:2] == (height, width):
         return pixels
-    image = Image.fromarray(np.ascontiguousarray(pixels))
-    return np.asarray(image.resize((width, height), Image.Resampling.BILINEAR))
+    planes = pixels[:, :, 0] if pixels.shape[2] == 1 else pixels
+    resized = np.asarray(
+        Image.fromarray(np.ascontiguousarray(planes)).resize((width, height), Image.Resampling.BILINEAR)
+    )
+    return resized.reshape(height, width, pixels.shape[2])
 
 
 def encode_picture(pixels: np.ndarray, fmt: str = "png", compress_level: int = 1) -> bytes:

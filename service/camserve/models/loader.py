@@ -15,11 +15,14 @@ __all__ = ["build_model", "imagenet_labels"]
 
 def build_model(spec: ModelSpec) -> Built:
     """Build the spec's source and apply the models file's overrides (labels None: class indices); every failure is
-    a ModelConfigError that names the model."""
+    a ModelConfigError that names the model, a `channels` contradicting what the model says among them."""
     try:
         built = spec.source.build()
+        said = built.preprocessing.channels
+        if spec.channels is not None and built.channels_from is not None and spec.channels != said:
+            raise ModelConfigError(f"channels = {spec.channels} contradicts the model ({built.channels_from}: {said})")
         preprocessing: Preprocessing = built.preprocessing.overridden(
-            spec.input_size, spec.mean, spec.std, spec.interpolation
+            spec.input_size, spec.mean, spec.std, spec.interpolation, spec.channels
         )
         labels = read_labels_file(spec.labels) if spec.labels is not None else built.labels
     except ModelConfigError as exc:

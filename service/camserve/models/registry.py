@@ -84,11 +84,16 @@ class ServedModel:
         return self.preprocessing.input_size
 
     @property
-    def mean(self) -> tuple[float, float, float]:
+    def channels(self) -> int:
+        """Input channels: 3 (RGB) or 1 (luminance)."""
+        return self.preprocessing.channels
+
+    @property
+    def mean(self) -> tuple[float, ...]:
         return self.preprocessing.mean
 
     @property
-    def std(self) -> tuple[float, float, float]:
+    def std(self) -> tuple[float, ...]:
         return self.preprocessing.std
 
     @property
@@ -164,7 +169,8 @@ def load_model(
         )
         if built.graph is not None:
             engine.adopt_export(built.graph.to(device))
-    example = torch.zeros(1, 3, height, width, device=device)
+    channels = built.preprocessing.channels
+    example = torch.zeros(1, channels, height, width, device=device)
     reads_layers = onnx or not isinstance(module, torch.jit.ScriptModule)  # TorchScript modules take no hooks
     default_layer: str | None = None
     try:
@@ -174,8 +180,9 @@ def load_model(
     except ModelConfigError:
         raise
     except Exception as exc:
+        hint = "" if built.channels_from else " (if it takes another number of channels, set `channels`)"
         raise ModelConfigError(
-            f"model {spec.name!r}: a forward pass on a {height}x{width} input failed: {exc}"
+            f"model {spec.name!r}: a forward pass on a {channels}-channel {height}x{width} input failed: {exc}{hint}"
         ) from exc
     if reads_layers:
         try:

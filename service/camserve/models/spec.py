@@ -22,7 +22,9 @@ MAX_INPUT_SIDE = 4096
 class ModelSpec(BaseModel):
     """One model. `kind` (default "builtin") picks its source, whose fields sit next to the common ones in
     the same TOML table (see `camserve.models.sources`): builtin, torchvision, torchscript, entrypoint, timm,
-    huggingface, onnx, exported. `input_size`, `mean`, `std` and `interpolation` override the source's preprocessing.
+    huggingface, onnx, exported. `input_size`, `channels`, `mean`, `std` and `interpolation` override the source's
+    preprocessing; `channels` (1 or 3) must agree with a model that says its own (builtin, timm, torchvision,
+    Hugging Face, ONNX and exported models do), and `mean` and `std` hold one value per channel.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -31,8 +33,10 @@ class ModelSpec(BaseModel):
     source: AnySource
     labels: LocalPath | None = None
     input_size: tuple[int, int] | None = None
-    mean: tuple[float, float, float] | None = None
-    std: tuple[float, float, float] | None = None
+    #: input channels: 3 (RGB) or 1 (luminance); None: what the model says, else 3
+    channels: Literal[1, 3] | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
     interpolation: Interpolation | None = None
     default_layer: str | None = None
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
@@ -65,6 +69,13 @@ class ModelSpec(BaseModel):
     def _check_values(self) -> ModelSpec:
         if self.std is not None and any(s == 0 for s in self.std):
             raise ValueError("std values must be non-zero")
+        given = {name: len(v) for name, v in (("mean", self.mean), ("std", self.std)) if v is not None}
+        if any(count not in (1, 3) for count in given.values()):
+            raise ValueError(f"mean and std hold one value per input channel (1 or 3), got {given}")
+        if len(set(given.values())) > 1:
+            raise ValueError(f"mean and std must have as many values as each other, got {given}")
+        if self.channels is not None and any(count != self.channels for count in given.values()):
+            raise ValueError(f"mean and std need {self.channels} value(s) for channels = {self.channels}, got {given}")
         if self.input_size is not None and not all(1 <= side <= MAX_INPUT_SIDE for side in self.input_size):
             raise ValueError(f"input_size values must be from 1 to {MAX_INPUT_SIDE}")
         if self.kind == "onnx" and self.runtime not in (None, "onnxruntime"):

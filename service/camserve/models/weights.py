@@ -55,6 +55,13 @@ def classes_in_state(state: Mapping[str, torch.Tensor], head: str) -> int | None
     return int(weight.shape[0]) if weight is not None and weight.dim() >= 2 else None
 
 
+def input_channels(state: Mapping[str, torch.Tensor], conv: str) -> int | None:
+    """The input channels of the weights' convolution `conv`: the second dimension of `{conv}.weight` (a 4-D
+    kernel), None when absent."""
+    weight = state.get(f"{conv}.weight")
+    return int(weight.shape[1]) if weight is not None and weight.dim() == 4 else None
+
+
 def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], architecture: str) -> None:
     """Load strictly: missing, unexpected or mis-shaped keys are a ModelConfigError naming the first few.
 

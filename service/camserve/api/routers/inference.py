@@ -42,6 +42,7 @@ def _image_body(json_form: str) -> dict[str, Any]:
                     "example": {"images": [JPEG_BASE64], "top_k": 3},
                 },
                 "image/*": {"schema": {"type": "string", "format": "binary"}},
+                "application/dicom": {"schema": {"type": "string", "format": "binary"}},
             },
         }
     }

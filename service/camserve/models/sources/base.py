@@ -40,6 +40,9 @@ class Built:
     head: Head | None = None
     #: the model's own exported graph, batch dimension dynamic (kind "exported"): split instead of exporting again
     graph: fx.GraphModule | None = None
+    #: what in the model fixes `preprocessing.channels` (e.g. "its config's num_channels"); None: nothing does, so
+    #: the models file may set it
+    channels_from: str | None = None
 
 
 class Source(BaseModel):

@@ -42,4 +42,5 @@ class BuiltinSource(Source):
         model = EfficientNet.from_name(self.architecture)
         load_into(model, load_state_dict(weights_file), self.architecture)
         half = (0.5, 0.5, 0.5)
-        return Built(model, self.architecture, Preprocessing((side, side), half, half), imagenet_labels())
+        preprocessing = Preprocessing((side, side), half, half)
+        return Built(model, self.architecture, preprocessing, imagenet_labels(), channels_from="it takes RGB")

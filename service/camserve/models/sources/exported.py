@@ -38,7 +38,9 @@ class ExportedSource(Source):
         shape = _image_shape(program)
         size = (shape[2], shape[3]) if all(isinstance(d, int) for d in shape[2:]) else (224, 224)
         graph = program.module() if not isinstance(shape[0], int) else None  # a fixed batch cannot serve batches
-        return Built(module, "exported", Preprocessing(size), graph=graph)
+        channels = shape[1] if isinstance(shape[1], int) else 3
+        preprocessing = Preprocessing(size, channels=channels)
+        return Built(module, "exported", preprocessing, graph=graph, channels_from="its input" if shape[1] else None)
 
 
 def _image_shape(program: torch.export.ExportedProgram) -> list[object]:

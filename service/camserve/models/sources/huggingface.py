@@ -39,7 +39,8 @@ class HuggingFaceSource(Source):
 
     Labels from `config.id2label`. Preprocessing from `preprocessor_config.json` (size, or crop size when the
     processor centre-crops; image_mean, image_std, resample); without it `config.image_size` and ImageNet's
-    mean and std, bilinear. Any missing, unexpected or mis-shaped weight is an error (never re-initialised).
+    mean and std, bilinear; the input channels from `config.num_channels`. Any missing, unexpected or mis-shaped
+    weight is an error (never re-initialised).
     """
 
     kind: Literal["huggingface"]
@@ -69,15 +70,20 @@ class HuggingFaceSource(Source):
         labels = [str(config.id2label[i]) for i in range(config.num_labels)] if config.id2label else None
         architecture = (config.architectures or [type(model).__name__])[0]
         head = _HEADS.get(getattr(config, "problem_type", None) or "")
-        return Built(LogitsOnly(model), architecture, self._preprocessing(transformers, config), labels, head)
+        said = "its config's num_channels" if isinstance(getattr(config, "num_channels", None), int) else None
+        preprocessing = self._preprocessing(transformers, config)
+        return Built(LogitsOnly(model), architecture, preprocessing, labels, head, channels_from=said)
 
     def _preprocessing(self, transformers: ModuleType, config: Any) -> Preprocessing:
-        """From the folder's image processor; without one, `config.image_size` and ImageNet's statistics."""
+        """From the folder's image processor; without one, `config.image_size` and ImageNet's statistics. The
+        channels are `config.num_channels` (3 when the config has none)."""
         folder = self.path
         assert folder is not None
+        channels = getattr(config, "num_channels", None)
+        channels = channels if isinstance(channels, int) else 3
         if not (folder / PREPROCESSOR_CONFIG).is_file():
             side = int(getattr(config, "image_size", 224))
-            return Preprocessing((side, side), IMAGENET_MEAN, IMAGENET_STD, "bilinear")
+            return Preprocessing((side, side), IMAGENET_MEAN, IMAGENET_STD, "bilinear", channels=channels)
         try:
             processor = transformers.AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
         except (OSError, ValueError, KeyError) as exc:
@@ -90,6 +96,7 @@ class HuggingFaceSource(Source):
             tuple(float(v) for v in getattr(processor, "image_mean", None) or IMAGENET_MEAN),
             tuple(float(v) for v in getattr(processor, "image_std", None) or IMAGENET_STD),
             _filter_name(getattr(processor, "resample", None)),
+            channels=channels,
         )
 
 

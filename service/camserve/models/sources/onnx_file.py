@@ -31,4 +31,5 @@ class OnnxSource(Source):
             raise ModelConfigError(str(exc)) from exc
         height, width = graph.input.size
         size = (height, width) if height is not None and width is not None else (224, 224)  # dynamic: 224
-        return Built(graph, "onnx", Preprocessing(size))
+        channels = graph.input.channels
+        return Built(graph, "onnx", Preprocessing(size, channels=channels), channels_from="its graph's input")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -9,12 +10,13 @@ from typing import Any, Literal
 import torch
 import torchvision
 from pydantic import Field, model_validator
+from torch import nn
 
 from camserve.models.errors import ModelConfigError
 from camserve.models.labels import imagenet_labels_if
 from camserve.models.preprocessing import Preprocessing
 from camserve.models.sources.base import Built, LocalPath, Source
-from camserve.models.weights import classes_in_state, load_into, load_state_dict
+from camserve.models.weights import classes_in_state, input_channels, load_into, load_state_dict
 
 DEFAULT_CLASSES = 1000  # torchvision's default `num_classes` for every classification architecture
 
@@ -22,8 +24,10 @@ DEFAULT_CLASSES = 1000  # torchvision's default `num_classes` for every classifi
 class TorchvisionSource(Source):
     """`architecture` from `torchvision.models.list_models`; `weights` a `.safetensors` or `.pth` state dict.
 
-    The class count is read from the weights (`num_classes`, if set, must agree); preprocessing defaults are
-    those of the architecture's default torchvision weights (size of their centre crop, mean, std, filter).
+    The class count is read from the weights (`num_classes`, if set, must agree), and so are the input channels:
+    weights whose first convolution takes one channel get a model whose first convolution does. Preprocessing
+    defaults are those of the architecture's default torchvision weights (size of their centre crop, mean, std,
+    filter).
     """
 
     kind: Literal["torchvision"]
@@ -48,8 +52,33 @@ class TorchvisionSource(Source):
         kwargs = _structure_kwargs(arch, state)
         num_classes = self.num_classes or _classes_in_weights(arch, state, kwargs) or DEFAULT_CLASSES
         model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
+        first = next((name for name, module in model.named_modules() if isinstance(module, nn.Conv2d)), None)
+        channels = input_channels(state, first) if first else None
+        if first and channels == 1:
+            _take_one_channel(model, first)
         load_into(model, state, arch)
-        return Built(model, arch, _default_preprocessing(arch), imagenet_labels_if(num_classes))
+        said = f"the weights of its first convolution {first}" if channels is not None else None
+        preprocessing = dataclasses.replace(_default_preprocessing(arch), channels=channels or 3)
+        return Built(model, arch, preprocessing, imagenet_labels_if(num_classes), channels_from=said)
+
+
+def _take_one_channel(model: nn.Module, name: str) -> None:
+    """Replace the convolution `name` of `model` by one alike that takes one input channel."""
+    conv = model.get_submodule(name)
+    assert isinstance(conv, nn.Conv2d)
+    parent, _, leaf = name.rpartition(".")
+    one = nn.Conv2d(
+        1,
+        conv.out_channels,
+        conv.kernel_size,  # type: ignore[arg-type]  # a tuple, as Conv2d keeps it
+        conv.stride,  # type: ignore[arg-type]
+        conv.padding,  # type: ignore[arg-type]
+        conv.dilation,  # type: ignore[arg-type]
+        conv.groups,
+        conv.bias is not None,
+        conv.padding_mode,
+    )
+    setattr(model.get_submodule(parent) if parent else model, leaf, one)
 
 
 def _structure_kwargs(arch: str, state: Mapping[str, torch.Tensor]) -> dict[str, Any]:

@@ -345,6 +345,12 @@ function grayOf(bitmap, width, height) {
   return gray;
 }
 
+/** Whether a file is DICOM ("DICM" after its 128-byte preamble), which browsers cannot draw. */
+async function isDicom(file) {
+  const magic = new Uint8Array(await file.slice(128, 132).arrayBuffer());
+  return String.fromCharCode(...magic) === "DICM";
+}
+
 function base64Blob(base64, type) {
   const bytes = Uint8Array.from(atob(base64), (c) => c.charCodeAt(0));
   return new Blob([bytes], { type });
@@ -539,6 +545,8 @@ class ImageCard {
 
   explainParams(targets, method = el.method.value) {
     const params = [["model", el.model.value], ["method", method], ["top_k", String(TOP_K)]];
+    // a browser cannot draw DICOM: the first answer brings the picture the model saw (an overlay of opacity 0)
+    if (this.dicom && !this.bitmap) params.push(["overlay", "true"], ["alpha", "0"]);
     const { defaultLayer } = state.layers.get(el.model.value) || {};
     if (el.layer.value && el.layer.value !== defaultLayer) params.push(["layer", el.layer.value]);
     if (el.counterfactual.checked) params.push(["counterfactual", "true"]);
@@ -550,6 +558,7 @@ class ImageCard {
   /** POST /explain for these targets (none: the top-1); returns the figures, or null after showing the error. */
   async request(targets, method) {
     await ready; // nothing asked before the models are known is sent with an empty model
+    if (this.dicom === undefined) this.dicom = await isDicom(this.file);
     const busy = `${this.name}: ${method}${targets.length ? ` of ${targets.join(", ")}` : ""}…`;
     setStatus(busy);
     this.node.setAttribute("aria-busy", "true");
@@ -580,7 +589,9 @@ class ImageCard {
     this.height = result.height;
     $(".size", this.node).textContent = `${result.width} × ${result.height}`;
     this.cache.clear();
-    this.bitmap = await createImageBitmap(this.file, { imageOrientation: "from-image" });
+    const picture = this.dicom ? result.explanations[0]?.overlay : null;
+    const source = picture ? base64Blob(picture, "image/png") : this.file;
+    this.bitmap = await createImageBitmap(source, { imageOrientation: "from-image" });
   }
 
   setPredictions(predictions) {
