@@ -175,3 +175,19 @@ def test_bad_onnx_configuration_stops_start_up_naming_the_model(resnet, tmp_path
     export(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(144, 1)), 8, single)
     with pytest.raises(ModelConfigError, match="model 'r': head = 'softmax' contradicts the model"):
         load_model(ModelSpec(name="r", kind="onnx", weights=single, head="softmax"), torch.device("cpu"))
+
+
+def test_a_one_channel_graph_gets_one_channel_inputs(tmp_path):
+    torch.manual_seed(2)
+    module = torchvision.models.resnet18(num_classes=3).eval()
+    module.conv1 = torch.nn.Conv2d(1, 64, 7, 2, 3, bias=False).eval()
+    torch.onnx.export(
+        module, (torch.randn(2, 1, 32, 32),), str(tmp_path / "gray.onnx"), input_names=["input"],
+        output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False,
+    )  # fmt: skip
+    served = load_model(ModelSpec(name="gray", kind="onnx", weights=tmp_path / "gray.onnx"), torch.device("cpu"))
+    assert served.preprocessing.channels == 1 and served.input_size == (32, 32)
+    x = torch.randn(2, 1, 32, 32)
+    torch.testing.assert_close(served.engine.predict(x), module(x).detach(), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ModelConfigError, match="channels = 3 contradicts the model"):
+        load_model(ModelSpec(name="g", kind="onnx", weights=tmp_path / "gray.onnx", channels=3), torch.device("cpu"))
