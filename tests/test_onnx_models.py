@@ -138,6 +138,8 @@ async def test_gradient_methods_get_a_422_naming_the_methods_that_work_on_every_
         )
         eigen = await client.post("/explain?method=eigencam", content=cat_jpeg, headers=JPEG)
         layers = (await client.get("/models/resnet-onnx/layers")).json()
+        metadata = (await client.get("/v2/models/resnet-onnx")).json()
+    assert metadata["platform"] == "onnxruntime_onnx"
     for response, method in ((own, "gradcampp"), (v1, "gradcam"), (v2, "layercam")):
         assert response.status_code == 422, response.text
         body = response.json()

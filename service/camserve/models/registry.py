@@ -71,6 +71,11 @@ class ServedModel:
         return self.spec.name
 
     @property
+    def platform(self) -> str:
+        """What runs it, in OIP v2's words: "onnxruntime_onnx" for ONNX models, else "pytorch"."""
+        return "onnxruntime_onnx" if isinstance(self.module, OnnxGraph) else "pytorch"
+
+    @property
     def num_classes(self) -> int:
         return len(self.labels)
 

@@ -181,7 +181,7 @@ def _metadata(served: ServedModel) -> V2ModelMetadata:
     return V2ModelMetadata(
         name=served.name,
         versions=[VERSION],
-        platform="pytorch",
+        platform=served.platform,
         inputs=[V2TensorMetadata(name=INPUT, datatype="BYTES", shape=[-1])],
         outputs=outputs,
         parameters={"head": served.head},
