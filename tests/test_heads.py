@@ -102,6 +102,25 @@ async def test_a_multi_label_model_scores_each_class_with_its_sigmoid_on_every_p
     assert [e["index"] for e in at_least_one["results"][0]["explanations"]] == order[:1].tolist()
 
 
+@pytest.mark.anyio
+async def test_classes_above_the_threshold_are_explained_as_far_as_the_render_budget_holds(
+    multilabel_folder, tmp_path, cat_jpeg
+):
+    """Budgets are checked before the forward, which decides how many classes pass: the cap follows the budget."""
+    two_maps = 2 * 224 * 224  # size=model pictures, no overlays
+    models_file = _models_file(multilabel_folder, tmp_path)
+    async with running_app(None, models_file=models_file, warmup=False, max_render_pixels=two_maps) as (client, _):
+        url = "/explain?threshold=0&size=model&overlay=false"
+        capped = await client.post(url, content=cat_jpeg, headers=JPEG)
+        overlays = await client.post("/explain?threshold=0&size=model&overlay=true", content=cat_jpeg, headers=JPEG)
+        explicit = await client.post(url + "&target=0&target=1&target=2", content=cat_jpeg, headers=JPEG)
+    assert capped.status_code == 200, capped.text
+    results = capped.json()["results"][0]
+    assert [e["index"] for e in results["explanations"]] == [p["index"] for p in results["predictions"][:2]]
+    assert overlays.status_code == 413  # one map with its overlay is already above the budget
+    assert explicit.status_code == 413  # named targets are counted before, as always
+
+
 def test_score_cam_weighs_channels_by_the_heads_own_probability():
     """Score-CAM's confidence is the model's probability: sigmoid on a sigmoid head, computed here by hand."""
     torch.manual_seed(0)

@@ -54,6 +54,8 @@ class ExplainPlan:
     faithfulness_steps: int | None = None
     #: images without targets explain every class at or above this probability (sigmoid heads); None: top-1
     above: float | None = None
+    #: with `above`: the most classes one image explains (what the render and faithfulness budgets hold)
+    most: int = 1
     #: RISE's masks (None: its default)
     rise_masks: int | None = None
 
@@ -215,6 +217,7 @@ class ModelBatches:
             layers=options.layers,
             counterfactual=options.counterfactual,
             above=options.above,
+            most=options.most,
         )
         counts = [0] * len(members)
         for image, _ in result.pairs:  # the engine's rows are image-major per round; count them per image

@@ -23,7 +23,7 @@ from camserve.cam.rise import RISE
 from camserve.errors import InvalidParameterError, PayloadTooLargeError
 from camserve.images import check_media_type, header_size
 from camserve.models import ModelRegistry, ServedModel
-from camserve.options import DEFAULT_THRESHOLD, DEFAULT_TOP_K, ExplainOptions, PictureOptions
+from camserve.options import DEFAULT_THRESHOLD, DEFAULT_TOP_K, MAX_TARGETS, ExplainOptions, PictureOptions
 from camserve.settings import Settings
 
 
@@ -107,18 +107,42 @@ def make_plan(request: InferenceRequest, registry: ModelRegistry, settings: Sett
     # from the headers: a refusal costs no decoding (an image whose header cannot be read is refused when decoded)
     sizes = [(height, width) for width, height in filter(None, (header_size(p.data) for p in request.images))]
     _check_render_budget(served, sizes, targets, request.pictures, settings)
-    above = None  # a sigmoid head without targets explains every class its threshold assigns
+    above, most = None, 1  # a sigmoid head without targets explains every class its threshold assigns
     if classes is None and served.head == "sigmoid":
         above = DEFAULT_THRESHOLD if request.threshold is None else request.threshold
+        most = _most_maps(served, sizes, request.pictures, settings, len(request.images), steps)
     plan = ExplainPlan(
         method=cam.name,
         layers=layers,
         counterfactual=explain.counterfactual,
         faithfulness_steps=steps,
         above=above,
+        most=most,
         rise_masks=explain.rise_masks if isinstance(cam, RISE) else None,
     )
     return Plan(request, served, top_k, plan, classes, cost, is_heavy(plan), priority)
+
+
+def _most_maps(
+    served: ServedModel,
+    sizes: list[tuple[int, int]],
+    pictures: PictureOptions,
+    settings: Settings,
+    images: int,
+    steps: int | None,
+) -> int:
+    """How many classes above the threshold one image may explain: at most MAX_TARGETS and the class count, and
+    only as many as the render and faithfulness budgets hold for every image (one always fits: it was checked)."""
+    most = min(MAX_TARGETS, served.num_classes)
+    while most > 1:
+        try:
+            _check_render_budget(served, sizes, most, pictures, settings)
+            if steps is not None:
+                _check_faithfulness_budget(images, most, steps, settings)
+            break
+        except PayloadTooLargeError:
+            most -= 1
+    return most
 
 
 def _faithfulness_steps(explain: ExplainOptions, settings: Settings) -> int | None:
