@@ -86,6 +86,8 @@ class Method:
     needs_input_gradient: ClassVar[bool] = False
     #: Whether `counterfactual` (the negated gradient: what lowers the score) means anything for the method.
     counterfactual: ClassVar[bool] = False
+    #: What `extra_forwards` counts per image and layer ("channels" or "cells"), for messages.
+    cost_unit: ClassVar[str] = "channels"
 
     def check(self, *, counterfactual: bool) -> None:
         """Raise CamError for option combinations the method does not define."""
@@ -95,8 +97,9 @@ class Method:
                 "ask without counterfactual, or with a gradient method (gradcam, gradcampp, ...)"
             )
 
-    def extra_forwards(self, images: int, channels: Sequence[int]) -> int:
-        """Forwards beyond the request's own, for `images` images at layers of `channels` channels."""
+    def extra_forwards(self, images: int, channels: Sequence[int], cells: Sequence[int] = ()) -> int:
+        """Forwards beyond the request's own, for `images` images at layers of `channels` channels and `cells`
+        grid cells (h * w, in the same order; needed only by methods whose cost is per cell)."""
         return 0
 
     def layer_map(self, layer: LayerInput, reruns: Reruns) -> Tensor:
