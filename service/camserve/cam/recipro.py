@@ -1,5 +1,5 @@
 """ReciproCAM (Byun & Lee 2022, "Recipro-CAM: Fast gradient-free visual explanations for convolutional neural
-networks", arXiv:2209.14074; CVPR 2024 workshops) and its token variant for ViTs (Byun & Lee 2023,
+networks", arXiv:2209.14074; in CVPR 2024 workshops as "ReciproCAM") and its token variant for ViTs (Byun & Lee 2023,
 "ViT-ReciproCAM: Gradient and attention-free visual explanations for vision transformer", arXiv:2310.02588).
 
 For the target layer's activation F of one image, on an h x w grid, one copy per cell (y, x) is the feature map
@@ -13,19 +13,24 @@ targets. The mask:
 
 - `"gaussian"` (the default): the 3 x 3 Gaussian kernel [[1, 2, 1], [2, 4, 2], [1, 2, 1]] / 16 centred on the
   cell (1/4 at the cell, 1/8 at its edge neighbours, 1/16 at its corners, 0 elsewhere), cut at the grid's border
-  and not renormalized there. Each cell keeps its own activation times its kernel weight: this is the mask
-  OpenVINO XAI 1.1 builds for ViTReciproCAM (`use_gaussian=True`, its default) and what the papers call masking
-  the feature map. The authors' CNN code (openvinotoolkit/training_extensions, misc/pytorch_toolkit/recipro_cam)
-  has a Gaussian option that instead writes the centre cell's activation vector, scaled by the kernel, into the
-  3 x 3 neighbourhood; behind a global-average-pooling head that equals the one-cell mask with border cells
-  scaled down (9/16 at corners), so it is not followed here.
-- `"cell"`: the one-hot mask, 1 at the cell and 0 elsewhere: what the paper's cited code (datumaro) calls by
-  default and the only mask OpenVINO XAI's CNN ReciproCAM has.
+  and not renormalized there. Each cell keeps its own activation times its kernel weight. Why this one: it is the
+  papers' Gaussian mask read literally as a mask of the feature map (F * M, "spatially masking the extracted
+  feature maps"), the same for feature maps and tokens, and it is exactly the mask OpenVINO XAI 1.1 builds for
+  ViTReciproCAM (`use_gaussian=True`, its default). The authors' 2022 CNN code (openvinotoolkit/
+  training_extensions, misc/pytorch_toolkit/recipro_cam) has a Gaussian option that instead writes the centre
+  cell's activation vector, scaled by the kernel, into the 3 x 3 neighbourhood; behind a global-average-pooling
+  head that is the one-cell mask with the border cells scaled down (by 3/4, 9/16 at corners), so it is not
+  followed here.
+- `"cell"`: the one-hot mask, 1 at the cell and 0 elsewhere: what the paper's cited code (openvinotoolkit/datumaro,
+  recipro_cam.py) calls by default and the only mask OpenVINO XAI's CNN ReciproCAM has.
 
 Token layers (ViTs): the mask applies to the patch tokens by their grid position; the prefix tokens (class,
 distillation, registers) are kept as they are in every copy, as ViTReciproCAM does with `cls_token=True` (its
-default). At a block's input norm (camserve's default ViT layer) the residual stream around it is left whole, as
-OpenVINO XAI's torch ViTReciproCAM does by hooking that norm's output.
+default). At a block's input norm (camserve's default ViT layer) only the norm's output is masked and the residual
+stream around it is left whole: what OpenVINO XAI's torch ViTReciproCAM computes by hooking that norm (the third
+LayerNorm from the end). Its OpenVINO-graph version masks the stream into the block as well, on both paths, which
+one layer's output cannot express; explaining the previous block's output instead masks the stream on both paths,
+with the norm recomputed from the masked tokens.
 
 Normalization: the papers min-max normalize S_c to [0, 1] per map; camserve returns S_c itself (probabilities,
 so the final ReLU changes nothing) and normalizes every map, of every method, the same way when it renders it
