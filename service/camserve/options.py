@@ -99,7 +99,7 @@ class PriorityOption(BaseModel):
         ge=0,
         le=3,
         description="scheduling priority: 1 high, 2 normal, 3 low; 0 the default (normal). Cheap work (predictions, "
-        "gradient methods) always runs before heavy work (Score-CAM, Ablation-CAM, faithfulness); within each, "
+        "gradient methods) always runs before heavy work (perturbation methods, faithfulness); within each, "
         "higher priority runs first",
         examples=[1],
     )

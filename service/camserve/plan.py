@@ -167,18 +167,33 @@ def _check_faithfulness_budget(images: int, targets: int, steps: int, settings: 
 def _check_extra_forwards(
     served: ServedModel, cam: Method, images: int, layers: tuple[str, ...] | None, settings: Settings
 ) -> int:
-    """The extra forwards of the request: Score-CAM and Ablation-CAM run one per image and layer channel (0 for
-    other methods). More than the limit is refused."""
+    """The extra forwards of the request: Score-CAM and Ablation-CAM run one per image and layer channel,
+    ReciproCAM one per image and layer cell, RISE one per image and mask (0 for other methods). More than the
+    limit is refused."""
     names = (layers or served.engine.resolve_layers(None)) if cam.reads_layer else ()
-    channels = [served.engine.trace().channels(name) for name in names]
-    needed = cam.extra_forwards(images, channels)
+    trace = served.engine.trace() if names else None
+    channels = [trace.channels(name) for name in names] if trace else []
+    grids = [trace.layout(name).grid for name in names] if trace else []
+    cells = [h * w for h, w in grids]
+    needed = cam.extra_forwards(images, channels, cells)
     limit = settings.max_masked_forwards
-    if needed > limit:
-        at = ", ".join(f"{name} ({count} channels)" for name, count in zip(names, channels, strict=True))
+    if needed > limit and not names:  # RISE: masks of the input
         raise PayloadTooLargeError(
-            f"{cam.name} would run {needed} extra forward passes ({images} image(s) x {sum(channels)} channels "
+            f"{cam.name} would run {needed} extra forward passes ({images} image(s) x {needed // images} masks); the "
+            f"limit per request is {limit} (CAMSERVE_MAX_MASKED_FORWARDS): send fewer images or fewer rise_masks"
+        )
+    if needed > limit:
+        unit = cam.cost_unit
+        per_image, sizes = (
+            (sum(cells), [f"{h}x{w} cells" for h, w in grids])
+            if unit == "cells"
+            else (sum(channels), [f"{count} channels" for count in channels])
+        )
+        at = ", ".join(f"{name} ({size})" for name, size in zip(names, sizes, strict=True))
+        raise PayloadTooLargeError(
+            f"{cam.name} would run {needed} extra forward passes ({images} image(s) x {per_image} {unit} "
             f"of layer(s) {at}); the limit per request is {limit} (CAMSERVE_MAX_MASKED_FORWARDS): send fewer "
-            "images, choose a layer with fewer channels, or use a gradient method"
+            f"images, choose a layer with fewer {unit}, or use a gradient method"
         )
     return needed
 

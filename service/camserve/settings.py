@@ -84,13 +84,14 @@ class Settings(BaseSettings):
     max_heavy_forwards: int = Field(
         32768,
         ge=1,
-        description="forward-equivalents of heavy work (Score-CAM, Ablation-CAM, faithfulness) one model may hold "
+        description="forward-equivalents of heavy work (perturbation methods, faithfulness) one model may hold "
         "queued or computing; beyond it new heavy requests get 503 while cheap ones are still served",
     )
     max_masked_forwards: int = Field(
         16384,
         ge=0,
-        description="most extra forwards one request's Score-CAM or Ablation-CAM may run (images x layer channels)",
+        description="most extra forwards one request's perturbation method may run: images x layer channels "
+        "(Score-CAM, Ablation-CAM), x layer cells (ReciproCAM) or x masks (RISE)",
     )
     masked_batch_size: int = Field(
         32, ge=1, le=4096, description="masked (Score-CAM) or ablated (Ablation-CAM) inputs per extra forward"

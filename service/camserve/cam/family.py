@@ -95,6 +95,8 @@ class Method:
     #: Whether the method reads a layer; one that does not (RISE) sees the input as its layer and needs only
     #: whole-model forwards, so it explains any model that gives logits.
     reads_layer: ClassVar[bool] = True
+    #: What `extra_forwards` counts per image and layer ("channels" or "cells"), for messages.
+    cost_unit: ClassVar[str] = "channels"
 
     def check(self, *, counterfactual: bool, layers: bool = False) -> None:
         """Raise CamError for option combinations the method does not define (`layers`: layers were named)."""
@@ -106,8 +108,9 @@ class Method:
                 "ask without counterfactual, or with a gradient method (gradcam, gradcampp, ...)"
             )
 
-    def extra_forwards(self, images: int, channels: Sequence[int]) -> int:
-        """Forwards beyond the request's own, for `images` images at layers of `channels` channels."""
+    def extra_forwards(self, images: int, channels: Sequence[int], cells: Sequence[int] = ()) -> int:
+        """Forwards beyond the request's own, for `images` images at layers of `channels` channels and `cells`
+        grid cells (h * w, in the same order; needed only by methods whose cost is per cell)."""
         return 0
 
     def layer_map(self, layer: LayerInput, reruns: Reruns) -> Tensor:

@@ -2,7 +2,8 @@
 
 Shapes: A and g are [N, K, h, w] (one row per (image, target) pair), float32, on the model's device.
 `combine` returns the map before the final ReLU, shape [N, h, w]. The gradient-free families live in
-`activation.py` (Eigen-CAM) and `perturbation.py` (Score-CAM, Ablation-CAM); `family.py` is their common interface.
+`activation.py` (Eigen-CAM), `perturbation.py` (Score-CAM, Ablation-CAM), `recipro.py` (ReciproCAM) and `rise.py`
+(RISE); `family.py` is their common interface.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from camserve.cam.activation import EigenCAM
 from camserve.cam.errors import UnknownMethodError
 from camserve.cam.family import Family, LayerInput, Method, Reruns
 from camserve.cam.perturbation import AblationCAM, ScoreCAM
+from camserve.cam.recipro import ReciproCAM
 from camserve.cam.rise import RISE
 
 
@@ -111,12 +113,12 @@ _METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         GradCAM(), GradCAMPlusPlus(), XGradCAM(), LayerCAM(), HiResCAM(), GuidedGradCAM(),
-        ScoreCAM(), AblationCAM(), EigenCAM(), RISE(),
+        ScoreCAM(), AblationCAM(), EigenCAM(), RISE(), ReciproCAM(),
     )
 }  # fmt: skip
 _ALIASES = {
     "gradcam++": "gradcampp", "grad-cam": "gradcam", "grad-cam++": "gradcampp",
-    "score-cam": "scorecam", "ablation-cam": "ablationcam", "eigen-cam": "eigencam",
+    "score-cam": "scorecam", "ablation-cam": "ablationcam", "eigen-cam": "eigencam", "recipro-cam": "reciprocam",
 }  # fmt: skip
 
 #: Canonical method names, in display order.

@@ -39,7 +39,7 @@ class PerturbationMethod(Method):
 
     family: ClassVar[Family] = "perturbation"
 
-    def extra_forwards(self, images: int, channels: Sequence[int]) -> int:
+    def extra_forwards(self, images: int, channels: Sequence[int], cells: Sequence[int] = ()) -> int:
         return images * sum(channels)
 
 

@@ -40,7 +40,7 @@ class RISE(PerturbationMethod):
     def with_masks(self, masks: int) -> RISE:
         return RISE(masks, self.seed)
 
-    def extra_forwards(self, images: int, channels: Sequence[int]) -> int:
+    def extra_forwards(self, images: int, channels: Sequence[int], cells: Sequence[int] = ()) -> int:
         return images * self.masks * max(1, len(channels))
 
     def random_masks(self, generator: torch.Generator, count: int, size: tuple[int, int]) -> Tensor:

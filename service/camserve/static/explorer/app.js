@@ -5,7 +5,7 @@ import { COLORMAP_TABLES, colormapTable } from "./colormaps.js";
 
 const FALLBACK_METHODS = [
   "gradcam", "gradcampp", "xgradcam", "layercam", "hirescam", "guided-gradcam", "scorecam", "ablationcam", "eigencam",
-  "rise",
+  "rise", "reciprocam",
 ];
 const TOP_K = 5;
 const DISPLAY_MAX = 720; // longest side of an on-screen canvas, in canvas pixels
