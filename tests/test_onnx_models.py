@@ -82,10 +82,10 @@ def test_the_default_layer_is_the_last_feature_map_before_pooling_and_layers_are
     trace = served.engine.trace()
     assert served.default_layer == "/layer4/layer4.1/relu_1/Relu_output_0"
     assert trace.shapes[served.default_layer] == (2, 512, 3, 3) and trace.modules[served.default_layer] == "Relu"
-    assert served.methods == ("scorecam", "ablationcam", "eigencam", "rise")
+    assert served.methods == ("scorecam", "ablationcam", "eigencam", "rise", "reciprocam")
 
 
-@pytest.mark.parametrize("method", ["eigencam", "ablationcam", "scorecam"])
+@pytest.mark.parametrize("method", ["eigencam", "ablationcam", "scorecam", "reciprocam"])
 def test_cnn_maps_equal_the_same_method_on_the_pytorch_model_at_the_same_layer(resnet, method):
     module, _, served = resnet
     x = images(RESNET_SIZE)
@@ -103,7 +103,7 @@ def test_vit_token_maps_equal_the_pytorch_model_through_a_cut_that_carries_the_r
     assert cut.kinds == ("rows",)  # the residual stream around the last attention
     x = images(VIT_SIZE)
     reference = CamEngine(module)
-    for method in ("eigencam", "ablationcam"):
+    for method in ("eigencam", "ablationcam", "reciprocam"):
         got = served.engine.explain(x, method=method)
         want = reference.explain(x, method=method, layers="blocks.11.norm1")
         assert got.maps.shape == (2, 4, 4) and want.maps.abs().amax() > 0
@@ -145,7 +145,7 @@ async def test_gradient_methods_get_a_422_naming_the_methods_that_work_on_every_
         body = response.json()
         detail = body.get("detail") or body.get("error")
         assert f"{method} (a gradient method)" in detail
-        assert "explains with: scorecam, ablationcam, eigencam, rise" in detail
+        assert "explains with: scorecam, ablationcam, eigencam, rise, reciprocam" in detail
     assert eigen.status_code == 200 and eigen.json()["layers"] == ["/layer4/layer4.1/relu_1/Relu_output_0"]
     heatmap = Image.open(io.BytesIO(base64.b64decode(eigen.json()["results"][0]["explanations"][0]["heatmap"])))
     assert heatmap.size[0] > 0
