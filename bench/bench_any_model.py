@@ -2,11 +2,12 @@
 
     .venv/bin/python -m bench.bench_any_model --rounds 5 --json docs/bench_any_model_cpu.json
 
-- EfficientNet-Lite0 with its real ImageNet weights, exported to ONNX (the legacy exporter, dynamic batch) and
-  served as `kind = "onnx"` by ONNX Runtime's CPU provider, against the same model as `kind = "builtin"` in eager
-  PyTorch (no compiled or ONNX fast path: the plain module), both through `load_model`, on 1 and 8 real photos:
-  predictions, Eigen-CAM and Ablation-CAM at `_blocks.15` (320 channels; the ONNX tensor of the same module),
-  whose reruns run only the network after the layer on both sides. The maps are compared before timing.
+- The allocator tuned as the server tunes it (`camserve.allocator`). EfficientNet-Lite0 with its real ImageNet
+  weights, exported to ONNX (the legacy exporter, dynamic batch) and served as `kind = "onnx"` by ONNX Runtime's
+  CPU provider, against the same model as `kind = "builtin"` in eager PyTorch (no compiled or ONNX fast path: the
+  plain module), both through `load_model`, on 1 and 8 real photos: predictions, Eigen-CAM and Ablation-CAM at
+  `_blocks.15` (320 channels; the ONNX tensor of the same module), whose reruns run only the network after the
+  layer on both sides. The maps are compared before timing.
 - RISE on both, `--masks` masks per image at batch 1: milliseconds per mask, against one image's forward.
 Contenders alternate within every round; medians in milliseconds.
 """
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 
 from bench.bench_engine import photo_batch
+from camserve.allocator import keep_freed_memory
 from camserve.cam.rise import RISE
 from camserve.models import ModelSpec, load_model
 
@@ -58,6 +60,7 @@ def main() -> int:
     parser.add_argument("--masks", type=int, default=256)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    tuned = keep_freed_memory()  # as the server does at start-up
     torch.manual_seed(0)
     torch_model = load_model(ModelSpec(name="efficientnet-lite0", kind="builtin"), torch.device("cpu"), warmup=False)
     module = torch_model.module
@@ -126,6 +129,7 @@ def main() -> int:
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "machine": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(),
+            "malloc_tuned": tuned,
             "torch": torch.__version__,
             "command": f"python -m bench.bench_any_model --rounds {args.rounds} --masks {args.masks}",
         }
