@@ -293,3 +293,28 @@ def test_prepare_fills_the_cache_so_the_next_load_decides_from_it(monkeypatch, t
     assert len(list(tmp_path.glob("runtime/*/decision-*.json"))) == 1
     loaded = ModelRegistry.load(None, "cpu", runtime="auto", max_batch=4, cache_dir=tmp_path).get()
     assert loaded.runtime.from_cache and loaded.runtime.summary == printed.split(": ", 1)[1].strip()
+
+
+def test_the_cli_names_the_head_and_sends_the_threshold(tmp_path, monkeypatch, capsys):
+    import base64
+
+    import camserve.cli as cli
+
+    sent: list = []
+    picture = base64.b64encode(b"bytes").decode()
+
+    def fake_post(args, path, params):
+        sent.append((path, params))
+        prediction = {"index": 2, "label": "effusion", "score": 0.8}
+        explanation = {**prediction, "heatmap": picture, "overlay": picture}
+        result = {"width": 4, "height": 3, "predictions": [prediction], "explanations": [explanation]}
+        return {"model": "xray", "head": "sigmoid", "method": "gradcampp", "results": [result]}
+
+    monkeypatch.setattr(cli, "_post", fake_post)
+    assert main(["predict", "chest.png", "--threshold", "0.4", "--model", "xray"]) == 0
+    printed = capsys.readouterr().out
+    assert "chest.png (4x3, model xray, sigmoid scores: independent probabilities, need not sum to 1)" in printed
+    assert main(["explain", "chest.png", "--threshold", "0.4", "--out", str(tmp_path)]) == 0
+    assert "model xray, gradcampp, sigmoid scores" in capsys.readouterr().out
+    assert ("threshold", "0.4") in sent[0][1] and ("model", "xray") in sent[0][1]
+    assert ("threshold", "0.4") in sent[1][1]

@@ -181,23 +181,35 @@ def _post(args: argparse.Namespace, path: str, params: list[tuple[str, str]]) ->
 
 
 def _predict(args: argparse.Namespace) -> int:
-    params = [("top_k", str(args.top_k))] + ([("model", args.model)] if args.model else [])
+    params = [("top_k", str(args.top_k)), *_common_params(args)]
     body = _post(args, "/predict", params)
     if body is None:
         return 1
     for name, result in zip(args.images, body["results"], strict=True):
-        print(f"{name} ({result['width']}x{result['height']}, model {body['model']})")
+        print(f"{name} ({result['width']}x{result['height']}, model {body['model']}, {_scores(body)})")
         for p in result["predictions"]:
             print(f"  {p['score']:7.4f}  {p['index']:5d}  {p['label']}")
     return 0
+
+
+def _common_params(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """The model and threshold flags, where given."""
+    given = [("model", args.model), ("threshold", args.threshold)]
+    return [(name, str(value)) for name, value in given if value is not None]
+
+
+def _scores(body: dict) -> str:
+    """What the scores are, from the head the response names."""
+    if body.get("head") == "sigmoid":
+        return "sigmoid scores: independent probabilities, need not sum to 1"
+    return "softmax scores"
 
 
 _SUFFIXES = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}
 
 
 def _explain(args: argparse.Namespace) -> int:
-    params = [("top_k", str(args.top_k)), ("overlay", "true")] + ([("model", args.model)] if args.model else [])
-    params += _option_params(args)
+    params = [("top_k", str(args.top_k)), ("overlay", "true"), *_common_params(args), *_option_params(args)]
     out = Path(args.out)
     try:  # before asking the server, so that its work is not lost to an unwritable folder
         out.mkdir(parents=True, exist_ok=True)
@@ -208,6 +220,7 @@ def _explain(args: argparse.Namespace) -> int:
     if body is None:
         return 1
     stems = _unique_stems(args.images)
+    print(f"model {body.get('model')}, {body['method']}, {_scores(body)}")
     try:
         for name, stem, result in zip(args.images, stems, body["results"], strict=True):
             for e in result["explanations"]:
@@ -307,6 +320,10 @@ def build_parser(explain_flags: bool = True) -> argparse.ArgumentParser:
         sub.add_argument("--api-key", default=os.environ.get("CAMSERVE_API_KEY"), help="env CAMSERVE_API_KEY")
         sub.add_argument("--model", default=None)
         sub.add_argument("--top-k", type=int, default=5)
+        sub.add_argument(
+            "--threshold", type=float, default=None, help="also every class at or above this probability (the server "
+            "checks it; on sigmoid models, explain explains those classes)"
+        )
         sub.add_argument("--timeout", type=_seconds, default=120.0, help="seconds to wait for the server")
         return sub
 
