@@ -566,7 +566,7 @@ class ImageCard {
       const { data, ms, curl } = await api("/explain", { params: this.explainParams(targets, method), file: this.file });
       const result = data.results[0];
       await this.setPhoto(result);
-      this.setPredictions(result.predictions);
+      this.setPredictions(result.predictions, data.head);
       const context = { method: data.method, layers: data.layers, counterfactual: data.counterfactual, ms, curl };
       const figures = result.explanations.map((explanation) => new MapFigure(this, explanation, context));
       await Promise.all(figures.map((figure) => figure.decode()));
@@ -594,8 +594,14 @@ class ImageCard {
     this.bitmap = await createImageBitmap(source, { imageOrientation: "from-image" });
   }
 
-  setPredictions(predictions) {
+  /** The top predictions as buttons, under a heading that says what the scores are (the model's head). */
+  setPredictions(predictions, head) {
     const list = $(".predictions", this.node);
+    const heading = list.previousElementSibling;
+    heading.textContent = head === "sigmoid"
+      ? "Top-5 predictions · sigmoid: each class scored on its own (they need not sum to 100%)"
+      : "Top-5 predictions · softmax";
+    list.dataset.head = head;
     list.replaceChildren(
       ...predictions.map((p) => {
         const item = document.createElement("li");
