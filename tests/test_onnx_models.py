@@ -83,6 +83,7 @@ def test_the_default_layer_is_the_last_feature_map_before_pooling_and_layers_are
     assert served.default_layer == "/layer4/layer4.1/relu_1/Relu_output_0"
     assert trace.shapes[served.default_layer] == (2, 512, 3, 3) and trace.modules[served.default_layer] == "Relu"
     assert served.methods == ("scorecam", "ablationcam", "eigencam", "rise", "reciprocam")
+    assert served.runtime.summary == f"batch 1-{served.runtime.buckets[0].largest}: onnxruntime"
 
 
 @pytest.mark.parametrize("method", ["eigencam", "ablationcam", "scorecam", "reciprocam"])

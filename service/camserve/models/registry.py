@@ -15,6 +15,7 @@ from camserve.cam import CamEngine, UnknownLayerError
 from camserve.cam.heads import Head
 from camserve.cam.onnx_engine import OnnxEngine
 from camserve.cam.onnx_graph import OnnxGraph
+from camserve.cam.runtime import Bucket
 from camserve.device import configure_device, no_cuda_message
 from camserve.errors import InvalidParameterError, UnknownModelError
 from camserve.models.errors import ModelConfigError
@@ -211,7 +212,7 @@ def load_model(
         raise ModelConfigError(f"model {spec.name!r}: {len(labels)} labels for a model with {num_classes} outputs")
     engine.use_head(_head(spec, built.head, num_classes))
     if isinstance(engine, OnnxEngine):
-        choice = RuntimeChoice("onnxruntime", not_used={"every backend": "an ONNX model runs on ONNX Runtime"})
+        choice = RuntimeChoice("onnxruntime", buckets=[Bucket(max_batch, "onnxruntime")])  # the whole graph
         if warmup:
             engine.explain(example, method="eigencam")
     elif not reads_layers:
