@@ -176,7 +176,10 @@ class OnnxGraph:
         produced = [(node.op_type, out) for node in self.model.graph.node for out in node.output if out]
         self._dtypes = _dtypes(self.model)
         floats = [(op, name) for op, name in produced if self._dtypes.get(name) == TensorProto.FLOAT]
-        values = self.run(probe, tuple(name for _, name in floats))[1:]
+        every = tuple(name for _, name in floats)
+        values = self.run(probe, every)[1:]
+        with self._lock:
+            self._sessions.pop(every, None)  # read once: its outputs need not stay wired
         shapes = {name: tuple(v.shape) for (_, name), v in zip(floats, values, strict=True)}
         batch, input_size = probe.shape[0], (int(probe.shape[-2]), int(probe.shape[-1]))
         grids = [
