@@ -350,7 +350,10 @@ def test_a_missing_extra_is_named(tmp_path, monkeypatch, module, kind, extra):
         ('kind = "timm"\narchitecture = "resnet10t"', "model 'x' field weights: Field required"),
         ('kind = "huggingface"', "model 'x': .*needs `path`"),
         ('kind = "timm"\narchitecture = "a"\nweights = "w"\nentrypoint = "m:f"', "model 'x' field entrypoint: Extra"),
-        ('kind = "onnx"', "model 'x' field kind: .*'onnx'"),
+        ('kind = "tensorrt"', "model 'x' field kind: .*'tensorrt'"),
+        ('kind = "onnx"', "model 'x': an onnx model needs `weights`"),
+        ('kind = "onnx"\nweights = "m.onnx"\nruntime = "eager"', "model 'x': an onnx model runs on ONNX Runtime"),
+        ('kind = "exported"', "model 'x': an exported model needs `weights`"),
         ('interpolation = "nearest"', "model 'x' field interpolation"),
         (
             'architecture = "efficientnet-lite0"\ninput_size = [9000, 9000]',
