@@ -197,6 +197,7 @@ async def test_explain_defaults_json_form_fusion_and_counterfactual(registry, ca
     [
         "gradcam", "gradcampp", "xgradcam", "layercam", "hirescam", "guided-gradcam", "ablationcam", "eigencam",
         "scorecam&layer=_blocks.0",  # 16 channels: 16 masked forwards
+        "rise&rise_masks=64", "reciprocam",
     ],
 )  # fmt: skip
 async def test_every_method_is_served(registry, cat_jpeg, method):

@@ -94,7 +94,11 @@ class Settings(BaseSettings):
         "(Score-CAM, Ablation-CAM), x layer cells (ReciproCAM) or x masks (RISE)",
     )
     masked_batch_size: int = Field(
-        32, ge=1, le=4096, description="masked (Score-CAM) or ablated (Ablation-CAM) inputs per extra forward"
+        32,
+        ge=1,
+        le=4096,
+        description="inputs per extra forward: masked (Score-CAM, RISE) or ablated (Ablation-CAM) inputs; the rows of "
+        "Ablation-CAM and ReciproCAM through the network after the layer are as many as 64 MB of activations hold",
     )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="allowed CORS origins (a JSON list or comma-separated); none by default"
