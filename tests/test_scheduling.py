@@ -176,6 +176,8 @@ async def test_a_predict_behind_a_score_cam_is_answered_first_and_the_work_gauge
         predict = await client.post("/predict", content=cat_jpeg, headers=jpeg)
         predict_s = time.perf_counter() - sent
         assert predict.status_code == 200 and not heavy.done()
+        ablation = await client.post("/explain?method=ablationcam", content=cat_jpeg, headers=jpeg)
+        assert ablation.status_code == 200 and not heavy.done()  # cheap near the head: between two chunks
         assert (await heavy).status_code == 200
         heavy_s = time.perf_counter() - started
         after = metric((await client.get("/metrics")).text, "camserve_pending_forwards", model="efficientnet-lite0")
@@ -246,3 +248,44 @@ async def test_a_gradient_map_computed_between_heavy_chunks_equals_the_same_map_
     for a, b in zip(alone["results"][0]["explanations"], between["results"][0]["explanations"], strict=True):
         assert a["index"] == b["index"] and a["heatmap"] == b["heatmap"]
         assert np.allclose(np.asarray(a["cam"]), np.asarray(b["cam"]), atol=1e-6)
+
+
+def test_a_rerun_after_the_layer_is_measured_as_a_fraction_of_a_forward():
+    """Ablation-CAM's and ReciproCAM's reruns run only the network after the layer: measured, not assumed."""
+    import torch
+    from torch import nn
+
+    from camserve.cam.engine import CamEngine
+
+    torch.manual_seed(0)
+    deep = nn.Sequential(*[nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU()) for _ in range(8)])
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), deep, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
+    example = torch.rand(1, 3, 64, 64)
+    near_head = CamEngine(model.eval(), default_layer="1")  # after it: pooling and the classifier
+    near_input = CamEngine(model.eval(), default_layer="0")  # after it: nearly everything
+    near_head.trace(example), near_input.trace(example)
+    head_fraction, input_fraction = near_head.suffix_fraction(example), near_input.suffix_fraction(example)
+    assert 0.001 <= head_fraction < 0.05 and head_fraction < input_fraction <= 1.0
+    assert input_fraction > 0.5
+
+
+def test_ablation_and_reciprocam_near_the_head_are_cheap_work_and_count_their_measured_cost(registry, cat_jpeg):
+    from camserve.options import ExplainOptions
+    from camserve.plan import ImagePayload, InferenceRequest, make_plan
+    from camserve.settings import Settings
+
+    served = registry.get()
+    assert 0.001 <= served.rerun_fraction < 0.05  # Lite0's _swish: pooling and the classifier after it
+
+    def plan(**explain):
+        request = InferenceRequest([ImagePayload(cat_jpeg, "image/jpeg")], explain=ExplainOptions(**explain))
+        return make_plan(request, registry, Settings())
+
+    channels = served.engine.trace().channels("_swish")
+    ablation, recipro = plan(method="ablationcam"), plan(method="reciprocam")
+    assert not ablation.heavy and ablation.cost == 1 + int(np.ceil(channels * served.rerun_fraction))
+    assert not recipro.heavy and recipro.cost == 1 + int(np.ceil(49 * served.rerun_fraction))
+    early = plan(method="ablationcam", layer=["_blocks.15"])  # not measured there: whole forwards
+    assert early.heavy and early.cost == 1 + served.engine.trace().channels("_blocks.15")
+    assert plan(method="scorecam").heavy and plan(method="gradcam", faithfulness=True).heavy
+    assert not plan(method="gradcampp").heavy

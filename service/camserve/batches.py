@@ -9,6 +9,7 @@ the torch thread; failures come back per item, worded by `as_service_error`.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -269,9 +270,18 @@ class ModelBatches:
         )
 
 
-def is_heavy(plan: ExplainPlan | None) -> bool:
-    """Work that runs extra forwards in chunks (perturbation methods, faithfulness scores): the queue's heavy lane."""
-    return plan is not None and any(_heaviness(plan))
+def is_heavy(plan: ExplainPlan | None, extra_per_image: float = math.inf) -> bool:
+    """Work that runs extra forwards in chunks, the queue's heavy lane: faithfulness scores, and perturbation
+    methods whose extra work is above `CHEAP_EXTRA_FORWARDS` forward-equivalents per image (`extra_per_image`)."""
+    if plan is None:
+        return False
+    perturbation, faithfulness = _heaviness(plan)
+    return faithfulness or (perturbation and extra_per_image > CHEAP_EXTRA_FORWARDS)
+
+
+#: Extra forward-equivalents per image up to which a perturbation method is cheap work (Ablation-CAM and ReciproCAM
+#: at a layer near the head, whose reruns cost a small fraction of a forward each: tens of milliseconds in all).
+CHEAP_EXTRA_FORWARDS = 16
 
 
 def _heaviness(plan: ExplainPlan) -> tuple[bool, bool]:

@@ -321,8 +321,11 @@ def build_parser(explain_flags: bool = True) -> argparse.ArgumentParser:
         sub.add_argument("--model", default=None)
         sub.add_argument("--top-k", type=int, default=5)
         sub.add_argument(
-            "--threshold", type=float, default=None, help="also every class at or above this probability (the server "
-            "checks it; on sigmoid models, explain explains those classes)"
+            "--threshold",
+            type=float,
+            default=None,
+            help="also every class at or above this probability (the server "
+            "checks it; on sigmoid models, explain explains those classes)",
         )
         sub.add_argument("--timeout", type=_seconds, default=120.0, help="seconds to wait for the server")
         return sub

@@ -8,6 +8,7 @@ class indices, the top-k, the faithfulness steps. Option values themselves were 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -100,7 +101,9 @@ def make_plan(request: InferenceRequest, registry: ModelRegistry, settings: Sett
     extra = _check_extra_forwards(served, cam, len(request.images), layers, settings)
     classes = [served.class_index(t) for t in explain.targets] if explain.targets else None
     targets = len(classes) if classes else 1
-    cost = 1 + (2 * targets if cam.needs_gradient else 0) + extra // len(request.images)
+    measured = cam.reruns_after_layer and (layers is None or layers == (served.default_layer,))
+    extra_per_image = extra * (served.rerun_fraction if measured else 1.0) / len(request.images)
+    cost = 1 + (2 * targets if cam.needs_gradient else 0) + math.ceil(extra_per_image)
     if steps is not None:
         _check_faithfulness_budget(len(request.images), targets, steps, settings)
         cost += targets * forwards_per_explanation(steps)
@@ -120,7 +123,7 @@ def make_plan(request: InferenceRequest, registry: ModelRegistry, settings: Sett
         most=most,
         rise_masks=explain.rise_masks if isinstance(cam, RISE) else None,
     )
-    return Plan(request, served, top_k, plan, classes, cost, is_heavy(plan), priority)
+    return Plan(request, served, top_k, plan, classes, cost, is_heavy(plan, extra_per_image), priority)
 
 
 def _most_maps(

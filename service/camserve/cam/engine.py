@@ -20,6 +20,7 @@ from torch import Tensor, fx, nn
 
 from camserve.cam import scaling
 from camserve.cam.capture import ActivationCapture, guided_backprop
+from camserve.cam.costs import suffix_fraction
 from camserve.cam.errors import CamError, InvalidTargetError, MethodUnavailableError
 from camserve.cam.explanation import Explanation, explain_input, fuse
 from camserve.cam.family import LayerInput, Method
@@ -212,6 +213,21 @@ class CamEngine:
             raise ValueError(f"the runtime splits at {runtime.layer!r}, not at the default layer {self.default_layer}")
         self.runtime = runtime
         self._reruns.runtime = runtime
+
+    def suffix_fraction(self, example: Tensor) -> float:
+        """What one row through the network after the default layer costs, as a fraction of one image's forward
+        (`costs.suffix_fraction`, measured on `example`)."""
+        images = example[:1].to(self.device)
+        name, trace = self.default_layer, self.trace()
+        with torch.inference_mode(False), torch.no_grad():
+            modules = {name: resolve_layer(self.model, name)}
+            logits, (activation,) = self._forward(images, (name,), modules, trace, record=False)
+            logits = logits.detach().float()
+            plan = choose_pairs(None, logits)
+            layer = LayerInput(
+                name, trace.layouts[name], trace.calls[name], activation.detach(), None, images, plan, logits
+            )
+            return suffix_fraction(layer, self._reruns)
 
     def use_head(self, head: Head) -> None:
         """Read the logits as `head` says (softmax, or sigmoid for multi-label and single-logit models)."""

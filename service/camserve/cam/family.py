@@ -95,6 +95,9 @@ class Method:
     #: Whether the method reads a layer; one that does not (RISE) sees the input as its layer and needs only
     #: whole-model forwards, so it explains any model that gives logits.
     reads_layer: ClassVar[bool] = True
+    #: Whether its extra forwards run only the network after the layer (Ablation-CAM, ReciproCAM), so each costs a
+    #: fraction of a forward (`costs.suffix_fraction`).
+    reruns_after_layer: ClassVar[bool] = False
     #: What `extra_forwards` counts per image and layer ("channels" or "cells"), for messages.
     cost_unit: ClassVar[str] = "channels"
 

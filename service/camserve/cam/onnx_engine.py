@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from camserve.cam.costs import suffix_fraction
 from camserve.cam.errors import InvalidTargetError, MethodUnavailableError, UnknownLayerError
 from camserve.cam.explanation import Explanation, explain_input, fuse
 from camserve.cam.family import LayerInput, Method
@@ -61,6 +62,17 @@ class OnnxEngine:
                 f"an ONNX model has no autograd, so {cam.name} (a gradient method) cannot explain it; it explains "
                 f"with: {', '.join(self.methods)}"
             )
+
+    def suffix_fraction(self, example: Tensor) -> float:
+        """What one row through the graph after the default layer costs, as a fraction of one image's forward."""
+        images = example[:1].float().cpu()
+        name = self.default_layer
+        logits, activation = self.graph.run(images, (name,))
+        logits = logits.float()
+        layer = LayerInput(
+            name, self.trace().layouts[name], 1, activation, None, images, choose_pairs(None, logits), logits
+        )
+        return suffix_fraction(layer, self._reruns)
 
     def use_head(self, head: Head) -> None:
         self.head = head

@@ -94,6 +94,7 @@ class AblationCAM(PerturbationMethod):
     """Ablation-CAM: each channel zeroed in turn, batched through the rest of the network (`Reruns.suffix`)."""
 
     name = "ablationcam"
+    reruns_after_layer = True
 
     def ablated_scores(self, layer: LayerInput, reruns: Reruns) -> Tensor:
         """y_c^k for every pair and channel, [N, K]."""

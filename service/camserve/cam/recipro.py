@@ -85,6 +85,7 @@ class ReciproCAM(PerturbationMethod):
 
     name: ClassVar[str] = "reciprocam"
     cost_unit: ClassVar[str] = "cells"
+    reruns_after_layer: ClassVar[bool] = True
 
     def __init__(self, kernel: Kernel | None = None) -> None:
         if kernel not in (None, "gaussian", "cell"):

@@ -55,6 +55,8 @@ class ServedModel:
     architecture: str
     #: what runs its forwards, per batch-size bucket
     runtime: RuntimeChoice = field(default_factory=lambda: RuntimeChoice("eager"))
+    #: what a rerun of the network after the default layer costs in forwards (`cam.costs`; 1 when not measured)
+    rerun_fraction: float = 1.0
 
     @property
     def explainable(self) -> bool:
@@ -230,6 +232,12 @@ def load_model(
         )
         if warmup:
             engine.explain(example, method="gradcampp")
+    rerun_fraction = 1.0
+    if warmup and reads_layers:
+        try:
+            rerun_fraction = engine.suffix_fraction(example)
+        except Exception as exc:  # not cut or hooked there: its reruns count as whole forwards
+            log.warning("model %s: the cost of a rerun after %s is not measured (%s)", spec.name, default_layer, exc)
     return ServedModel(
         spec=spec,
         module=module,
@@ -241,6 +249,7 @@ def load_model(
         preprocessing=built.preprocessing,
         architecture=built.architecture,
         runtime=choice,
+        rerun_fraction=rerun_fraction,
     )
 
 
