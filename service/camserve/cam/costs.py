@@ -2,7 +2,7 @@
 
 Score-CAM and RISE rerun the whole network, one forward per masked input. Ablation-CAM and ReciproCAM rerun only
 the network after the layer, whose cost is a fraction of a forward: at EfficientNet-Lite0's default layer (pooling
-and the classifier) about 0.002, at a ViT's last block norm about 1/12. The scheduler counts work in
+and the classifier) about 0.002 of an eager forward and 0.004 of an ONNX Runtime one. The scheduler counts work in
 forward-equivalents, so a rerun of that part is counted as that fraction, measured once at start-up.
 """
 
@@ -15,16 +15,20 @@ from camserve.cam.family import LayerInput, Reruns
 
 #: Fractions are kept within these bounds (timer resolution below; a suffix is never dearer than a forward above).
 SMALLEST_FRACTION, LARGEST_FRACTION = 0.001, 1.0
+#: Most rows and images one timing runs (a ViT-B forward of 8 images takes about 2 s on 2 cores).
+MAX_ROWS, MAX_IMAGES = 256, 8
 
 
-def suffix_fraction(layer: LayerInput, reruns: Reruns, rows: int = 4, repeats: int = 3) -> float:
-    """Seconds per row through the network after `layer` over seconds per image of a whole forward (`reruns`'
-    own paths, `rows` of each, median of `repeats` after one untimed call), within [0.001, 1]."""
+def suffix_fraction(layer: LayerInput, reruns: Reruns, repeats: int = 3) -> float:
+    """Seconds per row through the network after `layer` over seconds per image of a whole forward, each on
+    `reruns`' own path and at the size it runs at (rows: the suffix's chunk, at most `MAX_ROWS`; images: the rerun
+    batch, at most `MAX_IMAGES`), median of `repeats` after one untimed call; within [0.001, 1]."""
     suffix = reruns.suffix(layer)
+    rows, count = min(suffix.batch_size, MAX_ROWS), min(reruns.batch_size, MAX_IMAGES)
     copies = layer.activation[:1].expand(rows, *layer.activation.shape[1:]).clone()
-    images = layer.images[:1].expand(rows, *layer.images.shape[1:]).clone()
-    after = _median_seconds(lambda: suffix(0, copies), repeats)
-    whole = _median_seconds(lambda: reruns.logits(images), repeats)
+    images = layer.images[:1].expand(count, *layer.images.shape[1:]).clone()
+    after = _median_seconds(lambda: suffix(0, copies), repeats) / rows
+    whole = _median_seconds(lambda: reruns.logits(images), repeats) / count
     return min(LARGEST_FRACTION, max(SMALLEST_FRACTION, after / whole))
 
 
