@@ -76,6 +76,31 @@ async def test_cheap_work_runs_between_the_chunks_of_heavy_work_and_heavy_work_f
     assert sum(len(cheap_batch) for cheap_batch in between) >= 6  # and cheap work did run in between
 
 
+async def test_heavy_work_starts_and_finishes_when_cheap_work_never_stops_waiting(thread):
+    """Closed-loop cheap clients keep the cheap lane non-empty at every batch start: heavy work starts after a
+    cheap batch anyway, and runs the cheap batches at its pauses."""
+    recorder = Recorder(chunk_s=0.01)
+    queue = _queue(recorder, thread, max_batch_size=2)
+    stop = asyncio.Event()
+
+    async def client(name: str) -> int:
+        sent = 0
+        while not stop.is_set():
+            (answer,) = queue.submit([f"{name}{sent}"])
+            sent += 1
+            await answer
+        return sent
+
+    clients = [asyncio.create_task(client(name)) for name in ("a", "b", "c")]
+    await asyncio.sleep(0.05)
+    (heavy,) = queue.submit(["heavy:5"], heavy=True, costs=[500])
+    assert await asyncio.wait_for(heavy, 5) == "heavy:5"
+    stop.set()
+    counts = await asyncio.gather(*clients)
+    await queue.close()
+    assert min(counts) > 5  # cheap work ran all along
+
+
 async def test_a_cheap_request_behind_heavy_work_waits_at_most_one_chunk(thread):
     recorder = Recorder(chunk_s=0.1)
     queue = _queue(recorder, thread)

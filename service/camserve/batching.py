@@ -5,9 +5,10 @@
 future resolves as soon as the batch function delivers it, not at the end of the batch.
 
 Scheduling: two lanes. Cheap work (predictions, gradient methods) goes first. Heavy work (payloads that run
-extra forwards in chunks) runs when no cheap work waits, and at every chunk boundary (`camserve.cam.pauses`) it
-lets one batch of cheap work that arrived meanwhile run first. So cheap work never waits behind more than one
-chunk, and heavy work always gets one chunk per cheap batch: it cannot starve. Heavy batches run one after another
+extra forwards in chunks) starts when no cheap work waits, or after a cheap batch when both wait, and at every chunk
+boundary (`camserve.cam.pauses`) it lets one batch of cheap work that arrived meanwhile run first. So cheap work
+never waits behind more than one chunk, and heavy work always gets one chunk per cheap batch: it cannot starve,
+even under cheap work that never stops. Heavy batches run one after another
 (first come, first served). Within a lane, priority 1 (high) comes before 2 (normal, the default), before 3 (low).
 
 Load is counted in work (the caller's cost per payload, e.g. forward-equivalents): `pending_work` for autoscaling,
@@ -205,6 +206,7 @@ class BatchQueue(Generic[P, R]):
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         ahead: tuple[list[_Entry[P, R]], asyncio.Future[list[Any]]] | None = None
+        previous_cheap = False
         while True:
             staged: list[Any] | None = None
             if ahead is not None:
@@ -223,9 +225,13 @@ class BatchQueue(Generic[P, R]):
                     continue
                 if self.max_wait_s and 0 < len(self._cheap) < self.max_batch_size:
                     await self._hold_for_more()
-                batch, heavy = self._take_batch(heavy=False), False
+                # heavy work takes its turn after a cheap batch, even when more cheap work waits: it then runs
+                # cheap batches at its pauses, so neither lane starves
+                heavy = previous_cheap and len(self._heavy) > 0
+                batch = self._take_batch(heavy=heavy)
                 if not batch:
-                    batch, heavy = self._take_batch(heavy=True), True
+                    heavy = not heavy
+                    batch = self._take_batch(heavy=heavy)
             if not batch:
                 continue
             started = time.perf_counter()
@@ -244,6 +250,7 @@ class BatchQueue(Generic[P, R]):
             finally:
                 self._computing = 0
             elapsed = time.perf_counter() - started
+            previous_cheap = not heavy
             if heavy:
                 self._measure(sum(e.cost for e in batch), elapsed - nested_s)
             if self._on_batch is not None:
