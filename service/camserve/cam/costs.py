@@ -15,20 +15,23 @@ from camserve.cam.family import LayerInput, Reruns
 
 #: Fractions are kept within these bounds (timer resolution below; a suffix is never dearer than a forward above).
 SMALLEST_FRACTION, LARGEST_FRACTION = 0.001, 1.0
-#: Most rows and images one timing runs (a ViT-B forward of 8 images takes about 2 s on 2 cores).
-MAX_ROWS, MAX_IMAGES = 256, 8
+#: Images of the timed forward; most rows of the timed suffix, and the time they may take (judged from two rows):
+#: start-up stays short for a ViT-B (about 0.3 s per image on 2 cores) and per-call overhead is spread on a CNN.
+IMAGES, MAX_ROWS, ROWS_BUDGET_S = 2, 256, 0.05
 
 
-def suffix_fraction(layer: LayerInput, reruns: Reruns, repeats: int = 3) -> float:
+def suffix_fraction(layer: LayerInput, reruns: Reruns, repeats: int = 2) -> float:
     """Seconds per row through the network after `layer` over seconds per image of a whole forward, each on
-    `reruns`' own path and at the size it runs at (rows: the suffix's chunk, at most `MAX_ROWS`; images: the rerun
-    batch, at most `MAX_IMAGES`), median of `repeats` after one untimed call; within [0.001, 1]."""
+    `reruns`' own paths (median of `repeats` after one untimed call), within [0.001, 1]. The forward runs on
+    `IMAGES` images; the rows are as many as fit in `ROWS_BUDGET_S` (judged from two), at most the suffix's own
+    chunk and `MAX_ROWS`, so that per-call overhead is not counted as work and a large model is timed briefly."""
     suffix = reruns.suffix(layer)
-    rows, count = min(suffix.batch_size, MAX_ROWS), min(reruns.batch_size, MAX_IMAGES)
-    copies = layer.activation[:1].expand(rows, *layer.activation.shape[1:]).clone()
-    images = layer.images[:1].expand(count, *layer.images.shape[1:]).clone()
-    after = _median_seconds(lambda: suffix(0, copies), repeats) / rows
-    whole = _median_seconds(lambda: reruns.logits(images), repeats) / count
+    images = layer.images[:1].expand(IMAGES, *layer.images.shape[1:]).clone()
+    whole = _median_seconds(lambda: reruns.logits(images), repeats) / IMAGES
+    copies = layer.activation[:1].expand(min(suffix.batch_size, MAX_ROWS), *layer.activation.shape[1:]).clone()
+    per_row = _median_seconds(lambda: suffix(0, copies[:2]), 1) / 2
+    rows = max(2, min(len(copies), int(ROWS_BUDGET_S / per_row)))
+    after = _median_seconds(lambda: suffix(0, copies[:rows]), repeats) / rows
     return min(LARGEST_FRACTION, max(SMALLEST_FRACTION, after / whole))
 
 
