@@ -194,3 +194,13 @@ def test_a_one_channel_graph_gets_one_channel_inputs(tmp_path):
     torch.testing.assert_close(served.engine.predict(x), module(x).detach(), atol=1e-4, rtol=1e-4)
     with pytest.raises(ModelConfigError, match="channels = 3 contradicts the model"):
         load_model(ModelSpec(name="g", kind="onnx", weights=tmp_path / "gray.onnx", channels=3), torch.device("cpu"))
+
+
+def test_fused_layers_on_an_onnx_model_equal_the_pytorch_models_fusion(resnet):
+    module, _, served = resnet
+    x = images(RESNET_SIZE)
+    tensors = ["/layer3/layer3.1/relu_1/Relu_output_0", served.default_layer]
+    got = served.engine.explain(x, method="eigencam", layers=tensors)
+    want = CamEngine(module).explain(x, method="eigencam", layers=["layer3", "layer4"])
+    assert got.layers == tuple(tensors) and got.maps.shape == want.maps.shape == (2, 6, 6)
+    torch.testing.assert_close(got.maps, want.maps, atol=1e-4, rtol=1e-3)
