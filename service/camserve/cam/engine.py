@@ -21,8 +21,8 @@ from torch import Tensor, fx, nn
 from camserve.cam import scaling
 from camserve.cam.capture import ActivationCapture, guided_backprop
 from camserve.cam.costs import suffix_fraction
-from camserve.cam.errors import CamError, InvalidTargetError, MethodUnavailableError
-from camserve.cam.explanation import Explanation, explain_input, fuse
+from camserve.cam.errors import CamError, MethodUnavailableError
+from camserve.cam.explanation import Explanation, checked_method, explain_input, fuse
 from camserve.cam.family import LayerInput, Method
 from camserve.cam.fastpath import CompiledSplit, noise
 from camserve.cam.heads import Head
@@ -255,12 +255,8 @@ class CamEngine:
         every class whose probability under the head is at least `above`, most probable first, at least the top-1
         and at most `most`). `counterfactual` uses -gradient: regions that lower the class score.
         """
-        cam = method if isinstance(method, Method) else get_method(method)
-        cam.check(counterfactual=counterfactual, layers=bool(layers))
-        self.check_method(cam)
+        cam = checked_method(method, images, counterfactual=counterfactual, layers=bool(layers), runs=self.check_method)
         images = images.to(self.device)
-        if images.dim() != 4:
-            raise InvalidTargetError(f"images must be a [B, C, H, W] batch, got shape {tuple(images.shape)}")
         if not cam.reads_layer:
             logits = self.predict(images).clone()
             return explain_input(cam, images, logits, self._reruns, targets, self.head, above, most)
@@ -287,17 +283,8 @@ class CamEngine:
                 guided = self._guided(images, plan, sign, maps)
                 maps = guided.abs().amax(dim=1)
 
-        return Explanation(
-            method=cam.name,
-            layers=names,
-            counterfactual=counterfactual,
-            logits=logits,
-            image_index=plan.image_index,
-            class_index=plan.class_index,
-            maps=maps,
-            layer_maps=layer_maps,
-            guided=guided,
-            pairs=list(zip(plan.images, plan.classes, strict=True)),
+        return Explanation.of(
+            cam, names, logits, plan, maps, counterfactual=counterfactual, layer_maps=layer_maps, guided=guided
         )
 
     # -- helpers -----------------------------------------------------------------------------

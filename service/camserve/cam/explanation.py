@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from camserve.cam.errors import InvalidTargetError
 from camserve.cam.family import Method, Reruns, input_layer
 from camserve.cam.heads import Head
-from camserve.cam.pairs import TargetSpec, choose_pairs
+from camserve.cam.methods import get_method
+from camserve.cam.pairs import PairPlan, TargetSpec, choose_pairs
 from camserve.cam.render import minmax_normalize, resize_maps
 
 
@@ -34,6 +37,46 @@ class Explanation:
     #: (image, class) of each row on the host, the same as image_index/class_index without a device sync.
     pairs: list[tuple[int, int]] = field(default_factory=list)
 
+    @classmethod
+    def of(
+        cls,
+        cam: Method,
+        layers: tuple[str, ...],
+        logits: Tensor,
+        plan: PairPlan,
+        maps: Tensor,
+        *,
+        counterfactual: bool = False,
+        layer_maps: dict[str, Tensor] | None = None,
+        guided: Tensor | None = None,
+    ) -> Explanation:
+        """The explanation of `plan`'s pairs by `cam` at `layers`."""
+        return cls(
+            method=cam.name,
+            layers=layers,
+            counterfactual=counterfactual,
+            logits=logits,
+            image_index=plan.image_index,
+            class_index=plan.class_index,
+            maps=maps,
+            layer_maps=layer_maps or {},
+            guided=guided,
+            pairs=list(zip(plan.images, plan.classes, strict=True)),
+        )
+
+
+def checked_method(
+    method: str | Method, images: Tensor, *, counterfactual: bool, layers: bool, runs: Callable[[Method], None]
+) -> Method:
+    """The method `method` names, after its own checks, the engine's (`runs`, its `check_method`) and the batch's
+    shape (InvalidTargetError unless [B, C, H, W])."""
+    cam = method if isinstance(method, Method) else get_method(method)
+    cam.check(counterfactual=counterfactual, layers=layers)
+    runs(cam)
+    if images.dim() != 4:
+        raise InvalidTargetError(f"images must be a [B, C, H, W] batch, got shape {tuple(images.shape)}")
+    return cam
+
 
 def explain_input(
     cam: Method,
@@ -51,16 +94,7 @@ def explain_input(
     plan = choose_pairs(targets, logits, head, above, most)
     with torch.no_grad():
         maps = cam.layer_map(input_layer(images, plan, logits), reruns)
-    return Explanation(
-        method=cam.name,
-        layers=(),
-        counterfactual=False,
-        logits=logits,
-        image_index=plan.image_index,
-        class_index=plan.class_index,
-        maps=maps,
-        pairs=list(zip(plan.images, plan.classes, strict=True)),
-    )
+    return Explanation.of(cam, (), logits, plan, maps)
 
 
 def fuse(layer_maps: dict[str, Tensor]) -> Tensor:

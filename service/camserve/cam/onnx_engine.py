@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 from camserve.cam.costs import suffix_fraction
-from camserve.cam.errors import InvalidTargetError, MethodUnavailableError, UnknownLayerError
-from camserve.cam.explanation import Explanation, explain_input, fuse
+from camserve.cam.errors import MethodUnavailableError, UnknownLayerError
+from camserve.cam.explanation import Explanation, checked_method, explain_input, fuse
 from camserve.cam.family import LayerInput, Method
 from camserve.cam.fastpath import noise
 from camserve.cam.heads import Head, probabilities
@@ -28,7 +28,7 @@ from camserve.cam.methods import METHOD_NAMES, get_method
 from camserve.cam.onnx_graph import OnnxCut, OnnxGraph
 from camserve.cam.pairs import TargetSpec, choose_pairs
 from camserve.cam.pauses import pause
-from camserve.cam.reruns import CACHED_SPLITS, _rows
+from camserve.cam.reruns import CACHED_SPLITS, suffix_rows
 from camserve.cam.split import SplitError
 
 log = logging.getLogger(__name__)
@@ -146,11 +146,7 @@ class OnnxEngine:
         most: int = 20,
     ) -> Explanation:
         """As `CamEngine.explain`, for the methods in `methods`."""
-        cam = method if isinstance(method, Method) else get_method(method)
-        cam.check(counterfactual=counterfactual, layers=bool(layers))
-        self.check_method(cam)
-        if images.dim() != 4:
-            raise InvalidTargetError(f"images must be a [B, C, H, W] batch, got shape {tuple(images.shape)}")
+        cam = checked_method(method, images, counterfactual=counterfactual, layers=bool(layers), runs=self.check_method)
         images = images.float().cpu()
         if not cam.reads_layer:
             return explain_input(cam, images, self.predict(images), self._reruns, targets, self.head, above, most)
@@ -165,17 +161,7 @@ class OnnxEngine:
                 layer = LayerInput(name, trace.layouts[name], 1, activation, None, images, plan, logits)
                 layer_maps[name] = cam.layer_map(layer, self._reruns)
         maps = fuse(layer_maps) if len(names) > 1 else layer_maps[names[0]]
-        return Explanation(
-            method=cam.name,
-            layers=names,
-            counterfactual=False,
-            logits=logits,
-            image_index=plan.image_index,
-            class_index=plan.class_index,
-            maps=maps,
-            layer_maps=layer_maps,
-            pairs=list(zip(plan.images, plan.classes, strict=True)),
-        )
+        return Explanation.of(cam, names, logits, plan, maps, layer_maps=layer_maps)
 
     def cut(self, layer: str, probe: Tensor) -> OnnxCut:
         """The graph after `layer` (cached per layer, at most `CACHED_SPLITS`); SplitError when it cannot be cut."""
@@ -220,7 +206,8 @@ class OnnxReruns:
         return found
 
     def suffix(self, layer: LayerInput) -> OnnxSuffix:
-        return OnnxSuffix(self.cut(layer.name, layer.images), layer.images, _rows(layer.activation, self.batch_size))
+        rows = suffix_rows(layer.activation, self.batch_size)
+        return OnnxSuffix(self.cut(layer.name, layer.images), layer.images, rows)
 
 
 class OnnxSuffix:

@@ -80,7 +80,7 @@ class EngineReruns:
         if plan is None:
             module = dict(self.model.named_modules())[layer.name]
             return _HookSuffix(self.model, module, layer.calls, layer.images, self.autocast, self.batch_size)
-        return _SplitSuffix(plan, layer.images, self.autocast, _rows(layer.activation, self.batch_size))
+        return _SplitSuffix(plan, layer.images, self.autocast, suffix_rows(layer.activation, self.batch_size))
 
     def adopt(self, split: ModelSplit) -> None:
         """Serve `split.layer`'s reruns through `split` (made elsewhere, e.g. loaded from a cache)."""
@@ -129,7 +129,7 @@ class EngineReruns:
         return self._exported
 
 
-def _rows(activation: Tensor, batch_size: int) -> int:
+def suffix_rows(activation: Tensor, batch_size: int) -> int:
     """Ablated copies per suffix forward: as many as `SUFFIX_BUDGET_BYTES` holds, at least `batch_size`."""
     per_row = max(1, activation[0].numel() * activation.element_size())
     return max(batch_size, min(MAX_SUFFIX_ROWS, SUFFIX_BUDGET_BYTES // per_row))

@@ -6,15 +6,16 @@ import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Annotated
+from typing import Annotated, ClassVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo, model_validator
 from torch import fx, nn
 
 from camserve.cam.heads import Head
 from camserve.cam.onnx_graph import OnnxGraph
 from camserve.models.errors import ModelConfigError
 from camserve.models.preprocessing import Preprocessing
+from camserve.models.weights import existing
 
 
 def _relative_to_models_file(value: Path, info: ValidationInfo) -> Path:
@@ -52,6 +53,24 @@ class Source(BaseModel):
 
     def build(self) -> Built:
         raise NotImplementedError
+
+
+class FileSource(Source):
+    """A kind whose whole model is one file, `weights` (TorchScript, ONNX, torch.export); `file_words` says which."""
+
+    weights: LocalPath | None = None
+    #: what the missing-file message calls the model and its file
+    file_words: ClassVar[str] = "a model needs `weights`"
+
+    @model_validator(mode="after")
+    def _needs_file(self) -> FileSource:
+        if self.weights is None:
+            raise ValueError(self.file_words)
+        return self
+
+    def path(self) -> Path:
+        """The file, or a ModelConfigError when it does not exist."""
+        return existing(self.weights)
 
 
 def import_extra(module: str, extra: str) -> ModuleType:

@@ -7,29 +7,21 @@ Ablation-CAM's reruns cut, so it is never exported again.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
-from pydantic import model_validator
 
 from camserve.models.errors import ModelConfigError
 from camserve.models.preprocessing import Preprocessing
-from camserve.models.sources.base import Built, LocalPath, Source
-from camserve.models.weights import existing
+from camserve.models.sources.base import Built, FileSource
 
 
-class ExportedSource(Source):
+class ExportedSource(FileSource):
     kind: Literal["exported"]
-    weights: LocalPath | None = None
-
-    @model_validator(mode="after")
-    def _needs_file(self) -> ExportedSource:
-        if self.weights is None:
-            raise ValueError("an exported model needs `weights` (the .pt2 file from torch.export.save)")
-        return self
+    file_words: ClassVar[str] = "an exported model needs `weights` (the .pt2 file from torch.export.save)"
 
     def build(self) -> Built:
-        path = existing(self.weights)
+        path = self.path()
         try:
             program = torch.export.load(str(path))
             module = torch.export.unflatten(program)

@@ -2,29 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
-from pydantic import model_validator
+from typing import ClassVar, Literal
 
 from camserve.cam.onnx_graph import OnnxGraph, OnnxGraphError
 from camserve.models.errors import ModelConfigError
 from camserve.models.preprocessing import Preprocessing
-from camserve.models.sources.base import Built, LocalPath, Source
-from camserve.models.weights import existing
+from camserve.models.sources.base import Built, FileSource
 
 
-class OnnxSource(Source):
+class OnnxSource(FileSource):
     kind: Literal["onnx"]
-    weights: LocalPath | None = None
-
-    @model_validator(mode="after")
-    def _needs_file(self) -> OnnxSource:
-        if self.weights is None:
-            raise ValueError("an onnx model needs `weights` (the .onnx file)")
-        return self
+    file_words: ClassVar[str] = "an onnx model needs `weights` (the .onnx file)"
 
     def build(self) -> Built:
-        path = existing(self.weights)
+        path = self.path()
         try:
             graph = OnnxGraph.load(path)
         except OnnxGraphError as exc:

@@ -1,30 +1,22 @@
-"""kind = "torchscript": a TorchScript file (predicts only: scripted modules take no hooks)."""
+"""kind = "torchscript": a TorchScript file (scripted modules take no hooks: it explains with RISE only)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
-from pydantic import model_validator
 
 from camserve.models.errors import ModelConfigError
 from camserve.models.preprocessing import Preprocessing
-from camserve.models.sources.base import Built, LocalPath, Source
-from camserve.models.weights import existing
+from camserve.models.sources.base import Built, FileSource
 
 
-class TorchScriptSource(Source):
+class TorchScriptSource(FileSource):
     kind: Literal["torchscript"]
-    weights: LocalPath | None = None
-
-    @model_validator(mode="after")
-    def _needs_file(self) -> TorchScriptSource:
-        if self.weights is None:
-            raise ValueError("a torchscript model needs `weights` (the TorchScript file)")
-        return self
+    file_words: ClassVar[str] = "a torchscript model needs `weights` (the TorchScript file)"
 
     def build(self) -> Built:
-        path = existing(self.weights)
+        path = self.path()
         try:
             module = torch.jit.load(str(path), map_location="cpu")
         except Exception as exc:
