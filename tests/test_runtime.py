@@ -334,13 +334,14 @@ async def test_service_with_runtime_auto_reports_and_serves_the_eager_answers(re
     from tests.apphelpers import running_app
 
     eager = registry.get()
-    async with running_app(None, runtime="auto", cache_dir=tmp_path) as (client, app):
+    async with running_app(None, runtime="auto", runtime_build="blocking", cache_dir=tmp_path) as (client, app):
         listed = (await client.get("/models")).json()["models"][0]["runtime"]
         served = app.state.service.registry.get()
         files = [("image", ("cat.jpg", cat_jpeg, "image/jpeg"))]
         explained = await client.post("/explain", params={"method": "gradcampp", "raw": "true"}, files=files)
         predicted = await client.post("/predict", files=files)
     assert listed["mode"] == "auto" and listed["layer"] == "_swish" and listed["not_used"] == {}
+    assert not listed["building"]  # runtime_build=blocking: chosen before readiness
     assert [b["batch_sizes"] for b in listed["buckets"]] == [[1, 1], [2, 8], [9, 16]]
     assert all(set(b["ms"]) == {"eager", "onnxruntime"} for b in listed["buckets"])
     assert [b["backend"] for b in listed["buckets"]] == [b.backend for b in served.runtime.buckets]

@@ -73,6 +73,11 @@ def _prepare(args: argparse.Namespace) -> int:
 
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
+    if args.export_only:
+        return _export_only(settings, args.model)
+    if args.model:
+        print("camserve: --model goes with --export-only", file=sys.stderr)
+        return 2
     try:
         registry = ModelRegistry.from_settings(settings, measure_compiled=not args.no_compiled)
     except ModelConfigError as exc:
@@ -80,6 +85,32 @@ def _prepare(args: argparse.Namespace) -> int:
         return 1
     for model in registry:
         print(f"{model.name}: {model.runtime.summary}")
+    return 0
+
+
+def _export_only(settings, names: list[str]) -> int:
+    """Export the split and ONNX prefix of the named models (all when none) into the cache, without timing: the
+    background build's child (`camserve.models.background`)."""
+    from camserve.models import default_models, load_model, read_models_file, resolve_device
+    from camserve.models.runtimes import default_cache_dir, export_artifacts
+
+    config = read_models_file(settings.models_file) if settings.models_file else default_models()
+    unknown = sorted(set(names) - {spec.name for spec in config.models})
+    if unknown:
+        print(f"camserve: unknown model(s) {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    device = resolve_device(settings.device)
+    for spec in config.models:
+        if names and spec.name not in names:
+            continue
+        try:
+            model = load_model(spec, device, warmup=False)
+            export_artifacts(
+                spec.name, model.engine, model.example, cache_dir=settings.cache_dir or default_cache_dir()
+            )
+        except Exception as exc:  # every failure: this model is not exported, say why
+            print(f"camserve: model {spec.name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
     return 0
 
 
@@ -311,6 +342,12 @@ def build_parser(explain_flags: bool = True) -> argparse.ArgumentParser:
     prepare.add_argument(
         "--no-compiled", action="store_true", help="do not compile and time inductor (minutes per model)"
     )
+    prepare.add_argument(
+        "--export-only",
+        action="store_true",
+        help="only export the ONNX graphs into the cache, timing nothing (what `serve` runs in the background)",
+    )
+    prepare.add_argument("--model", action="append", default=[], help="only this model (repeatable)")
     prepare.set_defaults(func=_prepare)
 
     def client(name: str, help_: str) -> argparse.ArgumentParser:

@@ -118,6 +118,13 @@ class Settings(BaseSettings):
         "onnxruntime = that backend where faster than eager; eager = PyTorch only. A model's `runtime` in the models "
         "file overrides it",
     )
+    runtime_build: Literal["background", "blocking"] = Field(
+        "background",
+        description="where a runtime's cache is missing (a first start): background = ready at once, serving eagerly, "
+        "while a child process exports each model's graphs; the model then switches over after a few seconds of "
+        "checks and timing between batches. blocking = export, check and time before readiness (minutes for large "
+        "models). With the cache filled (`camserve prepare`, or a restart) both start on the cached choice",
+    )
     cache_dir: Path | None = Field(
         None,
         description="exported ONNX graphs, runtime decisions and inductor's kernels, reused by restarts and filled "

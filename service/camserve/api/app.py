@@ -26,6 +26,7 @@ from camserve.batching import TorchThread
 from camserve.inference import ClientDisconnectedError, InferenceService
 from camserve.lifecycle import Lifecycle, Phase
 from camserve.models import ModelRegistry
+from camserve.models.background import build_runtimes
 from camserve.settings import Settings, load_settings
 
 log = logging.getLogger("camserve")
@@ -64,8 +65,10 @@ def create_app(
             yield
         finally:
             lifecycle.drain()
-            if not loader.done():
-                loader.cancel()
+            for task in (loader, app.state.runtime_builder):
+                if task is not None and not task.done():
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
             if app.state.service is not None:
                 await app.state.service.close()
             thread.close()
@@ -74,11 +77,14 @@ def create_app(
         try:
             loaded = registry
             if loaded is None:
-                load = load_registry or ModelRegistry.from_settings
 
                 def load_models() -> ModelRegistry:
                     try:
-                        return load(settings)
+                        if load_registry is None:
+                            return ModelRegistry.from_settings(
+                                settings, defer_runtime=settings.runtime_build == "background"
+                            )
+                        return load_registry(settings)
                     finally:
                         app.state.load_finished.set()
 
@@ -94,6 +100,7 @@ def create_app(
             app.state.service = service
             lifecycle.loaded()
             log.info("ready: serving %s", ", ".join(m.name for m in loaded))
+            app.state.runtime_builder = asyncio.create_task(build_runtimes(loaded, settings, thread))
         except Exception as exc:
             lifecycle.failed(exc)
             log.error("model loading failed: %s", exc)
@@ -117,6 +124,7 @@ def create_app(
         app.state.load_finished.set()
     app.state.metrics = metrics_
     app.state.service = None
+    app.state.runtime_builder = None
     app.state.lifecycle = lifecycle
 
     install_error_handlers(app)

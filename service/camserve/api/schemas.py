@@ -119,6 +119,10 @@ class RuntimeInfo(BaseModel):
     )
     build_s: float = Field(description="seconds spent exporting, building and timing at start-up")
     from_cache: bool = Field(description="true when the decision was read from the cache instead of timed")
+    building: bool = Field(
+        description="true while the model is served eagerly and its backend is built in the background "
+        "(CAMSERVE_RUNTIME_BUILD); the buckets follow once it is checked and timed"
+    )
 
 
 class ModelInfo(BaseModel):

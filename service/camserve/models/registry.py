@@ -21,7 +21,7 @@ from camserve.errors import InvalidParameterError, UnknownModelError
 from camserve.models.errors import ModelConfigError
 from camserve.models.loader import build_model
 from camserve.models.preprocessing import Preprocessing
-from camserve.models.runtimes import RuntimeChoice, choose_runtime, default_cache_dir
+from camserve.models.runtimes import RuntimeChoice, choose_runtime, default_cache_dir, deferrable
 from camserve.models.spec import ModelsFile, ModelSpec, default_models, read_models_file
 from camserve.numbers import whole_number
 from camserve.settings import RuntimeMode, Settings
@@ -108,6 +108,28 @@ class ServedModel:
     def interpolation(self) -> str:
         return self.preprocessing.interpolation
 
+    @property
+    def example(self) -> torch.Tensor:
+        """A zero input of one image, as warm-up and the runtime's checks use."""
+        return torch.zeros(1, self.channels, *self.input_size, device=self.device)
+
+    def finish_runtime(self, *, max_batch: int, cache_dir: Path) -> None:
+        """Choose the runtime left `building` at load, now that the background build filled the cache: check, time
+        and switch over (seconds, on the torch thread between batches), then warm up and re-measure the rerun cost."""
+        assert isinstance(self.engine, CamEngine)
+        example = self.example
+        self.runtime = choose_runtime(
+            self.name,
+            self.engine,
+            example,
+            mode=self.runtime.mode,
+            max_batch=max_batch,
+            warmup=True,
+            cache_dir=cache_dir,
+        )
+        self.engine.explain(example, method="gradcampp")
+        self.rerun_fraction = _rerun_fraction(self.name, self.engine, example)
+
     def class_index(self, target: int | str) -> int:
         """A class index from an index (int or digit string) or an exact label."""
         if isinstance(target, int) and not isinstance(target, bool):
@@ -153,10 +175,12 @@ def load_model(
     masked_batch_size: int = 32,
     cache_dir: Path | None = None,
     measure_compiled: bool = False,
+    defer_runtime: bool = False,
 ) -> ServedModel:
     """Build, move, freeze and (optionally) warm up one model; choose its runtime as `runtime` (or the spec's
     own `runtime`) says, for batches up to `max_batch` (`camserve.models.runtimes`). `masked_batch_size`: inputs
-    per extra forward of Score-CAM and Ablation-CAM."""
+    per extra forward of Score-CAM and Ablation-CAM. `defer_runtime`: where choosing would export, serve eagerly and
+    leave it to `ServedModel.finish_runtime` after the background build (`camserve.models.background`)."""
     started = time.perf_counter()
     built = build_model(spec)
     height, width = built.preprocessing.input_size
@@ -220,24 +244,24 @@ def load_model(
     elif not reads_layers:
         choice = RuntimeChoice("eager", not_used={"every backend": "TorchScript (no split: whole-model forwards only)"})
     else:
-        choice = choose_runtime(
-            spec.name,
-            engine,
-            example,
-            mode=spec.runtime or runtime,
-            max_batch=max_batch,
-            warmup=warmup,
-            cache_dir=cache_dir or default_cache_dir(),
-            measure_compiled=measure_compiled,
-        )
+        mode = spec.runtime or runtime
+        cache = cache_dir or default_cache_dir()
+        if defer_runtime and warmup and deferrable(engine, example, mode=mode, cache_dir=cache):
+            choice = RuntimeChoice(mode, building=True)  # eager until `finish_runtime`
+        else:
+            choice = choose_runtime(
+                spec.name,
+                engine,
+                example,
+                mode=mode,
+                max_batch=max_batch,
+                warmup=warmup,
+                cache_dir=cache,
+                measure_compiled=measure_compiled,
+            )
         if warmup:
             engine.explain(example, method="gradcampp")
-    rerun_fraction = 1.0
-    if warmup and reads_layers:
-        try:
-            rerun_fraction = engine.suffix_fraction(example)
-        except Exception as exc:  # not cut or hooked there: its reruns count as whole forwards
-            log.warning("model %s: the cost of a rerun after %s is not measured (%s)", spec.name, default_layer, exc)
+    rerun_fraction = _rerun_fraction(spec.name, engine, example) if warmup and reads_layers else 1.0
     return ServedModel(
         spec=spec,
         module=module,
@@ -251,6 +275,15 @@ def load_model(
         runtime=choice,
         rerun_fraction=rerun_fraction,
     )
+
+
+def _rerun_fraction(name: str, engine: CamEngine | OnnxEngine, example: torch.Tensor) -> float:
+    """What a rerun after the default layer costs in forwards (`cam.costs`), measured; 1 where it cannot be."""
+    try:
+        return engine.suffix_fraction(example)
+    except Exception as exc:  # not cut or hooked there: its reruns count as whole forwards
+        log.warning("model %s: the cost of a rerun after the default layer is not measured (%s)", name, exc)
+        return 1.0
 
 
 def _place_onnx(spec: ModelSpec, graph: OnnxGraph, device: torch.device, size: tuple[int, int]) -> torch.device:
@@ -286,9 +319,11 @@ class ModelRegistry:
         cache_dir: Path | None = None,
         masked_batch_size: int = 32,
         measure_compiled: bool = False,
+        defer_runtime: bool = False,
     ) -> ModelRegistry:
         """Read the models file, set up the device (TF32 as configured, logged once) and load every model on the
-        runtime `runtime` and each model's own setting say (`measure_compiled`: `auto` times inductor too)."""
+        runtime `runtime` and each model's own setting say (`measure_compiled`: `auto` times inductor too;
+        `defer_runtime`: see `load_model`)."""
         config: ModelsFile = read_models_file(models_file) if models_file else default_models()
         target = resolve_device(device)
         configure_device(target, allow_tf32)
@@ -303,13 +338,16 @@ class ModelRegistry:
                 masked_batch_size=masked_batch_size,
                 cache_dir=cache_dir,
                 measure_compiled=measure_compiled,
+                defer_runtime=defer_runtime,
             )
             log.info("loaded model %s on %s in %.2fs", spec.name, target, served.load_seconds)
             loaded.append(served)
         return cls(loaded, config.default_name)
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, measure_compiled: bool = False) -> ModelRegistry:
+    def from_settings(
+        cls, settings: Settings, *, measure_compiled: bool = False, defer_runtime: bool = False
+    ) -> ModelRegistry:
         """`load` with the service's settings."""
         return cls.load(
             settings.models_file,
@@ -321,6 +359,7 @@ class ModelRegistry:
             cache_dir=settings.cache_dir,
             masked_batch_size=settings.masked_batch_size,
             measure_compiled=measure_compiled,
+            defer_runtime=defer_runtime,
         )
 
     def get(self, name: str | None = None) -> ServedModel:

@@ -65,6 +65,8 @@ class RuntimeChoice:
     not_used: dict[str, str] = field(default_factory=dict)
     build_s: float = 0.0
     from_cache: bool = False
+    #: served eagerly while a child process exports what the backend needs (`camserve.models.background`)
+    building: bool = False
 
     def ranges(self) -> list[tuple[int, Bucket]]:
         """Each bucket with the smallest batch size it serves."""
@@ -74,6 +76,8 @@ class RuntimeChoice:
     @property
     def summary(self) -> str:
         """One line: each bucket's backend, or "eager" with the reasons."""
+        if self.building:
+            return f"eager while {' and '.join(_candidates(self.mode, False))} is built in the background"
         if not self.buckets:
             why = "; ".join(f"{name}: {reason}" for name, reason in self.not_used.items())
             return f"eager ({why})" if why else EAGER
@@ -163,6 +167,32 @@ def choose_runtime(
     if table is not None and table.served() == {EAGER}:
         table = None
     return _finish(name, engine, choice, table, started)
+
+
+def deferrable(engine: CamEngine, example: torch.Tensor, *, mode: RuntimeMode, cache_dir: Path) -> bool:
+    """Whether choosing `mode`'s runtime would export (seconds to minutes) and the export can run in a child process
+    after readiness (`export_artifacts`): ONNX Runtime is a candidate, its split or prefix is not in the cache, and
+    the cache can be written. Inductor compiles in this process, and reduced precision never runs on ONNX Runtime:
+    never deferred."""
+    if _candidates(mode, False) != ["onnxruntime"] or engine.autocast_dtype is not None:
+        return False
+    folder = cache_dir / "runtime" / _artifact_key(engine, example, engine.default_layer)
+    if all((folder / file).is_file() for file in ("split.pt", "prefix.onnx")):
+        return False
+    try:  # the child hands its export over through the cache: a read-only one builds here, before readiness
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK)
+
+
+def export_artifacts(name: str, engine: CamEngine, example: torch.Tensor, *, cache_dir: Path) -> None:
+    """Write the split at the default layer and its prefix as ONNX to the cache, without building, checking or
+    timing anything: what `choose_runtime` then reads instead of exporting (the background build's child)."""
+    folder = cache_dir / "runtime" / _artifact_key(engine, example, engine.default_layer)
+    split = _cached_split(name, engine, example, folder)
+    if not (folder / "prefix.onnx").is_file():
+        export_onnx(split, example, folder / "prefix.onnx")
 
 
 def _candidates(mode: RuntimeMode, measure_compiled: bool) -> list[str]:

@@ -111,4 +111,5 @@ def runtime_info(choice: RuntimeChoice) -> RuntimeInfo:
         not_used=choice.not_used,
         build_s=round(choice.build_s, 3),
         from_cache=choice.from_cache,
+        building=choice.building,
     )
