@@ -301,16 +301,19 @@ async def warm_up(url: str, path: str, photos: list[bytes]) -> None:
 
 
 def spawn(port: int, env: dict[str, str], device: str, cwd: Path | None = None) -> subprocess.Popen:
-    """`camserve serve` on `port` (from `cwd` when given), once ready (up to 5 minutes: a first start exports)."""
+    """`camserve serve` on `port` (from `cwd` when given), once ready and no runtime is still building in the
+    background (up to 10 minutes: a first start exports)."""
     process = subprocess.Popen(
         [sys.executable, "-m", "camserve.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
         env={**os.environ, "CAMSERVE_DEVICE": device, "CAMSERVE_LOG_LEVEL": "warning", **env},
         cwd=cwd,
     )
-    for _ in range(1500):
+    for _ in range(3000):
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=1).status_code == 200:
-                return process
+                models = httpx.get(f"http://127.0.0.1:{port}/models", timeout=5).json()["models"]
+                if not any(m["runtime"].get("building") for m in models):  # measured on the runtime it settles on
+                    return process
         except httpx.HTTPError:
             pass
         time.sleep(0.2)

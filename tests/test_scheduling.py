@@ -115,6 +115,80 @@ async def test_a_cheap_request_behind_heavy_work_waits_at_most_one_chunk(thread)
     await queue.close()
 
 
+class Exclusive(Recorder):
+    """A Recorder that notes how many chunks ran at once, across threads (must never exceed one)."""
+
+    def __init__(self, chunk_s: float = 0.02) -> None:
+        super().__init__(chunk_s)
+        self.running = self.most = 0
+
+    def __call__(self, payloads, staged, deliver):
+        outputs = []
+        for index, payload in enumerate(payloads):
+            if payload == "heavy-fails":
+                pause()
+                raise RuntimeError("this heavy batch fails")
+            if not payload.startswith("heavy"):
+                self.events.append(payload)
+            else:
+                for chunk in range(int(payload.split(":")[1])):
+                    pause()
+                    self.running += 1
+                    self.most = max(self.most, self.running)
+                    time.sleep(self.chunk_s)
+                    self.events.append(f"{payload}#{chunk}")
+                    self.running -= 1
+            deliver(index, payload)
+            outputs.append(payload)
+        return outputs
+
+
+async def test_a_heavy_request_behind_another_waits_at_most_one_chunk_and_they_take_turns(thread):
+    """A short heavy request submitted while a long one runs joins it at its next pause: they alternate chunk by
+    chunk, so the short one is answered long before the long one, and only one chunk ever runs at a time."""
+    recorder = Exclusive(chunk_s=0.05)
+    queue = _queue(recorder, thread)
+    (long,) = queue.submit(["heavy:20"], heavy=True, costs=[2000])  # 1 s of chunks
+    await asyncio.sleep(0.12)
+    started = time.perf_counter()
+    (short,) = queue.submit(["heavy:3"], heavy=True, costs=[300])
+    assert await asyncio.wait_for(short, 5) == "heavy:3"
+    waited = time.perf_counter() - started
+    assert not long.done() and waited < 0.5  # its 3 chunks and 3-4 of the long one's, not the whole second
+    assert await asyncio.wait_for(long, 10) == "heavy:20"
+    await queue.close()
+    events = recorder.events
+    joined = events.index("heavy:3#0")
+    assert events[joined - 1].startswith("heavy:20#") and events[joined + 1].startswith("heavy:20#")
+    assert events[joined + 2] == "heavy:3#1" and events[joined + 4] == "heavy:3#2"  # round robin, one chunk each
+    assert recorder.most == 1 and queue.pending_work == 0
+
+
+async def test_heavy_batches_share_with_cheap_ones_and_at_most_max_heavy_turns_take_turns(thread, monkeypatch):
+    """With two turns at most, a third heavy request waits in its lane until one of the two is done; cheap work
+    still runs at every pause, and a heavy batch that fails answers its own items with the error only."""
+    from camserve import batching
+
+    monkeypatch.setattr(batching, "MAX_HEAVY_TURNS", 2)
+    recorder = Exclusive(chunk_s=0.03)
+    queue = _queue(recorder, thread, max_batch_size=1)
+    (first,) = queue.submit(["heavy:8"], heavy=True, costs=[800])
+    await asyncio.sleep(0.05)
+    (second,) = queue.submit(["heavy:3"], heavy=True, costs=[300])
+    (third,) = queue.submit(["heavy:2"], heavy=True, costs=[200])
+    (failing,) = queue.submit(["heavy-fails"], heavy=True, costs=[100])
+    cheap = queue.submit(["cheap0"]) + queue.submit(["cheap1"])
+    assert await asyncio.gather(*cheap) == ["cheap0", "cheap1"]
+    assert await asyncio.wait_for(asyncio.gather(first, second, third), 10) == ["heavy:8", "heavy:3", "heavy:2"]
+    with pytest.raises(RuntimeError, match="this heavy batch fails"):
+        await failing
+    await queue.close()
+    events = recorder.events
+    assert events.index("heavy:2#0") > events.index("heavy:3#2")  # the third joined once the second left
+    assert events.index("cheap1") < events.index("heavy:8#4") and recorder.most == 1
+    assert queue.pending_work == 0 and queue.in_flight == 0
+
+
 async def test_an_item_is_answered_when_its_own_work_is_done_not_at_the_end_of_the_batch(thread):
     gate = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -208,6 +282,26 @@ async def test_a_predict_behind_a_score_cam_is_answered_first_and_the_work_gauge
         after = metric((await client.get("/metrics")).text, "camserve_pending_forwards", model="efficientnet-lite0")
     assert gauge == 1 + slow_reruns  # the forward, and one masked forward per channel of the layer
     assert predict_s < 0.6 < heavy_s and after == 0  # about one chunk, not the rest of the Score-CAM
+
+
+async def test_a_short_heavy_request_behind_a_score_cam_is_answered_before_it(registry, cat_jpeg, slow_reruns):
+    """Faithfulness scores (heavy: their perturbed forwards run in chunks) sent while a Score-CAM runs take turns
+    with it instead of waiting for all of it."""
+    jpeg = {"content-type": "image/jpeg"}
+    async with running_app(registry) as (client, _app):
+        heavy = asyncio.create_task(
+            client.post(f"/explain?method=scorecam&layer={LAYER}", content=cat_jpeg, headers=jpeg)
+        )
+        await asyncio.sleep(0.5)  # the Score-CAM is running its chunks (about 2 s of them)
+        sent = time.perf_counter()
+        scored = await client.post(
+            "/explain?method=gradcam&faithfulness=true&faithfulness_steps=2", content=cat_jpeg, headers=jpeg
+        )
+        scored_s = time.perf_counter() - sent
+        assert scored.status_code == 200, scored.text
+        assert not heavy.done()
+        assert (await heavy).status_code == 200
+    assert scored_s < 1.0 and scored.json()["results"][0]["explanations"][0]["faithfulness"]["steps"] == 2
 
 
 async def test_a_503_counts_work_and_priority_is_one_option_every_way_in(registry, cat_jpeg, slow_reruns):
