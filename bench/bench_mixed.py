@@ -6,8 +6,9 @@
 For each server (this tree, and `--before` if given; one at a time, each on the same port and photos):
 `/predict` and Grad-CAM++ `/explain` alone (20 sequential requests each), then the same `/predict` loop for
 `--seconds` while four other clients loop `/explain`: two Score-CAM, one Ablation-CAM, one Grad-CAM++ (224 px
-photos, the embedded Lite0, default settings). Reports p50/p95 of each, the loaded/alone ratios, and Score-CAM
-maps per minute.
+photos, the embedded Lite0, default settings); with `--short-heavy`, a fifth client loops short heavy work
+(Grad-CAM++ with faithfulness scores). Reports p50/p95 of each, the loaded/alone ratios, and Score-CAM maps per
+minute.
 """
 
 from __future__ import annotations
@@ -58,27 +59,33 @@ async def loop(client: httpx.AsyncClient, path: str, photos: list[bytes], until:
         i += 1
 
 
-async def measure(url: str, seconds: float) -> dict:
+#: With --short-heavy: a client whose heavy work is short (faithfulness scores, ~20 forwards), beside the Score-CAMs.
+SHORT_HEAVY = {"faithfulness": "/explain?method=gradcampp&faithfulness=true&faithfulness_steps=4"}
+
+
+async def measure(url: str, seconds: float, background: dict[str, str]) -> dict:
     photos = jpegs((224, 224))
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
-        for path in ("/predict", *BACKGROUND.values()):
+        for path in ("/predict", *background.values()):
             await post(client, path, photos[0])  # warm every path once
         alone = {
             "predict": percentiles(await sequential(client, "/predict", photos, 20)),
             "gradcampp": percentiles(await sequential(client, "/explain?method=gradcampp", photos, 20)),
         }
+        for name in set(SHORT_HEAVY) & set(background):
+            alone[name] = percentiles(await sequential(client, background[name], photos, 10))
         started = time.perf_counter()
         until = started + seconds
-        latencies: dict[str, list[float]] = {name: [] for name in BACKGROUND}
-        background = [
-            asyncio.create_task(loop(client, path, photos, until, latencies[name])) for name, path in BACKGROUND.items()
+        latencies: dict[str, list[float]] = {name: [] for name in background}
+        tasks = [
+            asyncio.create_task(loop(client, path, photos, until, latencies[name])) for name, path in background.items()
         ]
         await asyncio.sleep(1.0)  # the heavy clients are in
         predict: list[float] = []
         await loop(client, "/predict", photos, until, predict)
-        for task in background:  # a heavy request may still run; what finished inside the window counts
+        for task in tasks:  # a heavy request may still run; what finished inside the window counts
             task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         window = time.perf_counter() - started
     scorecam = len(latencies["scorecam-1"]) + len(latencies["scorecam-2"])
     loaded = {
@@ -87,6 +94,8 @@ async def measure(url: str, seconds: float) -> dict:
         "ablationcam": percentiles(latencies["ablationcam"]) if latencies["ablationcam"] else {"n": 0},
         "scorecam_maps_per_min": round(scorecam * 60 / window, 2),
     }
+    for name in set(SHORT_HEAVY) & set(latencies):
+        loaded[name] = percentiles(latencies[name]) if latencies[name] else {"n": 0}
     return {
         "alone": alone,
         "loaded": loaded,
@@ -102,6 +111,9 @@ def main() -> int:
     parser.add_argument("--before", type=Path, help="a checkout of the code to compare with (its service/ is used)")
     parser.add_argument("--seconds", type=float, default=60.0, help="length of the loaded window per server")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--short-heavy", action="store_true", help="add a client looping short heavy work (faithfulness scores)"
+    )
     args = parser.parse_args()
     here = Path(__file__).resolve().parent.parent
     trees = {"this": here} | ({"before": args.before.resolve()} if args.before else {})
@@ -109,7 +121,8 @@ def main() -> int:
     for name, tree in trees.items():
         process = spawn(PORT, {"PYTHONPATH": str(tree / "service")}, "cpu", cwd=tree)  # that tree's camserve
         try:
-            results[name] = asyncio.run(measure(f"http://127.0.0.1:{PORT}", args.seconds))
+            background = BACKGROUND | (SHORT_HEAVY if args.short_heavy else {})
+            results[name] = asyncio.run(measure(f"http://127.0.0.1:{PORT}", args.seconds, background))
         finally:
             process.terminate()
             process.wait(timeout=60)
