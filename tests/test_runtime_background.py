@@ -69,6 +69,24 @@ async def test_a_failed_background_export_leaves_the_model_eager_saying_why(
         assert (await _probabilities(client, cat_jpeg)).shape == (5,)
 
 
+async def test_a_child_that_exports_nothing_for_this_model_never_makes_the_server_export(
+    cat_jpeg, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A child that succeeds without writing this model's graph (its weights differed, say): the model stays eager
+    saying so, instead of exporting on the torch thread between batches."""
+    from camserve.models import runtimes
+
+    monkeypatch.setattr(background, "EXPORT_COMMAND", [sys.executable, "-c", "pass"])
+    exported = []
+    monkeypatch.setattr(runtimes, "export_onnx", lambda *args: exported.append(args))
+    async with running_app(None, runtime="auto", runtime_build="background", cache_dir=tmp_path) as (client, app):
+        runtime = await _until_built(client)
+        assert runtime["buckets"] == [] and "wrote no graph for this model" in runtime["not_used"]["onnxruntime"]
+        assert (await _probabilities(client, cat_jpeg)).shape == (5,)
+        assert app.state.service.registry.get().engine.runtime is None
+    assert exported == [] and not list(tmp_path.glob("runtime/*/split.pt"))
+
+
 def test_export_only_refuses_unknown_models_and_model_without_it(capsys, monkeypatch) -> None:
     from camserve.cli import main
 

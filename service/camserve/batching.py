@@ -47,12 +47,13 @@ NORMAL = 2
 
 
 class TorchThread:
-    """The one thread that runs every parallel torch operation of the process (loading, compute).
+    """The thread that runs the process's torch work (loading, compute): torch runs on one thread at a time, this
+    one, or a heavy batch's turn (`_Baton`) while this one waits for it.
 
-    On CPU, once a second thread has run parallel torch operations, every OpenMP-parallel op in the
-    process gets about 2.5x slower (measured: EfficientNet-Lite0 forward 19 ms on one thread, 50 ms
-    after a second thread ran one). Keeping all torch work on one thread avoids that; on a GPU one
-    thread also keeps kernel launches ordered. The app makes one and hands it to whatever runs torch.
+    On CPU, two threads running parallel torch operations at once slow every OpenMP-parallel op in the
+    process about 2.5x (measured: EfficientNet-Lite0 forward 19 ms on one thread, 50 ms beside a second);
+    handing the work from one thread to another, never both at once, measured no such slowdown. On a GPU one
+    thread at a time also keeps kernel launches ordered. The app makes one and hands it to whatever runs torch.
     """
 
     def __init__(self) -> None:
@@ -78,6 +79,9 @@ class _Baton:
     def __init__(self) -> None:
         self._changed = threading.Condition()
         self._turns: deque[object] = deque()  # the one running first
+        #: whether heavy batches may still join: only while the first one runs, so that the ring ends (the torch
+        #: thread serves every model's queue, and it is busy until the ring is empty)
+        self.open = True
 
     def __len__(self) -> int:
         return len(self._turns)
@@ -119,6 +123,7 @@ class _Entry(Generic[P, R]):
     future: asyncio.Future[R]
     cost: int = 1
     heavy: bool = False
+    priority: int = NORMAL
     enqueued: float = field(default_factory=time.perf_counter)
     settled: bool = False
 
@@ -233,7 +238,9 @@ class BatchQueue(Generic[P, R]):
                     f"{self.max_heavy_work}); this request adds {work}: retry later, or use a cheaper method",
                     retry_after_s=max(1, round(wait)) if wait is not None else 5,
                 )
-            entries = [_Entry(p, loop.create_future(), cost, heavy) for p, cost in zip(payloads, costs, strict=True)]
+            entries = [
+                _Entry(p, loop.create_future(), cost, heavy, priority) for p, cost in zip(payloads, costs, strict=True)
+            ]
             lane.waiting[priority].extend(entries)
             self._work += work
             if heavy:
@@ -376,6 +383,7 @@ class BatchQueue(Generic[P, R]):
         try:
             outputs, busy = self._heavy_turn(batch, staged, baton, home)
         finally:
+            baton.open = False
             baton.leave(home)
             baton.wait_empty()  # torch stays on one thread at a time: this one returns when the others are done
         return outputs, time.perf_counter() - started - busy
@@ -391,14 +399,8 @@ class BatchQueue(Generic[P, R]):
         def at_pause() -> None:
             began = time.perf_counter()
             self._run_cheap()
-            if len(baton) < MAX_HEAVY_TURNS and (joining := self._take_batch(heavy=True)):
-                self._computing += len(joining)
-                threading.Thread(
-                    target=self._heavy_thread,
-                    args=(joining, baton, baton.join()),
-                    name=f"camserve-heavy-{self.name}",
-                    daemon=True,
-                ).start()
+            if baton.open and len(baton) < MAX_HEAVY_TURNS and (joining := self._take_batch(heavy=True)):
+                self._start_turn(joining, baton)
             baton.pass_on(turn)
             paused[0] += time.perf_counter() - began
 
@@ -409,6 +411,22 @@ class BatchQueue(Generic[P, R]):
         for index, output in enumerate(outputs):
             deliver(index, output)
         return outputs, time.perf_counter() - started - paused[0]
+
+    def _start_turn(self, batch: list[_Entry[P, R]], baton: _Baton) -> None:
+        """`batch` joins the ring on a thread of its own; where no thread starts, it goes back to the head of its lane
+        (it runs after this ring, as before turns existed)."""
+        self._computing += len(batch)
+        turn = baton.join()
+        try:
+            name = f"camserve-heavy-{self.name}"
+            threading.Thread(target=self._heavy_thread, args=(batch, baton, turn), name=name, daemon=True).start()
+        except RuntimeError as exc:  # e.g. "can't start new thread" at the container's limit
+            baton.leave(turn)
+            self._computing -= len(batch)
+            with self._lock:
+                for entry in reversed(batch):
+                    self._heavy.waiting[entry.priority].appendleft(entry)
+            log.warning("queue %s: heavy work waits for its turn after this batch (%s)", self.name, exc)
 
     def _heavy_thread(self, batch: list[_Entry[P, R]], baton: _Baton, turn: object) -> None:
         """A heavy batch that joined another's ring: waits for its turn, computes, answers, leaves the ring."""
@@ -462,4 +480,7 @@ class BatchQueue(Generic[P, R]):
 
     def _call_on_loop(self, function: Callable[..., Any], *args: Any) -> None:
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(function, *args)
+        try:
+            self._loop.call_soon_threadsafe(function, *args)
+        except RuntimeError:  # the loop is closed (shut down): nobody waits for this any more
+            log.debug("queue %s: the event loop is closed; %s dropped", self.name, getattr(function, "__name__", ""))

@@ -66,9 +66,9 @@ def create_app(
         finally:
             lifecycle.drain()
             for task in (loader, app.state.runtime_builder):
-                if task is not None and not task.done():
+                if task is not None:
                     task.cancel()
-                    await asyncio.gather(task, return_exceptions=True)
+                    await asyncio.gather(task, return_exceptions=True)  # also retrieves what a finished one raised
             if app.state.service is not None:
                 await app.state.service.close()
             thread.close()

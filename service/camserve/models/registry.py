@@ -21,7 +21,13 @@ from camserve.errors import InvalidParameterError, UnknownModelError
 from camserve.models.errors import ModelConfigError
 from camserve.models.loader import build_model
 from camserve.models.preprocessing import Preprocessing
-from camserve.models.runtimes import RuntimeChoice, choose_runtime, default_cache_dir, deferrable
+from camserve.models.runtimes import (
+    RuntimeChoice,
+    artifacts_cached,
+    choose_runtime,
+    default_cache_dir,
+    deferrable,
+)
 from camserve.models.spec import ModelsFile, ModelSpec, default_models, read_models_file
 from camserve.numbers import whole_number
 from camserve.settings import RuntimeMode, Settings
@@ -118,6 +124,11 @@ class ServedModel:
         and switch over (seconds, on the torch thread between batches), then warm up and re-measure the rerun cost."""
         assert isinstance(self.engine, CamEngine)
         example = self.example
+        if not artifacts_cached(self.engine, example, cache_dir=cache_dir):  # never export here, between batches
+            raise ModelConfigError(
+                "the export process wrote no graph for this model as this process has it (are its weights random, "
+                "different in each process?)"
+            )
         self.runtime = choose_runtime(
             self.name,
             self.engine,

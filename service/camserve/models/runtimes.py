@@ -176,14 +176,20 @@ def deferrable(engine: CamEngine, example: torch.Tensor, *, mode: RuntimeMode, c
     never deferred."""
     if _candidates(mode, False) != ["onnxruntime"] or engine.autocast_dtype is not None:
         return False
-    folder = cache_dir / "runtime" / _artifact_key(engine, example, engine.default_layer)
-    if all((folder / file).is_file() for file in ("split.pt", "prefix.onnx")):
+    if artifacts_cached(engine, example, cache_dir=cache_dir):
         return False
+    folder = cache_dir / "runtime" / _artifact_key(engine, example, engine.default_layer)
     try:  # the child hands its export over through the cache: a read-only one builds here, before readiness
         folder.mkdir(parents=True, exist_ok=True)
     except OSError:
         return False
     return os.access(folder, os.W_OK)
+
+
+def artifacts_cached(engine: CamEngine, example: torch.Tensor, *, cache_dir: Path) -> bool:
+    """Whether the cache holds the split at the default layer and its ONNX prefix for this model and input."""
+    folder = cache_dir / "runtime" / _artifact_key(engine, example, engine.default_layer)
+    return all((folder / file).is_file() for file in ("split.pt", "prefix.onnx"))
 
 
 def export_artifacts(name: str, engine: CamEngine, example: torch.Tensor, *, cache_dir: Path) -> None:
