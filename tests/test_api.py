@@ -910,3 +910,36 @@ async def test_bad_overlay_format_or_size_is_a_422_naming_it(registry, cat_jpeg,
             "/explain", params={"overlay": "true", **params}, content=cat_jpeg, headers={"content-type": "image/jpeg"}
         )
     assert response.status_code == 422 and named in response.json()["detail"], response.text
+
+
+async def test_a_requests_images_are_handled_in_a_few_threads_in_order_and_fail_as_in_sequence(monkeypatch):
+    """`in_threads` keeps the order, runs at most `IMAGE_THREADS` threads at once, and a failure is the first
+    item's in order (here item 5's, though item 9 fails first in time)."""
+    from camserve import inference
+
+    monkeypatch.setattr(inference, "IMAGE_THREADS", 3)
+    running, most, lock = set(), [0], threading.Lock()
+
+    def work(item: int) -> int:
+        with lock:
+            running.add(threading.get_ident())
+            most[0] = max(most[0], len(running))
+        time.sleep(0.02)
+        with lock:
+            running.discard(threading.get_ident())
+        return item * item
+
+    assert await inference.in_threads(work, list(range(10))) == [i * i for i in range(10)]
+    assert most[0] == 3
+    assert await inference.in_threads(work, []) == []
+
+    def failing(item: int) -> int:
+        if item == 9:
+            raise ValueError("item 9")
+        if item == 5:
+            time.sleep(0.2)
+            raise ValueError("item 5")
+        return item
+
+    with pytest.raises(ValueError, match="item 5"):
+        await inference.in_threads(failing, list(range(10)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch
 import torchvision
 from torch import nn
 
+from camserve.batches import ExplainPlan, ItemOutput, ModelBatches, WorkItem
 from camserve.cam import CamEngine, reruns
 from camserve.cam.render import minmax_normalize
 from camserve.cam.runtime import Bucket, OnnxRuntimeSplit, RuntimeTable, export_onnx, time_alternating
@@ -397,3 +399,51 @@ def test_a_backend_failing_while_serving_falls_back_to_eager_saying_so_once(
         "layer _swish: onnxruntime failed (RuntimeError: [ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : "
         "simulated); such calls run eagerly"
     ]
+
+
+# -- torch's threads beside ONNX Runtime ----------------------------------------------------------------------------
+
+
+def test_torch_takes_one_thread_where_onnxruntime_runs_the_forwards_and_all_where_torch_does(
+    lite0_onnx: tuple[CamEngine, CamEngine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine, eager = lite0_onnx
+    monkeypatch.setattr(engine, "threads", 2)
+    assert engine.torch_threads() == 1  # predictions and methods that read no layer: whole forwards on the runtime
+    assert engine.torch_threads(("_swish",)) == 1 == engine.torch_threads(("_swish", "_swish"))
+    assert engine.torch_threads(("_blocks.10",)) == 2  # the hooked eager forward
+    assert engine.torch_threads(("_swish", "_blocks.10")) == 2  # fusion
+    assert eager.torch_threads() == eager.threads  # no runtime
+    backend = engine.backend_for(1)
+    assert backend is not None and engine.runtime is not None
+    mixed = RuntimeTable("_swish", [Bucket(1, "onnxruntime"), Bucket(1 << 30, "eager")], {"onnxruntime": backend})
+    monkeypatch.setattr(engine, "runtime", mixed)  # a bucket served eagerly: torch may run whole forwards
+    assert engine.torch_threads() == 2
+
+
+def test_a_batch_on_onnxruntime_runs_torch_on_one_thread_and_gives_the_threads_back(
+    lite0_onnx: tuple[CamEngine, CamEngine], registry, chelsea, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Predict-only, the default layer and another layer: torch's thread count inside each engine call, and after."""
+    engine, _ = lite0_onnx
+    monkeypatch.setattr(engine, "threads", 2)
+    served = dataclasses.replace(registry.get(), engine=engine)
+    seen: list[int] = []
+    for name in ("predict", "explain"):
+        real = getattr(engine, name)
+        monkeypatch.setattr(
+            engine, name, lambda *a, real=real, **k: seen.append(torch.get_num_threads()) or real(*a, **k)
+        )
+    photo = torch.from_numpy(np.ascontiguousarray(chelsea.transpose(2, 0, 1)))
+    batches = ModelBatches(served, max_batch_size=8)
+    before = torch.get_num_threads()
+    for options in (None, ExplainPlan("gradcampp", None, False), ExplainPlan("gradcampp", ("_blocks.10",), False)):
+        outputs = batches.compute([WorkItem(photo, options, None)] * 2)
+        assert all(isinstance(o, ItemOutput) for o in outputs)
+        assert torch.get_num_threads() == before
+    assert seen == [1, 1, 2]
+    default, other = (
+        batches.compute([WorkItem(photo, ExplainPlan("gradcampp", layers, False), None)])
+        for layers in (None, ("_blocks.10",))
+    )
+    assert default[0].classes == other[0].classes == [285]  # Egyptian cat, either way

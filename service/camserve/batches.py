@@ -21,6 +21,7 @@ from camserve.cam.family import Method
 from camserve.cam.heads import probabilities as probabilities_of
 from camserve.cam.methods import get_method
 from camserve.cam.rise import RISE
+from camserve.cam.runtime import intra_op_threads
 from camserve.device_faults import as_service_error
 from camserve.errors import DeviceFailedError
 from camserve.images import (
@@ -143,8 +144,9 @@ class ModelBatches:
         host = next((o for o in groups if o is not None and get_method(o.method).family != "perturbation"), None)
         if predict_only and host is None:  # alone, and first: not behind a long Score-CAM
             try:
-                x = self._inputs(inputs, predict_only)
-                probabilities = probabilities_of(self.model.engine.predict(x), self.model.head).cpu()
+                with intra_op_threads(self.model.engine.torch_threads()):
+                    x = self._inputs(inputs, predict_only)
+                    probabilities = probabilities_of(self.model.engine.predict(x), self.model.head).cpu()
                 for row, i in enumerate(predict_only):
                     outputs[i] = ItemOutput(probabilities=probabilities[row])
             except Exception as exc:
@@ -155,7 +157,8 @@ class ModelBatches:
         for options in sorted(groups, key=_heaviness):
             members = groups[options] + (predict_only if options == host else [])
             try:
-                self._explain_group(batch, inputs, members, options, outputs)
+                with intra_op_threads(self.model.engine.torch_threads(options.layers)):
+                    self._explain_group(batch, inputs, members, options, outputs)
             except Exception as exc:
                 for i in members:
                     outputs[i] = as_service_error(exc)

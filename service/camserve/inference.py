@@ -12,8 +12,10 @@ HTTP or of any protocol's response shape; nothing of gradients.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import TypeVar
 
 import torch
 
@@ -23,7 +25,7 @@ from camserve.errors import NotReadyError, OverloadedError, RequestTimeoutError
 from camserve.images import ImageLimits, decode_image, eight_bit, jpeg_for_gpu, resize_float_for_model, resize_for_model
 from camserve.models import ModelRegistry, ServedModel
 from camserve.plan import ImagePayload, InferenceRequest, Plan, make_plan
-from camserve.results import Decoded, InferenceResult, build_results
+from camserve.results import Decoded, InferenceResult, image_result, inference_result
 from camserve.settings import Settings
 
 DisconnectCheck = Callable[[], Awaitable[bool]]
@@ -34,6 +36,30 @@ RESIZE_WHILE_DECODING_ABOVE = 1_000_000
 # On a CUDA model, JPEGs up to this many pixels stay encoded until the batch decodes them on the GPU (and resizes
 # them at once); larger ones are decoded and resized here on the CPU, so the device never holds a 40 MP image.
 GPU_DECODE_MAX_PIXELS = 12_000_000
+
+
+#: A request's images are decoded, and their pictures rendered, in up to this many threads at once, each holding at
+#: most one full-size picture (2 vCPUs, 8 photos per request explained: 1.12x images/s against one thread).
+IMAGE_THREADS = min(4, os.cpu_count() or 1)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+async def in_threads(function: Callable[[T], R], items: list[T]) -> list[R]:
+    """`function` over `items`, in order, in up to `IMAGE_THREADS` threads (contiguous runs of items each); a
+    failure is the first item's in order to fail, as if they ran one after another."""
+    size = -(-len(items) // IMAGE_THREADS) or 1
+    runs = [items[start : start + size] for start in range(0, len(items), size)]
+
+    def run_all(run: list[T]) -> list[R]:
+        return [function(item) for item in run]
+
+    done = await asyncio.gather(*(asyncio.to_thread(run_all, run) for run in runs), return_exceptions=True)
+    for outcome in done:
+        if isinstance(outcome, BaseException):
+            raise outcome
+    return [result for run in done for result in run]  # type: ignore[union-attr]  # no exceptions left
 
 
 class ClientDisconnectedError(Exception):
@@ -107,7 +133,10 @@ class InferenceService:
         keep_pixels = plan.explain is not None and plan.pictures.overlay
         decoded = await self._decode(request.images, plan.served, keep_pixels=keep_pixels)
         outputs = await self._run(plan, decoded, is_disconnected)
-        return await asyncio.to_thread(build_results, plan, decoded, outputs, self.settings.png_compress_level)
+        level = self.settings.png_compress_level
+        pairs = list(zip(decoded, outputs, strict=True))
+        results = await in_threads(lambda pair: image_result(plan, pair[0], pair[1], level), pairs)
+        return inference_result(plan, results, outputs)
 
     async def _decode(self, images: Sequence[ImagePayload], served: ServedModel, keep_pixels: bool) -> list[Decoded]:
         """Each image decoded in the channels the model takes; float pictures (16-bit, DICOM on a one-channel model)
@@ -129,7 +158,7 @@ class InferenceService:
                 image.width, image.height, resize(image.pixels, served.input_size, served.interpolation), kept
             )
 
-        return await asyncio.to_thread(lambda: [decode_one(p) for p in images])
+        return await in_threads(decode_one, list(images))
 
     async def _run(
         self, plan: Plan, decoded: list[Decoded], is_disconnected: DisconnectCheck | None

@@ -1,7 +1,8 @@
 """What a request gets back, and how a batch's outputs become it: top-k classes, pictures and scores.
 
-`build_results` runs off the torch thread (numpy and PIL only): it renders each raw map straight to the picture
-size, blends overlays, and encodes heatmaps as PNG and overlays as PNG, JPEG or WebP (bytes or base64 text).
+`image_result` runs off the torch thread (numpy and PIL only), one image per call, so a request's images are
+rendered in parallel: it renders each raw map straight to the picture size, blends overlays, and encodes heatmaps
+as PNG and overlays as PNG, JPEG or WebP (bytes or base64 text).
 """
 
 from __future__ import annotations
@@ -84,20 +85,21 @@ class InferenceResult:
     counterfactual: bool = False
 
 
-def build_results(plan: Plan, images: list[Decoded], outputs: list[ItemOutput], png_level: int) -> InferenceResult:
-    """The request's answer from each image's batch output (no torch work: this runs off the torch thread)."""
+def image_result(plan: Plan, image: Decoded, output: ItemOutput, png_level: int) -> ImageResult:
+    """One image's answer from its batch output (no torch work: this runs off the torch thread)."""
     resized = plan.pictures.size != "original"  # pictures not at the image's size report theirs
-    results = [
-        ImageResult(
-            width=image.width,
-            height=image.height,
-            probabilities=output.probabilities.numpy(),
-            predictions=top_k(plan.served, output.probabilities, plan.top_k, plan.request.threshold),
-            explanations=_explanations(plan, image, output, png_level),
-            picture_size=_picture_size(plan, image) if output.maps is not None and resized else None,
-        )
-        for image, output in zip(images, outputs, strict=True)
-    ]
+    return ImageResult(
+        width=image.width,
+        height=image.height,
+        probabilities=output.probabilities.numpy(),
+        predictions=top_k(plan.served, output.probabilities, plan.top_k, plan.request.threshold),
+        explanations=_explanations(plan, image, output, png_level),
+        picture_size=_picture_size(plan, image) if output.maps is not None and resized else None,
+    )
+
+
+def inference_result(plan: Plan, results: list[ImageResult], outputs: list[ItemOutput]) -> InferenceResult:
+    """The request's answer from its images' answers."""
     head = plan.served.head
     if plan.explain is None:
         return InferenceResult(model=plan.served.name, images=results, head=head)

@@ -31,7 +31,7 @@ from camserve.cam.methods import METHOD_NAMES, get_method
 from camserve.cam.pairs import PairPlan, TargetSpec, choose_pairs
 from camserve.cam.render import minmax_normalize
 from camserve.cam.reruns import EngineReruns
-from camserve.cam.runtime import Backend, RuntimeTable
+from camserve.cam.runtime import Backend, OnnxRuntimeSplit, RuntimeTable
 from camserve.cam.split import ModelSplit, SplitError, split_model
 
 
@@ -64,6 +64,8 @@ class CamEngine:
         self._trace_lock = threading.Lock()
         #: The backends serving predictions and the default layer's prefix, per batch size (None: eager).
         self.runtime: RuntimeTable | None = None
+        #: torch's intra-op threads where torch runs the forwards (the count where the engine was made).
+        self.threads = torch.get_num_threads()
         self.head: Head = head
         self._reruns = EngineReruns(model, self._autocast, rerun_batch_size, head)
 
@@ -147,6 +149,17 @@ class CamEngine:
     def backend_for(self, batch: int) -> Backend | None:
         """The runtime serving batches of `batch` images (None: the eager model)."""
         return None if self.runtime is None else self.runtime.for_batch(batch)
+
+    def torch_threads(self, layers: Sequence[str] | None = None) -> int:
+        """Intra-op threads for torch's part of a batch predicted, or explained at `layers` (None or empty: the
+        default layer, or none): one where ONNX Runtime on the CPU serves every batch size and these layers, since
+        torch then only resizes, runs the suffix and its backward and weighs the maps, and a second thread of it
+        waits at each op for a core the HTTP side holds (16 users explaining: 1.10x images/s; docs/benchmarks.md);
+        else `threads`."""
+        runtime = self.runtime
+        if runtime is None or self.device.type != "cpu" or runtime.served() != {OnnxRuntimeSplit.name}:
+            return self.threads
+        return 1 if not layers or tuple(dict.fromkeys(layers)) == (runtime.layer,) else self.threads
 
     def split(self, example: Tensor) -> ModelSplit:
         """The model split at the default layer (its export made once per engine); SplitError when it cannot be."""

@@ -130,6 +130,10 @@ class OnnxEngine:
         return None
 
     # -- inference -------------------------------------------------------------------------------
+    def torch_threads(self, layers: Sequence[str] | None = None) -> int:
+        """Intra-op threads for torch's part of a batch: the count the graph's sessions were made with."""
+        return self.graph.threads
+
     def predict(self, images: Tensor) -> Tensor:
         """float32 logits [B, classes]."""
         return self.graph.logits(images)

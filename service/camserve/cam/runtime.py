@@ -17,7 +17,8 @@ import bisect
 import logging
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -226,6 +227,20 @@ class RuntimeTable:
 
     def served(self) -> set[str]:
         return {bucket.backend for bucket in self.buckets}
+
+
+@contextmanager
+def intra_op_threads(count: int) -> Iterator[None]:
+    """torch's intra-op threads on the calling thread set to `count` inside the block, then back as they were."""
+    before = torch.get_num_threads()
+    if count == before:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def bucket_sizes(max_batch: int) -> list[int]:
