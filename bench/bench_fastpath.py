@@ -171,13 +171,17 @@ def transformer_models_file(folder: Path) -> str:
     entries = ['[[models]]\nname = "efficientnet-lite0"\n']
     for name in ("vit_b_16", "swin_t"):
         save_file(build_model(name).state_dict(), folder / f"{name}.safetensors")
-        entries.append(f'[[models]]\nname = "{name}"\nkind = "torchvision"\narchitecture = "{name}"\n'
-                       f'weights = "{folder / name}.safetensors"\n')
+        entries.append(
+            f'[[models]]\nname = "{name}"\nkind = "torchvision"\narchitecture = "{name}"\n'
+            f'weights = "{folder / name}.safetensors"\n'
+        )
     torch.manual_seed(0)
     deit = timm.create_model("deit_tiny_patch16_224", pretrained=False)
     save_file(deit.state_dict(), folder / "deit.safetensors")
-    entries.append(f'[[models]]\nname = "deit-tiny"\nkind = "timm"\narchitecture = "deit_tiny_patch16_224"\n'
-                   f'weights = "{folder}/deit.safetensors"\n')
+    entries.append(
+        f'[[models]]\nname = "deit-tiny"\nkind = "timm"\narchitecture = "deit_tiny_patch16_224"\n'
+        f'weights = "{folder}/deit.safetensors"\n'
+    )
     path = folder / "models.toml"
     path.write_text("\n".join(entries))
     return str(path)

@@ -220,8 +220,8 @@ def test_explorer_in_a_real_browser(browser, registry, chelsea, cat_jpeg, tmp_pa
         predictions = card.locator(".prediction .label").all_inner_texts()
         assert len(predictions) == 5 and predictions[0] == "Egyptian cat"
         assert card.locator(".predictions").get_attribute("data-head") == "softmax"
-        assert card.locator(".predictions").evaluate("list => list.previousElementSibling.textContent").endswith(
-            "softmax"
+        assert (
+            card.locator(".predictions").evaluate("list => list.previousElementSibling.textContent").endswith("softmax")
         )
         assert first.locator(".title").inner_text() == "Egyptian cat"
         size = first.locator("canvas").evaluate("c => [c.width, c.height, c.clientWidth, c.clientHeight]")
