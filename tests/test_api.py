@@ -943,3 +943,39 @@ async def test_a_requests_images_are_handled_in_a_few_threads_in_order_and_fail_
 
     with pytest.raises(ValueError, match="item 5"):
         await inference.in_threads(failing, list(range(10)))
+
+
+async def test_the_host_is_busy_while_a_request_decodes_or_renders_and_not_while_its_batch_computes(
+    registry, cat_jpeg, monkeypatch
+):
+    """What `ModelBatches` reads to leave the cores to other requests' decoding and rendering (`host_busy`)."""
+    from camserve import inference
+
+    async with running_app(registry) as (client, app):
+        service = app.state.service
+        seen: dict[str, list[bool]] = {"decode": [], "batch": [], "render": []}
+        real_decode, real_render = inference.decode_image, inference.image_result
+        real_predict = service.registry.get().engine.predict
+
+        def decode(*args, **kwargs):
+            seen["decode"].append(service.host_busy())
+            return real_decode(*args, **kwargs)
+
+        def render(*args, **kwargs):
+            seen["render"].append(service.host_busy())
+            return real_render(*args, **kwargs)
+
+        def predict(*args, **kwargs):
+            seen["batch"].append(service.host_busy())
+            return real_predict(*args, **kwargs)
+
+        monkeypatch.setattr(inference, "decode_image", decode)
+        monkeypatch.setattr(inference, "image_result", render)
+        monkeypatch.setattr(service.registry.get().engine, "predict", predict)
+        response = await client.post("/predict", content=cat_jpeg, headers={"content-type": "image/jpeg"})
+        assert response.status_code == 200
+        assert seen == {"decode": [True], "batch": [False], "render": [True]}
+        assert service.in_host_stages == 0
+        failed = await client.post("/predict", content=b"not a picture", headers={"content-type": "image/jpeg"})
+        assert failed.status_code in (400, 415) and service.in_host_stages == 0  # a failing stage is left too
+        assert seen["decode"] == [True, True]

@@ -15,6 +15,7 @@ import asyncio
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TypeVar
 
 import torch
@@ -83,8 +84,12 @@ class InferenceService:
         self.limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
         self.limits.apply_to_pil()
         self.queues: dict[str, BatchQueue[WorkItem, ItemOutput]] = {}
+        #: Requests decoding or rendering right now (changed on the event loop only).
+        self.in_host_stages = 0
         for model in registry:
-            batches = ModelBatches(model, max_batch_size=settings.max_batch_size, on_fatal=on_fatal)
+            batches = ModelBatches(
+                model, max_batch_size=settings.max_batch_size, on_fatal=on_fatal, host_busy=self.host_busy
+            )
             self.queues[model.name] = BatchQueue(
                 model.name,
                 lambda items, staged, deliver, batches=batches: batches.run(items, staged, deliver),
@@ -131,12 +136,26 @@ class InferenceService:
         """Plan, decode, run through the model's batching queue, build the results: what every protocol calls."""
         plan = self.plan(request)
         keep_pixels = plan.explain is not None and plan.pictures.overlay
-        decoded = await self._decode(request.images, plan.served, keep_pixels=keep_pixels)
+        with self._host_stage():
+            decoded = await self._decode(request.images, plan.served, keep_pixels=keep_pixels)
         outputs = await self._run(plan, decoded, is_disconnected)
         level = self.settings.png_compress_level
         pairs = list(zip(decoded, outputs, strict=True))
-        results = await in_threads(lambda pair: image_result(plan, pair[0], pair[1], level), pairs)
+        with self._host_stage():
+            results = await in_threads(lambda pair: image_result(plan, pair[0], pair[1], level), pairs)
         return inference_result(plan, results, outputs)
+
+    def host_busy(self) -> bool:
+        """Whether some request is decoding or rendering: its threads then want the cores too."""
+        return self.in_host_stages > 0
+
+    @contextmanager
+    def _host_stage(self) -> Iterator[None]:
+        self.in_host_stages += 1
+        try:
+            yield
+        finally:
+            self.in_host_stages -= 1
 
     async def _decode(self, images: Sequence[ImagePayload], served: ServedModel, keep_pixels: bool) -> list[Decoded]:
         """Each image decoded in the channels the model takes; float pictures (16-bit, DICOM on a one-channel model)

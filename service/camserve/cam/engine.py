@@ -152,10 +152,10 @@ class CamEngine:
 
     def torch_threads(self, layers: Sequence[str] | None = None) -> int:
         """Intra-op threads for torch's part of a batch predicted, or explained at `layers` (None or empty: the
-        default layer, or none): one where ONNX Runtime on the CPU serves every batch size and these layers, since
-        torch then only resizes, runs the suffix and its backward and weighs the maps, and a second thread of it
-        waits at each op for a core the HTTP side holds (16 users explaining: 1.10x images/s; docs/benchmarks.md);
-        else `threads`."""
+        default layer, or none), while other work wants the cores: one where ONNX Runtime on the CPU serves every
+        batch size and these layers, since torch then only resizes, runs the suffix and its backward and weighs
+        the maps, and a second thread of it waits at each op for a core that work holds (16 users explaining:
+        1.10x images/s; docs/benchmarks.md); else `threads`."""
         runtime = self.runtime
         if runtime is None or self.device.type != "cpu" or runtime.served() != {OnnxRuntimeSplit.name}:
             return self.threads

@@ -130,8 +130,13 @@ class OnnxEngine:
         return None
 
     # -- inference -------------------------------------------------------------------------------
+    @property
+    def threads(self) -> int:
+        """torch's intra-op threads: the count the graph's sessions were made with."""
+        return self.graph.threads
+
     def torch_threads(self, layers: Sequence[str] | None = None) -> int:
-        """Intra-op threads for torch's part of a batch: the count the graph's sessions were made with."""
+        """Intra-op threads for torch's part of a batch while other work wants the cores: unchanged."""
         return self.graph.threads
 
     def predict(self, images: Tensor) -> Tensor:
