@@ -913,36 +913,49 @@ async def test_bad_overlay_format_or_size_is_a_422_naming_it(registry, cat_jpeg,
 
 
 async def test_a_requests_images_are_handled_in_a_few_threads_in_order_and_fail_as_in_sequence(monkeypatch):
-    """`in_threads` keeps the order, runs at most `IMAGE_THREADS` threads at once, and a failure is the first
-    item's in order (here item 5's, though item 9 fails first in time)."""
+    """`in_threads` keeps the order and runs `IMAGE_THREADS` threads at once; a failure is the first item's in order
+    (item 5's, though item 9 fails first in time), and items after a failed one are not started."""
     from camserve import inference
 
     monkeypatch.setattr(inference, "IMAGE_THREADS", 3)
-    running, most, lock = set(), [0], threading.Lock()
+    together = threading.Barrier(3, timeout=10)  # all three runs start their first item at once, or this fails
 
     def work(item: int) -> int:
-        with lock:
-            running.add(threading.get_ident())
-            most[0] = max(most[0], len(running))
-        time.sleep(0.02)
-        with lock:
-            running.discard(threading.get_ident())
+        if item in (0, 4, 8):  # the first item of each run of 4, 4 and 2
+            together.wait()
         return item * item
 
     assert await inference.in_threads(work, list(range(10))) == [i * i for i in range(10)]
-    assert most[0] == 3
     assert await inference.in_threads(work, []) == []
+    assert await inference.in_threads(lambda item: item + 1, [1, 2, 3], threads=1) == [2, 3, 4]
 
-    def failing(item: int) -> int:
+    def late_and_early(item: int) -> int:
         if item == 9:
             raise ValueError("item 9")
         if item == 5:
-            time.sleep(0.2)
+            time.sleep(0.3)
             raise ValueError("item 5")
         return item
 
     with pytest.raises(ValueError, match="item 5"):
-        await inference.in_threads(failing, list(range(10)))
+        await inference.in_threads(late_and_early, list(range(10)))
+
+    started: list[int] = []
+    begun = threading.Barrier(3, timeout=10)
+
+    def first_fails(item: int) -> int:
+        started.append(item)
+        if item in (0, 4, 8):
+            begun.wait()  # every run has begun its first item
+        if item == 1:
+            raise ValueError("item 1")
+        if item > 1:
+            time.sleep(0.3)  # item 1 fails long before these end
+        return item
+
+    with pytest.raises(ValueError, match="item 1"):
+        await inference.in_threads(first_fails, list(range(10)))
+    assert sorted(started) == [0, 1, 4, 8]  # the other runs stop after the item they had begun
 
 
 async def test_the_host_is_busy_while_a_request_decodes_or_renders_and_not_while_its_batch_computes(
@@ -979,3 +992,22 @@ async def test_the_host_is_busy_while_a_request_decodes_or_renders_and_not_while
         failed = await client.post("/predict", content=b"not a picture", headers={"content-type": "image/jpeg"})
         assert failed.status_code in (400, 415) and service.in_host_stages == 0  # a failing stage is left too
         assert seen["decode"] == [True, True]
+
+
+async def test_large_photos_are_decoded_one_at_a_time_and_small_ones_side_by_side(registry, cat_jpeg, monkeypatch):
+    from camserve import inference
+
+    calls: list[int | None] = []
+    real = inference.in_threads
+
+    async def recording(function, items, threads=None):
+        calls.append(threads)
+        return await real(function, items, threads)
+
+    monkeypatch.setattr(inference, "in_threads", recording)
+    async with running_app(registry) as (client, _app):
+        files = [("image", ("a.jpg", cat_jpeg, "image/jpeg")), ("image", ("b.jpg", cat_jpeg, "image/jpeg"))]
+        assert (await client.post("/predict", files=files)).status_code == 200
+        monkeypatch.setattr(inference, "PARALLEL_DECODE_MAX_PIXELS", 1000)  # the cat is larger than this
+        assert (await client.post("/predict", files=files)).status_code == 200
+    assert calls == [None, None, 1, None]  # decode, render; decode one at a time, render

@@ -408,27 +408,30 @@ def test_torch_takes_one_thread_where_onnxruntime_runs_the_forwards_and_all_wher
     lite0_onnx: tuple[CamEngine, CamEngine], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     engine, eager = lite0_onnx
-    monkeypatch.setattr(engine, "threads", 2)
+    monkeypatch.setattr(engine, "threads", 3)
     assert engine.torch_threads() == 1  # predictions and methods that read no layer: whole forwards on the runtime
-    assert engine.torch_threads(("_swish",)) == 1 == engine.torch_threads(("_swish", "_swish"))
-    assert engine.torch_threads(("_blocks.10",)) == 2  # the hooked eager forward
-    assert engine.torch_threads(("_swish", "_blocks.10")) == 2  # fusion
+    assert engine.torch_threads(("_swish",), "gradcampp") == 1 == engine.torch_threads(("_swish", "_swish"))
+    assert engine.torch_threads(("_blocks.10",)) == 3  # the hooked eager forward
+    assert engine.torch_threads(("_swish", "_blocks.10")) == 3  # fusion
+    assert engine.torch_threads(None, "guided-gradcam") == 3  # guided backpropagation through the whole model
     assert eager.torch_threads() == eager.threads  # no runtime
     backend = engine.backend_for(1)
     assert backend is not None and engine.runtime is not None
     mixed = RuntimeTable("_swish", [Bucket(1, "onnxruntime"), Bucket(1 << 30, "eager")], {"onnxruntime": backend})
     monkeypatch.setattr(engine, "runtime", mixed)  # a bucket served eagerly: torch may run whole forwards
-    assert engine.torch_threads() == 2
+    assert engine.torch_threads() == 3
 
 
 @pytest.mark.parametrize("busy", [True, False])
 def test_a_batch_on_onnxruntime_runs_torch_on_one_thread_while_the_host_is_busy_and_gives_the_threads_back(
     lite0_onnx: tuple[CamEngine, CamEngine], registry, chelsea, monkeypatch: pytest.MonkeyPatch, busy: bool
 ) -> None:
-    """Predict-only, the default layer and another layer: torch's thread count inside each engine call, and after;
-    with no other request decoding or rendering, torch keeps all its threads."""
+    """Predict-only, the default layer and another layer: torch's thread count inside each engine call, and after
+    (also after a failing call); with no other request decoding or rendering, torch keeps all its threads."""
     engine, _ = lite0_onnx
-    monkeypatch.setattr(engine, "threads", 2)
+    before = torch.get_num_threads()
+    full = before + 1  # not the count already set, so keeping it is seen
+    monkeypatch.setattr(engine, "threads", full)
     served = dataclasses.replace(registry.get(), engine=engine)
     seen: list[int] = []
     for name in ("predict", "explain"):
@@ -438,10 +441,17 @@ def test_a_batch_on_onnxruntime_runs_torch_on_one_thread_while_the_host_is_busy_
         )
     photo = torch.from_numpy(np.ascontiguousarray(chelsea.transpose(2, 0, 1)))
     batches = ModelBatches(served, max_batch_size=8, host_busy=lambda: busy)
-    before = torch.get_num_threads()
     for options in (None, ExplainPlan("gradcampp", None, False), ExplainPlan("gradcampp", ("_blocks.10",), False)):
         outputs = batches.compute([WorkItem(photo, options, None)] * 2)
-        assert all(isinstance(o, ItemOutput) for o in outputs)
         assert [o.classes for o in outputs] == ([[], []] if options is None else [[285], [285]])  # Egyptian cat
         assert torch.get_num_threads() == before
-    assert seen == ([1, 1, 2] if busy else [2, 2, 2])
+    assert seen == ([1, 1, full] if busy else [full, full, full])
+
+    def failing(*args: object, **kwargs: object) -> object:
+        seen.append(torch.get_num_threads())
+        raise RuntimeError("simulated")
+
+    monkeypatch.setattr(engine, "explain", failing)
+    failed = batches.compute([WorkItem(photo, ExplainPlan("gradcampp", None, False), None)])
+    assert not isinstance(failed[0], ItemOutput) and seen[-1] == (1 if busy else full)
+    assert torch.get_num_threads() == before

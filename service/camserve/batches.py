@@ -154,7 +154,7 @@ class ModelBatches:
         host = next((o for o in groups if o is not None and get_method(o.method).family != "perturbation"), None)
         if predict_only and host is None:  # alone, and first: not behind a long Score-CAM
             try:
-                with self._threads(None):
+                with self._threads(None, None):
                     x = self._inputs(inputs, predict_only)
                     probabilities = probabilities_of(self.model.engine.predict(x), self.model.head).cpu()
                 for row, i in enumerate(predict_only):
@@ -167,7 +167,7 @@ class ModelBatches:
         for options in sorted(groups, key=_heaviness):
             members = groups[options] + (predict_only if options == host else [])
             try:
-                with self._threads(options.layers):
+                with self._threads(options.layers, options.method):
                     self._explain_group(batch, inputs, members, options, outputs)
             except Exception as exc:
                 for i in members:
@@ -199,13 +199,13 @@ class ModelBatches:
             del decoded
         return inputs
 
-    def _threads(self, layers: tuple[str, ...] | None) -> AbstractContextManager[None]:
-        """torch's intra-op threads for a group at `layers`: fewer only while other requests' host work wants the
-        cores (measured on 2 vCPUs: 1.10x images/s for 16 users explaining; alone, one thread made an explanation
-        3-4 % slower)."""
+    def _threads(self, layers: tuple[str, ...] | None, method: str | None) -> AbstractContextManager[None]:
+        """torch's intra-op threads for a group explained by `method` at `layers` (None: predicted): fewer only
+        while other requests' host work wants the cores (measured on 2 vCPUs: 1.10x images/s for 16 users
+        explaining; alone, one thread made an explanation 3-4 % slower). Decided when the group starts."""
         engine = self.model.engine
         busy = self._host_busy is not None and self._host_busy()
-        return intra_op_threads(engine.torch_threads(layers) if busy else engine.threads)
+        return intra_op_threads(engine.torch_threads(layers, method) if busy else engine.threads)
 
     def _inputs(self, inputs: list[Tensor | None], indices: list[int]) -> Tensor:
         model = self.model

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -23,7 +24,15 @@ import torch
 from camserve.batches import FatalObserver, ItemOutput, ModelBatches, WorkItem
 from camserve.batching import BatchObserver, BatchQueue, TorchThread
 from camserve.errors import NotReadyError, OverloadedError, RequestTimeoutError
-from camserve.images import ImageLimits, decode_image, eight_bit, jpeg_for_gpu, resize_float_for_model, resize_for_model
+from camserve.images import (
+    ImageLimits,
+    decode_image,
+    eight_bit,
+    header_size,
+    jpeg_for_gpu,
+    resize_float_for_model,
+    resize_for_model,
+)
 from camserve.models import ModelRegistry, ServedModel
 from camserve.plan import ImagePayload, InferenceRequest, Plan, make_plan
 from camserve.results import Decoded, InferenceResult, image_result, inference_result
@@ -39,22 +48,37 @@ RESIZE_WHILE_DECODING_ABOVE = 1_000_000
 GPU_DECODE_MAX_PIXELS = 12_000_000
 
 
-#: A request's images are decoded, and their pictures rendered, in up to this many threads at once, each holding at
-#: most one full-size picture (2 vCPUs, 8 photos per request explained: 1.12x images/s against one thread).
+#: A request's images are decoded, and their pictures rendered, in up to this many threads at once (2 vCPUs, 8 photos
+#: per request explained: 1.12x images/s against one thread); images are decoded that way only when every header
+#: says at most `PARALLEL_DECODE_MAX_PIXELS`, so a request of large photos holds one full-size picture at a time.
 IMAGE_THREADS = min(4, os.cpu_count() or 1)
+PARALLEL_DECODE_MAX_PIXELS = 4_000_000
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 
-async def in_threads(function: Callable[[T], R], items: list[T]) -> list[R]:
-    """`function` over `items`, in order, in up to `IMAGE_THREADS` threads (contiguous runs of items each); a
-    failure is the first item's in order to fail, as if they ran one after another."""
-    size = -(-len(items) // IMAGE_THREADS) or 1
-    runs = [items[start : start + size] for start in range(0, len(items), size)]
+async def in_threads(function: Callable[[T], R], items: list[T], threads: int | None = None) -> list[R]:
+    """`function` over `items`, in order, in up to `threads` (default `IMAGE_THREADS`) threads, each taking a
+    contiguous run of items; a failure is the first item's in order to fail, as if they ran one after another,
+    and items after a failed one are not started."""
+    size = -(-len(items) // (threads or IMAGE_THREADS)) or 1
+    runs = [range(start, min(start + size, len(items))) for start in range(0, len(items), size)]
+    first_failed = [len(items)]
+    lock = threading.Lock()
 
-    def run_all(run: list[T]) -> list[R]:
-        return [function(item) for item in run]
+    def run_all(indices: range) -> list[R]:
+        results = []
+        for index in indices:
+            if index > first_failed[0]:
+                break  # an earlier item failed: its error is the answer
+            try:
+                results.append(function(items[index]))
+            except BaseException:
+                with lock:
+                    first_failed[0] = min(first_failed[0], index)
+                raise
+        return results
 
     done = await asyncio.gather(*(asyncio.to_thread(run_all, run) for run in runs), return_exceptions=True)
     for outcome in done:
@@ -177,7 +201,9 @@ class InferenceService:
                 image.width, image.height, resize(image.pixels, served.input_size, served.interpolation), kept
             )
 
-        return await in_threads(decode_one, list(images))
+        sizes = [header_size(payload.data) for payload in images]
+        small = all(size is not None and size[0] * size[1] <= PARALLEL_DECODE_MAX_PIXELS for size in sizes)
+        return await in_threads(decode_one, list(images), None if small else 1)
 
     async def _run(
         self, plan: Plan, decoded: list[Decoded], is_disconnected: DisconnectCheck | None

@@ -150,14 +150,17 @@ class CamEngine:
         """The runtime serving batches of `batch` images (None: the eager model)."""
         return None if self.runtime is None else self.runtime.for_batch(batch)
 
-    def torch_threads(self, layers: Sequence[str] | None = None) -> int:
-        """Intra-op threads for torch's part of a batch predicted, or explained at `layers` (None or empty: the
-        default layer, or none), while other work wants the cores: one where ONNX Runtime on the CPU serves every
-        batch size and these layers, since torch then only resizes, runs the suffix and its backward and weighs
-        the maps, and a second thread of it waits at each op for a core that work holds (16 users explaining:
-        1.10x images/s; docs/benchmarks.md); else `threads`."""
+    def torch_threads(self, layers: Sequence[str] | None = None, method: str | None = None) -> int:
+        """Intra-op threads for torch's part of a batch predicted, or explained by `method` at `layers` (None or
+        empty: the default layer, or none), while other work wants the cores: one where ONNX Runtime on the CPU
+        serves every batch size and these layers and the method needs no eager pass of its own (Guided Grad-CAM
+        runs the whole model backwards), since torch then only resizes, runs the suffix and its backward and
+        weighs the maps, and a second thread of it waits at each op for a core that work holds (16 users
+        explaining: 1.10x images/s; docs/benchmarks.md); else `threads`."""
         runtime = self.runtime
         if runtime is None or self.device.type != "cpu" or runtime.served() != {OnnxRuntimeSplit.name}:
+            return self.threads
+        if method is not None and get_method(method).needs_input_gradient:
             return self.threads
         return 1 if not layers or tuple(dict.fromkeys(layers)) == (runtime.layer,) else self.threads
 

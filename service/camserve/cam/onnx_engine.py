@@ -135,7 +135,7 @@ class OnnxEngine:
         """torch's intra-op threads: the count the graph's sessions were made with."""
         return self.graph.threads
 
-    def torch_threads(self, layers: Sequence[str] | None = None) -> int:
+    def torch_threads(self, layers: Sequence[str] | None = None, method: str | None = None) -> int:
         """Intra-op threads for torch's part of a batch while other work wants the cores: unchanged."""
         return self.graph.threads
 
