@@ -30,6 +30,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 
 import httpx
@@ -78,6 +79,13 @@ def cpu_seconds(pid: int) -> float:
     """User plus system CPU seconds of process `pid`, all its threads (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def cores_during(pid: int, work: Awaitable[object]) -> float:
+    """The CPU cores process `pid` used on average while `work` ran."""
+    cpu, started = cpu_seconds(pid), time.perf_counter()
+    await work
+    return (cpu_seconds(pid) - cpu) / (time.perf_counter() - started)
 
 
 def maps_per_min(latencies: list[list[float]]) -> float:
@@ -153,10 +161,9 @@ async def cheap_cores(url: str, pid: int, seconds: float, periods: dict[str, flo
         alone = {name: percentiles(await sequential(client, path, photos, 20)) for name, path in CHEAP.items()}
         periods = periods or {name: 3 * alone[name]["p95_ms"] / 1000 for name in CHEAP}
         latencies: dict[str, list[float]] = {name: [] for name in CHEAP}
-        cpu, started = cpu_seconds(pid), time.perf_counter()
-        until = started + seconds
-        await asyncio.gather(*(paced(client, CHEAP[n], photos, periods[n], until, latencies[n]) for n in CHEAP))
-        cores = (cpu_seconds(pid) - cpu) / (time.perf_counter() - started)
+        until = time.perf_counter() + seconds
+        pacing = (paced(client, CHEAP[n], photos, periods[n], until, latencies[n]) for n in CHEAP)
+        cores = await cores_during(pid, asyncio.gather(*pacing))
     return {
         "alone": alone,
         "periods_s": periods,
@@ -171,10 +178,9 @@ async def scorecam_alone(url: str, pid: int, seconds: float) -> dict:
     heavy: list[list[float]] = [[], []]
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         await post(client, BACKGROUND["scorecam-1"], photos[0])
-        cpu, started = cpu_seconds(pid), time.perf_counter()
-        until = started + seconds
-        await asyncio.gather(*(loop(client, BACKGROUND["scorecam-1"], photos, until, out) for out in heavy))
-        cores = (cpu_seconds(pid) - cpu) / (time.perf_counter() - started)
+        until = time.perf_counter() + seconds
+        loops = (loop(client, BACKGROUND["scorecam-1"], photos, until, out) for out in heavy)
+        cores = await cores_during(pid, asyncio.gather(*loops))
     return {"maps_per_min": maps_per_min(heavy), "server_cores": round(cores, 3)}
 
 

@@ -28,7 +28,6 @@ from camserve.images import (
     ImageLimits,
     decode_image,
     eight_bit,
-    header_size,
     jpeg_for_gpu,
     resize_float_for_model,
     resize_for_model,
@@ -161,7 +160,7 @@ class InferenceService:
         plan = self.plan(request)
         keep_pixels = plan.explain is not None and plan.pictures.overlay
         with self._host_stage():
-            decoded = await self._decode(request.images, plan.served, keep_pixels=keep_pixels)
+            decoded = await self._decode(request.images, plan.served, keep_pixels, plan.sizes)
         outputs = await self._run(plan, decoded, is_disconnected)
         level = self.settings.png_compress_level
         pairs = list(zip(decoded, outputs, strict=True))
@@ -181,9 +180,16 @@ class InferenceService:
         finally:
             self.in_host_stages -= 1
 
-    async def _decode(self, images: Sequence[ImagePayload], served: ServedModel, keep_pixels: bool) -> list[Decoded]:
+    async def _decode(
+        self,
+        images: Sequence[ImagePayload],
+        served: ServedModel,
+        keep_pixels: bool,
+        sizes: Sequence[tuple[int, int] | None] | None = None,
+    ) -> list[Decoded]:
         """Each image decoded in the channels the model takes; float pictures (16-bit, DICOM on a one-channel model)
-        are always resized here, in float; overlays keep the 8-bit picture."""
+        are always resized here, in float; overlays keep the 8-bit picture. `sizes`: the images' header sizes
+        (`Plan.sizes`); without them, images are decoded one at a time."""
         # overlays need the pixels on the CPU; nvJPEG gives RGB only
         gpu_decode = served.device.type == "cuda" and not keep_pixels and served.channels == 3
 
@@ -201,8 +207,7 @@ class InferenceService:
                 image.width, image.height, resize(image.pixels, served.input_size, served.interpolation), kept
             )
 
-        sizes = [header_size(payload.data) for payload in images]
-        small = all(size is not None and size[0] * size[1] <= PARALLEL_DECODE_MAX_PIXELS for size in sizes)
+        small = sizes is not None and all(s is not None and s[0] * s[1] <= PARALLEL_DECODE_MAX_PIXELS for s in sizes)
         return await in_threads(decode_one, list(images), None if small else 1)
 
     async def _run(

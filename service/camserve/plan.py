@@ -66,6 +66,8 @@ class Plan:
     cost: int = 1
     heavy: bool = False
     priority: int = NORMAL_PRIORITY
+    #: each image's (width, height) from its header alone (None where it cannot be read before decoding)
+    sizes: tuple[tuple[int, int] | None, ...] = ()
 
     @property
     def pictures(self) -> PictureOptions:
@@ -85,9 +87,10 @@ def make_plan(request: InferenceRequest, registry: ModelRegistry, settings: Sett
         check_media_type(payload.content_type)
     top_k = min(request.top_k, served.num_classes)
     priority = request.priority or NORMAL_PRIORITY
+    headers = tuple(header_size(p.data) for p in request.images)  # a refusal costs no decoding
     explain = request.explain
     if explain is None:
-        return Plan(request, served, top_k, priority=priority)
+        return Plan(request, served, top_k, priority=priority, sizes=headers)
     cam = get_method(explain.method)
     cam.check(counterfactual=explain.counterfactual, layers=bool(explain.layers))
     try:
@@ -107,8 +110,8 @@ def make_plan(request: InferenceRequest, registry: ModelRegistry, settings: Sett
     if steps is not None:
         _check_faithfulness_budget(len(request.images), targets, steps, settings)
         cost += targets * forwards_per_explanation(steps)
-    # from the headers: a refusal costs no decoding (an image whose header cannot be read is refused when decoded)
-    sizes = [(height, width) for width, height in filter(None, (header_size(p.data) for p in request.images))]
+    # an image whose header cannot be read is refused when decoded
+    sizes = [(height, width) for width, height in filter(None, headers)]
     _check_render_budget(served, sizes, targets, request.pictures, settings)
     above, most = None, 1  # a sigmoid head without targets explains every class its threshold assigns
     if classes is None and served.head == "sigmoid":
@@ -123,7 +126,7 @@ def make_plan(request: InferenceRequest, registry: ModelRegistry, settings: Sett
         most=most,
         rise_masks=explain.rise_masks if isinstance(cam, RISE) else None,
     )
-    return Plan(request, served, top_k, plan, classes, cost, is_heavy(plan, extra_per_image), priority)
+    return Plan(request, served, top_k, plan, classes, cost, is_heavy(plan, extra_per_image), priority, headers)
 
 
 def _most_maps(

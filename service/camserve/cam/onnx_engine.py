@@ -137,7 +137,7 @@ class OnnxEngine:
 
     def torch_threads(self, layers: Sequence[str] | None = None, method: str | None = None) -> int:
         """Intra-op threads for torch's part of a batch while other work wants the cores: unchanged."""
-        return self.graph.threads
+        return self.threads
 
     def predict(self, images: Tensor) -> Tensor:
         """float32 logits [B, classes]."""
